@@ -1,0 +1,304 @@
+//! `VirtualMachineBackup`: libvirt's `virDomainBackupBegin` as a resource — a full
+//! or incremental backup, pushed by QEMU into qcow2 files or pulled over NBD.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::Condition;
+
+/// Desired backup. Immutable after creation.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "cairn.dev",
+    version = "v1alpha1",
+    kind = "VirtualMachineBackup",
+    plural = "virtualmachinebackups",
+    shortname = "vmbackup",
+    shortname = "vmb",
+    category = "cairn",
+    label("app.kubernetes.io/part-of", "cairn"),
+    namespaced,
+    status = "VirtualMachineBackupStatus",
+    doc = "A full or incremental backup of a QEMU VM's disks: pushed by QEMU into qcow2 files, or served over NBD for a client to pull.",
+    printcolumn(name = "VM", type_ = "string", json_path = ".spec.virtualMachine"),
+    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(name = "Incremental", type_ = "string", json_path = ".spec.incremental"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName"),
+    printcolumn(name = "Done", type_ = "integer", format = "int64", json_path = ".status.progress.bytesDone", priority = 1),
+    printcolumn(name = "Total", type_ = "integer", format = "int64", json_path = ".status.progress.bytesTotal", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable: create a new VirtualMachineBackup instead"))]
+#[x_kube(validation = Rule::new("self.mode != 'Push' || (has(self.target) && has(self.target.directory))").message("mode Push needs target.directory"))]
+#[x_kube(validation = Rule::new("self.mode != 'Pull' || !has(self.target) || !has(self.target.directory)").message("mode Pull serves an NBD export: use target.nbd, not target.directory"))]
+#[x_kube(validation = Rule::new("self.mode != 'Push' || !has(self.target) || !has(self.target.nbd)").message("target.nbd is only for mode Pull"))]
+#[x_kube(validation = Rule::new("self.mode == 'Pull' || !has(self.exportTimeoutSeconds)").message("exportTimeoutSeconds is only for mode Pull"))]
+#[x_kube(validation = Rule::new("!has(self.checkpoint) || !has(self.incremental) || self.checkpoint.name != self.incremental").message("checkpoint.name must differ from incremental: a backup cannot create its own base"))]
+#[x_kube(validation = Rule::new("!self.fallbackToFull || has(self.incremental)").message("fallbackToFull only applies to incremental backups"))]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineBackupSpec {
+    /// Name of the VM (its QemuInstance) in the same namespace.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub virtual_machine: String,
+
+    /// `Push` (QEMU writes qcow2 files into target.directory) or `Pull` (QEMU serves a
+    /// point-in-time NBD export that a client reads).
+    #[serde(default)]
+    pub mode: BackupMode,
+
+    /// Name of a checkpoint of the same VM: back up only what changed since it. Absent
+    /// means a full backup. The checkpoint's bitmap is kept, so other chains still work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub incremental: Option<String>,
+
+    /// Create this new checkpoint atomically at the moment the backup starts, so a chain
+    /// of backups has no gap. It becomes its own VirtualMachineCheckpoint resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<BackupCheckpoint>,
+
+    /// Disks to include, by device name. Default: every disk that has a bitmap in the
+    /// incremental base, or every qcow2 disk for a full backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub disks: Option<Vec<BackupDisk>>,
+
+    /// Where the backup goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<BackupTarget>,
+
+    /// When the incremental base is unusable on a disk (bitmap missing or inconsistent),
+    /// take a full backup of that disk instead of failing, and say so in status.
+    #[serde(default)]
+    pub fallback_to_full: bool,
+
+    /// Pull mode: tear the export down after this many seconds even if the resource still exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub export_timeout_seconds: Option<i64>,
+
+    /// Delete the resource this many seconds after it finished (Succeeded, Failed or
+    /// Cancelled). Backup files are kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 31536000))]
+    pub ttl_seconds_after_finished: Option<i64>,
+}
+
+/// How the backup data leaves QEMU.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum BackupMode {
+    /// QEMU writes one qcow2 file per disk into target.directory.
+    #[default]
+    Push,
+    /// QEMU serves a point-in-time NBD export with the dirty bitmap as a meta context.
+    Pull,
+}
+
+/// The checkpoint a backup creates.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupCheckpoint {
+    /// Name of the VirtualMachineCheckpoint to create.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub name: String,
+}
+
+/// One disk of a backup.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupDisk {
+    /// Device name as the user knows it (e.g. `vda`, `disk0`).
+    #[schemars(length(min = 1, max = 128))]
+    pub name: String,
+    /// Whether to back this disk up (default true).
+    #[serde(default = "default_true")]
+    pub backup: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Where backup data goes: a directory (Push) or an NBD export (Pull).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[x_kube(validation = Rule::new("!(has(self.directory) && has(self.nbd))").message("target takes either directory or nbd, not both"))]
+#[serde(rename_all = "camelCase")]
+pub struct BackupTarget {
+    /// Push: directory on the node (under a root the chart allows) for the qcow2 files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub directory: Option<DirectoryTarget>,
+    /// Pull: where the NBD export listens. Default: a unix socket the agent chooses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<NbdTarget>,
+}
+
+/// A directory on the VM's node.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DirectoryTarget {
+    /// Absolute path; must lie under one of the agent's allowed backup roots.
+    #[schemars(length(min = 2, max = 4096))]
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("target.directory.path must be absolute"))]
+    #[x_kube(validation = Rule::new("!self.contains('/../') && !self.endsWith('/..')").message("target.directory.path must not contain '..'"))]
+    pub path: String,
+}
+
+/// Where a pull-mode NBD export listens.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[x_kube(validation = Rule::new("!(has(self.unixSocket) && has(self.tcp))").message("nbd takes either unixSocket or tcp, not both"))]
+#[serde(rename_all = "camelCase")]
+pub struct NbdTarget {
+    /// Serve on a unix socket on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_socket: Option<UnixSocketTarget>,
+    /// Serve on TCP with TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpTarget>,
+}
+
+/// A unix socket path on the node.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnixSocketTarget {
+    /// Absolute socket path; when omitted the agent picks one under its runtime directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 107), regex(pattern = r"^/"))]
+    pub path: Option<String>,
+}
+
+/// A TLS-protected TCP listener.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpTarget {
+    /// Address to bind on the node.
+    #[schemars(length(min = 1, max = 253))]
+    pub address: String,
+    /// Port to listen on.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Secret (type kubernetes.io/tls, same namespace) with the server certificate and key.
+    #[schemars(length(min = 1, max = 253))]
+    pub tls_secret_name: String,
+}
+
+/// Lifecycle phase of a backup.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum BackupPhase {
+    /// Accepted, waiting for the VM's node.
+    #[default]
+    Pending,
+    /// The QEMU job runs (Push) or the export is being set up (Pull).
+    Running,
+    /// Pull: the export is being served; see status.export.
+    Exporting,
+    /// Finished; the files or export data are complete.
+    Succeeded,
+    /// Could not complete; see the conditions. Nothing is left behind.
+    Failed,
+    /// Stopped by deleting the resource or by the export timeout.
+    Cancelled,
+}
+
+impl BackupPhase {
+    /// Whether the backup has reached an end state.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// Observed state of a backup.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualMachineBackupStatus {
+    /// Lifecycle phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<BackupPhase>,
+    /// Conditions: `Ready` (finished successfully or export ready), `Failed`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// Node that runs the backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// When the job started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// When the job finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Bytes copied so far over all disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<BackupProgress>,
+    /// Per-disk results.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub disks: Vec<BackupDiskStatus>,
+    /// Pull mode: where to read the export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<BackupExport>,
+    /// Name of the checkpoint this backup created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    /// Why the backup failed, in one sentence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Progress counters.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupProgress {
+    /// Bytes done.
+    pub bytes_done: i64,
+    /// Bytes to do.
+    pub bytes_total: i64,
+}
+
+/// Result of one disk.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupDiskStatus {
+    /// Device name.
+    pub name: String,
+    /// Bytes copied for this disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_copied: Option<i64>,
+    /// Push: the qcow2 file written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Push incremental: the previous backup file this one is backed by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_file: Option<String>,
+    /// Pull: the NBD export name of this disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_name: Option<String>,
+    /// Pull: the meta context that carries the dirty bitmap (`qemu:dirty-bitmap:<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitmap_context: Option<String>,
+    /// Checkpoint this disk's backup is incremental from; absent for a full backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incremental_from: Option<String>,
+    /// True when an incremental was asked for but this disk was backed up full (fallbackToFull).
+    #[serde(default)]
+    pub fell_back_to_full: bool,
+    /// sha256 of the disk content at the backup point, when recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// A pull-mode NBD export.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupExport {
+    /// NBD URL of the server, e.g. `nbd+unix:///?socket=/run/cairn/nbd/x.sock`.
+    pub url: String,
+    /// When the export is torn down if the resource still exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+}

@@ -1,0 +1,137 @@
+//! Test harness: one real control plane per test binary (started on first use,
+//! killed by its watchdog when the binary exits), a client, and a fresh
+//! namespace per test.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use anyhow::{Context, Result, bail};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+
+use crate::control_plane::ControlPlane;
+use crate::tools::Tools;
+
+static CONTROL_PLANE: OnceLock<ControlPlane> = OnceLock::new();
+static STARTING: Mutex<()> = Mutex::new(());
+
+/// The control plane shared by every test of this binary, with Cairn's CRDs installed.
+pub fn control_plane() -> Result<&'static ControlPlane> {
+    if let Some(cp) = CONTROL_PLANE.get() {
+        return Ok(cp);
+    }
+    let _guard = STARTING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(cp) = CONTROL_PLANE.get() {
+        return Ok(cp);
+    }
+    let tools = Tools::ensure()?;
+    let dir = std::env::temp_dir().join(format!("cairn-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cp = ControlPlane::start(&tools, &dir, Some(std::process::id()))?;
+    eprintln!(
+        "control plane: kube-apiserver {} with etcd {} at {} (dir {})",
+        cp.server_version().unwrap_or_default(),
+        crate::tools::ETCD_VERSION,
+        cp.server,
+        dir.display()
+    );
+    install_crds(&cp)?;
+    Ok(CONTROL_PLANE.get_or_init(|| cp))
+}
+
+/// Applies the checked-in CRDs and waits until they are established.
+pub fn install_crds(cp: &ControlPlane) -> Result<()> {
+    let manifests = crate::tools::repo_root().join("crds/manifests");
+    let out = cp.kubectl_output(&["apply", "--server-side", "-f", manifests.to_str().unwrap()])?;
+    if !out.status.success() {
+        bail!("installing CRDs failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = cp.kubectl_output(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd",
+        "-l",
+        "app.kubernetes.io/part-of=cairn",
+    ])?;
+    if !out.status.success() {
+        bail!("CRDs not established: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// A client for the admin kubeconfig at `path`.
+pub async fn client_for(path: &std::path::Path) -> Result<Client> {
+    let kc = Kubeconfig::read_from(path)?;
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// One test's view: the shared control plane, an admin client and a namespace of its own.
+pub struct TestEnv {
+    /// The control plane.
+    pub cp: &'static ControlPlane,
+    /// Admin client.
+    pub client: Client,
+    /// A fresh namespace, deleted when the env is dropped.
+    pub namespace: String,
+}
+
+impl TestEnv {
+    /// Starts (or reuses) the control plane and creates a namespace named after `test`.
+    pub async fn new(test: &str) -> Result<Self> {
+        let cp = tokio::task::spawn_blocking(control_plane).await??;
+        let client = client_for(&cp.kubeconfig).await?;
+        let suffix: u32 = rand::random::<u32>() % 100_000;
+        let namespace = format!("{}-{suffix}", test.replace('_', "-"));
+        let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": namespace}
+        }))?;
+        Api::all(client.clone())
+            .create(&Default::default(), &ns)
+            .await
+            .context("creating the test namespace")?;
+        Ok(Self { cp, client, namespace })
+    }
+
+    /// Runs kubectl in this env's namespace.
+    pub fn kubectl(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.cp.tools.kubectl);
+        c.arg(format!("--kubeconfig={}", self.cp.kubeconfig.display()))
+            .arg(format!("--namespace={}", self.namespace))
+            .args(args);
+        c
+    }
+
+    /// Runs kubectl with `stdin` and returns (success, stdout, stderr).
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Result<(bool, String, String)> {
+        use std::io::Write;
+        let mut child = self
+            .kubectl(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        child.stdin.take().unwrap().write_all(stdin.as_bytes())?;
+        let out = child.wait_with_output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// Path of a file in the repository's `examples/`.
+    pub fn example(name: &str) -> PathBuf {
+        crate::tools::repo_root().join("examples").join(name)
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let _ = self
+            .kubectl(&["delete", "namespace", &self.namespace, "--wait=false"])
+            .output();
+    }
+}

@@ -1,0 +1,11 @@
+//! End-to-end rigs for Cairn: real components (etcd, kube-apiserver,
+//! kube-controller-manager, kubectl, helm, QEMU) found or built by [`tools`],
+//! a control plane on loopback from [`control_plane`], and the per-test
+//! [`harness`]. `cargo xtask cluster`, `demo` and `test` use the same pieces.
+
+#![forbid(unsafe_code)]
+
+pub mod control_plane;
+pub mod harness;
+pub mod local_cluster;
+pub mod tools;

@@ -1,0 +1,130 @@
+//! The local cluster of DESIGN.md: a control plane with Cairn's CRDs, the
+//! operator, and one agent per simulated node (`node-1` …), all as local
+//! processes. Node `X`'s agent watches `$CAIRN_STATE_DIR/nodes/X/qmp` and may
+//! write backups under `$CAIRN_STATE_DIR/nodes/X/backups`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::control_plane::{ControlPlane, spawn_service, stop_recorded};
+use crate::tools::Tools;
+
+/// A running local cluster.
+#[derive(Clone, Debug)]
+pub struct LocalCluster {
+    /// `$CAIRN_STATE_DIR`.
+    pub state_dir: PathBuf,
+    /// The control plane.
+    pub cp: ControlPlane,
+    /// Simulated node names.
+    pub nodes: Vec<String>,
+    /// Process that owns the cluster (its death stops everything), if any.
+    pub owner: Option<u32>,
+}
+
+/// Where the workspace's debug binaries are.
+pub fn binary(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::tools::repo_root().join("target"));
+    target.join("debug").join(name)
+}
+
+impl LocalCluster {
+    /// Starts the control plane, installs the CRDs, lays out the node directories and,
+    /// when the binaries are built, starts the operator and one agent per node.
+    pub fn up(state_dir: &Path, nodes: usize, owner: Option<u32>) -> Result<Self> {
+        let tools = Tools::ensure()?;
+        fs::create_dir_all(state_dir)?;
+        let state_dir = state_dir.canonicalize()?;
+        let cp = ControlPlane::start(&tools, &state_dir.join("control-plane"), owner)?;
+        crate::harness::install_crds(&cp)?;
+        let nodes: Vec<String> = (1..=nodes).map(|i| format!("node-{i}")).collect();
+        let cluster = Self {
+            state_dir,
+            cp,
+            nodes,
+            owner,
+        };
+        for node in &cluster.nodes {
+            fs::create_dir_all(cluster.qmp_dir(node))?;
+            fs::create_dir_all(cluster.backup_dir(node))?;
+        }
+        if binary("cairn-operator").exists() {
+            cluster.start_operator("operator-0")?;
+        }
+        if binary("cairn-agent").exists() {
+            for node in &cluster.nodes {
+                cluster.start_agent(node)?;
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// QMP socket directory of `node`.
+    pub fn qmp_dir(&self, node: &str) -> PathBuf {
+        self.state_dir.join("nodes").join(node).join("qmp")
+    }
+
+    /// Allowed backup root of `node`.
+    pub fn backup_dir(&self, node: &str) -> PathBuf {
+        self.state_dir.join("nodes").join(node).join("backups")
+    }
+
+    /// Starts one operator replica named `id` (leader election picks the active one).
+    pub fn start_operator(&self, id: &str) -> Result<u32> {
+        spawn_service(
+            &self.state_dir,
+            id,
+            &binary("cairn-operator"),
+            &[],
+            &[
+                ("KUBECONFIG", self.cp.kubeconfig.display().to_string()),
+                ("POD_NAME", id.to_string()),
+                ("RUST_LOG", "info,cairn=debug".into()),
+                ("CAIRN_METRICS_ADDR", "127.0.0.1:0".into()),
+            ],
+            self.owner,
+        )
+        .context("starting the operator")
+    }
+
+    /// Starts the agent of `node`.
+    pub fn start_agent(&self, node: &str) -> Result<u32> {
+        let node_dir = self.state_dir.join("nodes").join(node);
+        spawn_service(
+            &self.state_dir,
+            &format!("agent-{node}"),
+            &binary("cairn-agent"),
+            &[],
+            &[
+                ("KUBECONFIG", self.cp.kubeconfig.display().to_string()),
+                ("NODE_NAME", node.to_string()),
+                ("CAIRN_SOCKET_DIR", self.qmp_dir(node).display().to_string()),
+                ("CAIRN_BACKUP_ROOTS", self.backup_dir(node).display().to_string()),
+                ("CAIRN_RUNTIME_DIR", node_dir.join("run").display().to_string()),
+                ("RUST_LOG", "info,cairn=debug".into()),
+                ("CAIRN_METRICS_ADDR", "127.0.0.1:0".into()),
+            ],
+            self.owner,
+        )
+        .context("starting an agent")
+    }
+
+    /// The `export` lines for a shell.
+    pub fn exports(&self) -> String {
+        format!(
+            "export KUBECONFIG={}\nexport CAIRN_STATE_DIR={}\n",
+            self.cp.kubeconfig.display(),
+            self.state_dir.display()
+        )
+    }
+
+    /// Stops everything a cluster in `state_dir` started.
+    pub fn down(state_dir: &Path) -> Result<()> {
+        stop_recorded(state_dir)?;
+        stop_recorded(&state_dir.join("control-plane"))
+    }
+}

@@ -1,0 +1,117 @@
+//! The real components Cairn's tests and demo run: QEMU 10 and NBD tools from
+//! Debian packages, etcd and Kubernetes built from the Go module proxy, helm from
+//! a PyPI wheel. Heavy builds are cached by version outside the work tree.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// Kubernetes version the control plane is built at.
+pub const K8S_VERSION: &str = "v1.34.4";
+/// etcd version the control plane is built at.
+pub const ETCD_VERSION: &str = "v3.6.16";
+/// Version of the PyPI wheel that carries helm.
+pub const HELM_WHEEL_VERSION: &str = "2.0.0";
+
+/// Paths of the binaries a control plane needs.
+#[derive(Clone, Debug)]
+pub struct Tools {
+    /// etcd server.
+    pub etcd: PathBuf,
+    /// kube-apiserver.
+    pub kube_apiserver: PathBuf,
+    /// kube-controller-manager (namespace deletion, garbage collection, service accounts).
+    pub kube_controller_manager: PathBuf,
+    /// kubectl of the same version as the API server.
+    pub kubectl: PathBuf,
+    /// helm.
+    pub helm: PathBuf,
+}
+
+/// Root of the repository (the workspace).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("e2e/ lives in the workspace root")
+        .to_path_buf()
+}
+
+/// Where built tools are cached: `$CAIRN_TOOLS_CACHE`, else `/var/cache/cairn-tools`
+/// as root, else `~/.cache/cairn-tools`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CAIRN_TOOLS_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false);
+    if root {
+        PathBuf::from("/var/cache/cairn-tools")
+    } else {
+        let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+        PathBuf::from(home).join(".cache/cairn-tools")
+    }
+}
+
+impl Tools {
+    /// The cached tool paths, without installing anything.
+    pub fn cached() -> Self {
+        let cache = cache_dir();
+        let k8s = cache.join(format!("kubernetes-{K8S_VERSION}"));
+        let helm = cache.join(format!("helm-wheel-{HELM_WHEEL_VERSION}"));
+        Self {
+            etcd: cache.join(format!("etcd-{ETCD_VERSION}/etcd")),
+            kube_apiserver: k8s.join("kube-apiserver"),
+            kube_controller_manager: k8s.join("kube-controller-manager"),
+            kubectl: k8s.join("kubectl"),
+            helm: helm.join("helm"),
+        }
+    }
+
+    /// Installs or builds whatever is missing (apt packages, Go builds, helm) and
+    /// returns the paths. Cheap when everything is cached.
+    pub fn ensure() -> Result<Self> {
+        let tools = Self::cached();
+        let scripts = repo_root().join("e2e/tools");
+        run_script(&scripts.join("install-packages.sh"), &[])?;
+        if !(tools.etcd.exists()
+            && tools.kube_apiserver.exists()
+            && tools.kubectl.exists()
+            && tools.kube_controller_manager.exists())
+        {
+            eprintln!(
+                "building etcd {ETCD_VERSION} and kubernetes {K8S_VERSION} into {} (first run only; 10-25 minutes on 2 cores)",
+                cache_dir().display()
+            );
+            run_script(
+                &scripts.join("build-control-plane.sh"),
+                &[cache_dir().to_str().context("cache dir is not UTF-8")?],
+            )?;
+        }
+        if !tools.helm.exists() {
+            run_script(
+                &scripts.join("install-helm.sh"),
+                &[cache_dir().to_str().context("cache dir is not UTF-8")?],
+            )?;
+        }
+        Ok(tools)
+    }
+}
+
+fn run_script(script: &Path, args: &[&str]) -> Result<()> {
+    let status = Command::new("bash")
+        .arg(script)
+        .args(args)
+        .env("CAIRN_K8S_VERSION", K8S_VERSION)
+        .env("CAIRN_ETCD_VERSION", ETCD_VERSION)
+        .env("CAIRN_HELM_WHEEL_VERSION", HELM_WHEEL_VERSION)
+        .status()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !status.success() {
+        bail!("{} failed with {status}", script.display());
+    }
+    Ok(())
+}
