@@ -23,12 +23,32 @@ use crate::common::Condition;
     doc = "A full or incremental backup of a QEMU VM's disks: pushed by QEMU into qcow2 files, or served over NBD for a client to pull.",
     printcolumn(name = "VM", type_ = "string", json_path = ".spec.virtualMachine"),
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
-    printcolumn(name = "Incremental", type_ = "string", json_path = ".spec.incremental"),
+    printcolumn(
+        name = "Incremental",
+        type_ = "string",
+        json_path = ".spec.incremental"
+    ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName"),
-    printcolumn(name = "Done", type_ = "integer", format = "int64", json_path = ".status.progress.bytesDone", priority = 1),
-    printcolumn(name = "Total", type_ = "integer", format = "int64", json_path = ".status.progress.bytesTotal", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Done",
+        type_ = "integer",
+        format = "int64",
+        json_path = ".status.progress.bytesDone",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Total",
+        type_ = "integer",
+        format = "int64",
+        json_path = ".status.progress.bytesTotal",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable: create a new VirtualMachineBackup instead"))]
 #[x_kube(validation = Rule::new("self.mode != 'Push' || (has(self.target) && has(self.target.directory))").message("mode Push needs target.directory"))]
@@ -40,7 +60,10 @@ use crate::common::Condition;
 #[serde(rename_all = "camelCase")]
 pub struct VirtualMachineBackupSpec {
     /// Name of the VM (its QemuInstance) in the same namespace.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub virtual_machine: String,
 
     /// `Push` (QEMU writes qcow2 files into target.directory) or `Pull` (QEMU serves a
@@ -102,7 +125,10 @@ pub enum BackupMode {
 #[serde(rename_all = "camelCase")]
 pub struct BackupCheckpoint {
     /// Name of the VirtualMachineCheckpoint to create.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
 }
 
@@ -113,13 +139,17 @@ pub struct BackupDisk {
     /// Device name as the user knows it (e.g. `vda`, `disk0`).
     #[schemars(length(min = 1, max = 128))]
     pub name: String,
-    /// Whether to back this disk up (default true).
-    #[serde(default = "default_true")]
-    pub backup: bool,
+    /// Whether to back this disk up (true when omitted). Not defaulted in the stored
+    /// object, so re-applying a manifest is a no-op.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<bool>,
 }
 
-fn default_true() -> bool {
-    true
+impl BackupDisk {
+    /// Whether this disk is backed up.
+    pub fn selected(&self) -> bool {
+        self.backup.unwrap_or(true)
+    }
 }
 
 /// Where backup data goes: a directory (Push) or an NBD export (Pull).

@@ -26,15 +26,28 @@ use crate::common::{Condition, DomainSnapshot};
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName"),
     printcolumn(name = "Parent", type_ = "string", json_path = ".status.parent"),
-    printcolumn(name = "Size", type_ = "integer", format = "int64", json_path = ".status.size", description = "Bytes written since the checkpoint, over all its disks"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Size",
+        type_ = "integer",
+        format = "int64",
+        json_path = ".status.size",
+        description = "Bytes written since the checkpoint, over all its disks"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable: create a new VirtualMachineCheckpoint instead"))]
 #[x_kube(validation = Rule::new("!has(self.domain) || self.redefine").message("domain can only be given with redefine: true; on a normal create the agent records it in status.domain"))]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualMachineCheckpointSpec {
     /// Name of the VM (its QemuInstance) in the same namespace.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub virtual_machine: String,
 
     /// Disks to include, by device name. When omitted, every writable qcow2 disk of the
@@ -79,15 +92,16 @@ pub enum CheckpointMode {
 
 /// One disk of a checkpoint.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[x_kube(validation = Rule::new("!has(self.bitmap) || self.checkpoint == 'Bitmap'").message("bitmap can only be set when checkpoint is Bitmap"))]
+#[x_kube(validation = Rule::new("!has(self.bitmap) || !has(self.checkpoint) || self.checkpoint == 'Bitmap'").message("bitmap can only be set when checkpoint is Bitmap"))]
 #[serde(rename_all = "camelCase")]
 pub struct CheckpointDisk {
     /// Device name as the user knows it (e.g. `vda`, `disk0`): see the QemuInstance's disks.
     #[schemars(length(min = 1, max = 128))]
     pub name: String,
-    /// `Bitmap` (default) tracks the disk, `None` leaves it out.
-    #[serde(default)]
-    pub checkpoint: CheckpointMode,
+    /// `Bitmap` (the default when omitted) tracks the disk, `None` leaves it out. Not
+    /// defaulted in the stored object, so re-applying a manifest is a no-op.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<CheckpointMode>,
     /// Bitmap name in the image; defaults to the checkpoint's name. Redefine adopts this name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1023), regex(pattern = r"^[A-Za-z0-9._:+-]+$"))]
@@ -165,6 +179,13 @@ pub struct CheckpointDiskStatus {
     /// True when QEMU did not close the image cleanly and the bitmap cannot be trusted.
     #[serde(default)]
     pub inconsistent: bool,
+}
+
+impl CheckpointDisk {
+    /// Whether this disk gets a bitmap.
+    pub fn tracked(&self) -> bool {
+        self.checkpoint.unwrap_or_default() == CheckpointMode::Bitmap
+    }
 }
 
 impl VirtualMachineCheckpointSpec {

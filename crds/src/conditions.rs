@@ -86,11 +86,26 @@ mod tests {
         let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let t1: Timestamp = "2026-01-01T00:05:00Z".parse().unwrap();
         let mut conds = Vec::new();
-        assert!(set_condition(&mut conds, ready(true, "Created"), Some(1), t0));
-        assert!(!set_condition(&mut conds, ready(true, "Created"), Some(1), t1));
+        assert!(set_condition(
+            &mut conds,
+            ready(true, "Created"),
+            Some(1),
+            t0
+        ));
+        assert!(!set_condition(
+            &mut conds,
+            ready(true, "Created"),
+            Some(1),
+            t1
+        ));
         assert_eq!(conds[0].last_transition_time.0, t0);
         // Reason changes but status does not: changed, time kept.
-        assert!(set_condition(&mut conds, ready(true, "Verified"), Some(1), t1));
+        assert!(set_condition(
+            &mut conds,
+            ready(true, "Verified"),
+            Some(1),
+            t1
+        ));
         assert_eq!(conds[0].last_transition_time.0, t0);
         assert_eq!(conds[0].reason, "Verified");
     }
@@ -101,7 +116,12 @@ mod tests {
         let t1: Timestamp = "2026-01-02T00:00:00Z".parse().unwrap();
         let mut conds = Vec::new();
         set_condition(&mut conds, ready(true, "Created"), Some(1), t0);
-        assert!(set_condition(&mut conds, ready(false, "BitmapMissing"), Some(2), t1));
+        assert!(set_condition(
+            &mut conds,
+            ready(false, "BitmapMissing"),
+            Some(2),
+            t1
+        ));
         assert_eq!(conds.len(), 1);
         assert_eq!(conds[0].status, "False");
         assert_eq!(conds[0].last_transition_time.0, t1);

@@ -28,7 +28,11 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "QEMU", type_ = "string", json_path = ".status.qemuVersion"),
     printcolumn(name = "Disks", type_ = "integer", json_path = ".status.diskCount"),
     printcolumn(name = "Last-Seen", type_ = "date", json_path = ".status.lastSeen"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct QemuInstanceFields {}

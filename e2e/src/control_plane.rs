@@ -105,9 +105,15 @@ pub fn stop_recorded(dir: &Path) -> Result<()> {
     let Ok(text) = fs::read_to_string(dir.join("pids")) else {
         return Ok(());
     };
-    let pids: Vec<&str> = text.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    let pids: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
     for pid in pids.iter().rev() {
-        let _ = Command::new("kill").arg("--").arg(format!("-{pid}")).status();
+        let _ = Command::new("kill")
+            .arg("--")
+            .arg(format!("-{pid}"))
+            .status();
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     for pid in pids.iter().rev() {
@@ -300,8 +306,17 @@ impl ControlPlane {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                let log = fs::read_to_string(self.dir.join("logs/kube-apiserver.log")).unwrap_or_default();
-                let tail: String = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+                let log = fs::read_to_string(self.dir.join("logs/kube-apiserver.log"))
+                    .unwrap_or_default();
+                let tail: String = log
+                    .lines()
+                    .rev()
+                    .take(30)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n");
                 bail!("kube-apiserver not ready after {timeout:?}; log tail:\n{tail}");
             }
             std::thread::sleep(Duration::from_millis(250));
@@ -320,7 +335,10 @@ impl ControlPlane {
     pub fn server_version(&self) -> Result<String> {
         let out = self.kubectl_output(&["version", "-o", "json"])?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        Ok(v["serverVersion"]["gitVersion"].as_str().unwrap_or("unknown").to_string())
+        Ok(v["serverVersion"]["gitVersion"]
+            .as_str()
+            .unwrap_or("unknown")
+            .to_string())
     }
 
     /// Stops every process this control plane started.
@@ -328,4 +346,3 @@ impl ControlPlane {
         stop_recorded(&self.dir)
     }
 }
-

@@ -45,7 +45,10 @@ pub fn install_crds(cp: &ControlPlane) -> Result<()> {
     let manifests = crate::tools::repo_root().join("crds/manifests");
     let out = cp.kubectl_output(&["apply", "--server-side", "-f", manifests.to_str().unwrap()])?;
     if !out.status.success() {
-        bail!("installing CRDs failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "installing CRDs failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let out = cp.kubectl_output(&[
         "wait",
@@ -56,7 +59,10 @@ pub fn install_crds(cp: &ControlPlane) -> Result<()> {
         "app.kubernetes.io/part-of=cairn",
     ])?;
     if !out.status.success() {
-        bail!("CRDs not established: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "CRDs not established: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
@@ -85,14 +91,19 @@ impl TestEnv {
         let client = client_for(&cp.kubeconfig).await?;
         let suffix: u32 = rand::random::<u32>() % 100_000;
         let namespace = format!("{}-{suffix}", test.replace('_', "-"));
-        let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": namespace}
-        }))?;
+        let ns: k8s_openapi::api::core::v1::Namespace =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": namespace}
+            }))?;
         Api::all(client.clone())
             .create(&Default::default(), &ns)
             .await
             .context("creating the test namespace")?;
-        Ok(Self { cp, client, namespace })
+        Ok(Self {
+            cp,
+            client,
+            namespace,
+        })
     }
 
     /// Runs kubectl in this env's namespace.

@@ -103,8 +103,14 @@ impl LocalCluster {
                 ("KUBECONFIG", self.cp.kubeconfig.display().to_string()),
                 ("NODE_NAME", node.to_string()),
                 ("CAIRN_SOCKET_DIR", self.qmp_dir(node).display().to_string()),
-                ("CAIRN_BACKUP_ROOTS", self.backup_dir(node).display().to_string()),
-                ("CAIRN_RUNTIME_DIR", node_dir.join("run").display().to_string()),
+                (
+                    "CAIRN_BACKUP_ROOTS",
+                    self.backup_dir(node).display().to_string(),
+                ),
+                (
+                    "CAIRN_RUNTIME_DIR",
+                    node_dir.join("run").display().to_string(),
+                ),
                 ("RUST_LOG", "info,cairn=debug".into()),
                 ("CAIRN_METRICS_ADDR", "127.0.0.1:0".into()),
             ],

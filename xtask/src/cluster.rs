@@ -50,7 +50,14 @@ pub fn run(action: Action) -> Result<()> {
 fn build_binaries() -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "--quiet", "-p", "cairn-operator", "-p", "cairn-agent"])
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "cairn-operator",
+            "-p",
+            "cairn-agent",
+        ])
         .current_dir(cairn_e2e::tools::repo_root())
         .status()?;
     if !status.success() {
@@ -72,14 +79,24 @@ pub fn demo() -> Result<()> {
             .args(args)
             .output()?;
         if !out.status.success() {
-            bail!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    println!("== Cairn demo: kube-apiserver {} ==", cluster.cp.server_version()?);
+    println!(
+        "== Cairn demo: kube-apiserver {} ==",
+        cluster.cp.server_version()?
+    );
     kubectl(&["create", "namespace", "demo"])?;
     let examples = cairn_e2e::tools::repo_root().join("examples");
-    print!("{}", kubectl(&["apply", "-n", "demo", "-f", examples.to_str().unwrap()])?);
+    print!(
+        "{}",
+        kubectl(&["apply", "-n", "demo", "-f", examples.to_str().unwrap()])?
+    );
     println!("\n$ kubectl get cairn -A");
     print!("{}", kubectl(&["get", "cairn", "-A"])?);
     println!("\n$ kubectl explain virtualmachinebackup.spec");

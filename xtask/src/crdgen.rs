@@ -19,7 +19,9 @@ pub fn run(check: bool) -> Result<()> {
         }
     }
     if !stale.is_empty() {
-        bail!("generated CRDs differ from the checked-in files: {stale:?}; run `cargo xtask crdgen`");
+        bail!(
+            "generated CRDs differ from the checked-in files: {stale:?}; run `cargo xtask crdgen`"
+        );
     }
     Ok(())
 }

@@ -15,10 +15,15 @@ pub fn run(cargo_args: &[String]) -> Result<()> {
         tools.kubectl.display(),
         tools.helm.display()
     );
-    let qemu = Command::new("qemu-system-x86_64").arg("--version").output()?;
+    let qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()?;
     println!(
         "cairn test: {}",
-        String::from_utf8_lossy(&qemu.stdout).lines().next().unwrap_or("qemu: unknown")
+        String::from_utf8_lossy(&qemu.stdout)
+            .lines()
+            .next()
+            .unwrap_or("qemu: unknown")
     );
     crate::crdgen::run(true)?;
 

@@ -277,23 +277,27 @@ impl QmpClient {
     /// `query-block`: devices and their root nodes.
     pub async fn query_block(&self) -> Result<Vec<BlockDeviceView>, QmpError> {
         let cmd = serde_json::to_value(qmp::query_block {}).ok();
-        self.query(<qmp::query_block as qapi::Command>::NAME, cmd).await
+        self.query(<qmp::query_block as qapi::Command>::NAME, cmd)
+            .await
     }
 
     /// `query-named-block-nodes` (flat): every named node.
     pub async fn query_named_block_nodes(&self) -> Result<Vec<BlockNodeView>, QmpError> {
         let cmd = serde_json::to_value(qmp::query_named_block_nodes { flat: Some(true) }).ok();
-        self.query(<qmp::query_named_block_nodes as qapi::Command>::NAME, cmd).await
+        self.query(<qmp::query_named_block_nodes as qapi::Command>::NAME, cmd)
+            .await
     }
 
     /// `query-jobs`.
     pub async fn query_jobs(&self) -> Result<Vec<JobView>, QmpError> {
-        self.query(<qmp::query_jobs as qapi::Command>::NAME, None).await
+        self.query(<qmp::query_jobs as qapi::Command>::NAME, None)
+            .await
     }
 
     /// `query-block-exports`.
     pub async fn query_block_exports(&self) -> Result<Vec<ExportView>, QmpError> {
-        self.query(<qmp::query_block_exports as qapi::Command>::NAME, None).await
+        self.query(<qmp::query_block_exports as qapi::Command>::NAME, None)
+            .await
     }
 
     /// `query-status`: the run state as QEMU names it (`running`, `paused`, ...).
@@ -302,7 +306,9 @@ impl QmpClient {
         struct Status {
             status: String,
         }
-        let s: Status = self.query(<qmp::query_status as qapi::Command>::NAME, None).await?;
+        let s: Status = self
+            .query(<qmp::query_status as qapi::Command>::NAME, None)
+            .await?;
         Ok(s.status)
     }
 
@@ -312,26 +318,33 @@ impl QmpClient {
             .iter()
             .map(|s| match s {
                 TransactionStep::AddBitmap(b) => qmp::TransactionAction::from(bitmap_add(b)),
-                TransactionStep::MergeBitmaps { node, target, sources } => {
-                    qmp::TransactionAction::from(qmp::BlockDirtyBitmapMerge {
-                        node: node.clone(),
-                        target: target.clone(),
-                        bitmaps: sources
-                            .iter()
-                            .map(|n| qmp::BlockDirtyBitmapOrStr::local(n.clone()))
-                            .collect(),
-                    })
-                }
+                TransactionStep::MergeBitmaps {
+                    node,
+                    target,
+                    sources,
+                } => qmp::TransactionAction::from(qmp::BlockDirtyBitmapMerge {
+                    node: node.clone(),
+                    target: target.clone(),
+                    bitmaps: sources
+                        .iter()
+                        .map(|n| qmp::BlockDirtyBitmapOrStr::local(n.clone()))
+                        .collect(),
+                }),
                 TransactionStep::Backup(b) => qmp::TransactionAction::from(backup_args(b)),
             })
             .collect();
-        self.execute(&qmp::transaction { actions, properties: None }).await?;
+        self.execute(&qmp::transaction {
+            actions,
+            properties: None,
+        })
+        .await?;
         Ok(())
     }
 
     /// `block-dirty-bitmap-add`.
     pub async fn add_bitmap(&self, spec: &BitmapSpec) -> Result<(), QmpError> {
-        self.execute(&qmp::block_dirty_bitmap_add(bitmap_add(spec))).await?;
+        self.execute(&qmp::block_dirty_bitmap_add(bitmap_add(spec)))
+            .await?;
         Ok(())
     }
 
@@ -402,25 +415,31 @@ impl QmpClient {
 
     /// `blockdev-del`.
     pub async fn blockdev_del(&self, node: &str) -> Result<(), QmpError> {
-        self.execute(&qmp::blockdev_del { node_name: node.to_string() }).await?;
+        self.execute(&qmp::blockdev_del {
+            node_name: node.to_string(),
+        })
+        .await?;
         Ok(())
     }
 
     /// `blockdev-backup` outside a transaction (`auto-dismiss: false`).
     pub async fn blockdev_backup(&self, spec: &BackupSpec) -> Result<(), QmpError> {
-        self.execute(&qmp::blockdev_backup(backup_args(spec))).await?;
+        self.execute(&qmp::blockdev_backup(backup_args(spec)))
+            .await?;
         Ok(())
     }
 
     /// `job-cancel`.
     pub async fn job_cancel(&self, id: &str) -> Result<(), QmpError> {
-        self.execute(&qmp::job_cancel { id: id.to_string() }).await?;
+        self.execute(&qmp::job_cancel { id: id.to_string() })
+            .await?;
         Ok(())
     }
 
     /// `job-dismiss` of a concluded job.
     pub async fn job_dismiss(&self, id: &str) -> Result<(), QmpError> {
-        self.execute(&qmp::job_dismiss { id: id.to_string() }).await?;
+        self.execute(&qmp::job_dismiss { id: id.to_string() })
+            .await?;
         Ok(())
     }
 

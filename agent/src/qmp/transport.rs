@@ -78,7 +78,10 @@ pub enum QmpError {
 impl QmpError {
     /// True when the session is gone (as opposed to QEMU rejecting a command).
     pub fn is_disconnect(&self) -> bool {
-        matches!(self, QmpError::Disconnected { .. } | QmpError::Closed { .. })
+        matches!(
+            self,
+            QmpError::Disconnected { .. } | QmpError::Closed { .. }
+        )
     }
 }
 
@@ -129,7 +132,10 @@ impl QmpEvent {
         if self.name != "JOB_STATUS_CHANGE" {
             return None;
         }
-        Some((self.data.get("id")?.as_str()?, self.data.get("status")?.as_str()?))
+        Some((
+            self.data.get("id")?.as_str()?,
+            self.data.get("status")?.as_str()?,
+        ))
     }
 }
 
@@ -239,7 +245,10 @@ impl QmpClient {
 
     /// True while connected.
     pub fn is_connected(&self) -> bool {
-        matches!(*self.shared.state.borrow(), ConnectionState::Connected { .. })
+        matches!(
+            *self.shared.state.borrow(),
+            ConnectionState::Connected { .. }
+        )
     }
 
     /// QEMU version of the current connection, if connected.
@@ -288,9 +297,15 @@ impl QmpClient {
                     reason: format!("no connection within {limit:?}"),
                 });
             }
-            Ok(Err(_)) => return Err(QmpError::Closed { socket: socket.clone() }),
+            Ok(Err(_)) => {
+                return Err(QmpError::Closed {
+                    socket: socket.clone(),
+                });
+            }
             Ok(Ok(s)) if *s == ConnectionState::Closed => {
-                return Err(QmpError::Closed { socket: socket.clone() });
+                return Err(QmpError::Closed {
+                    socket: socket.clone(),
+                });
             }
             Ok(Ok(_)) => {}
         }
@@ -310,7 +325,9 @@ impl QmpClient {
         };
         debug!(command, id, "qmp send");
         if self.shared.requests.send(request).await.is_err() {
-            return Err(QmpError::Closed { socket: socket.clone() });
+            return Err(QmpError::Closed {
+                socket: socket.clone(),
+            });
         }
         match timeout_at(deadline, rx).await {
             Err(_) => Err(QmpError::Timeout {
@@ -345,7 +362,10 @@ async fn session_task(
                 generation += 1;
                 backoff = options.backoff_initial;
                 info!(generation, version = %version, "qmp connected");
-                state.send_replace(ConnectionState::Connected { generation, version });
+                state.send_replace(ConnectionState::Connected {
+                    generation,
+                    version,
+                });
                 let ended = serve(&socket, reader, writer, &mut requests, &events).await;
                 state.send_replace(ConnectionState::Connecting);
                 match ended {
@@ -374,20 +394,29 @@ async fn session_task(
     // Fail whatever is still queued.
     requests.close();
     while let Ok(r) = requests.try_recv() {
-        let _ = r.reply.send(Err(QmpError::Closed { socket: socket.clone() }));
+        let _ = r.reply.send(Err(QmpError::Closed {
+            socket: socket.clone(),
+        }));
     }
 }
 
 async fn handshake(
     socket: &Path,
-) -> std::io::Result<(tokio::io::Lines<BufReader<OwnedReadHalf>>, OwnedWriteHalf, String)> {
+) -> std::io::Result<(
+    tokio::io::Lines<BufReader<OwnedReadHalf>>,
+    OwnedWriteHalf,
+    String,
+)> {
     let stream = UnixStream::connect(socket).await?;
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r).lines();
     let invalid = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
     // Greeting: the first JSON object with a `QMP` member; skip garbage.
     let version = loop {
-        let line = lines.next_line().await?.ok_or_else(|| invalid("closed before greeting"))?;
+        let line = lines
+            .next_line()
+            .await?
+            .ok_or_else(|| invalid("closed before greeting"))?;
         if let Ok(v) = serde_json::from_str::<Value>(&line) {
             if let Some(q) = v.get("QMP") {
                 let ver = &q["version"]["qemu"];
@@ -395,13 +424,16 @@ async fn handshake(
             }
         }
     };
-    w.write_all(b"{\"execute\":\"qmp_capabilities\",\"id\":0}\n").await?;
+    w.write_all(b"{\"execute\":\"qmp_capabilities\",\"id\":0}\n")
+        .await?;
     loop {
         let line = lines
             .next_line()
             .await?
             .ok_or_else(|| invalid("closed during capability negotiation"))?;
-        let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
         if v.get("id") == Some(&json!(0)) {
             if v.get("return").is_some() {
                 return Ok((lines, w, version));

@@ -1,0 +1,346 @@
+//! Backups: push (QEMU writes qcow2 files into a directory) and pull
+//! (QEMU serves a point-in-time NBD export).
+//!
+//! A push backup is a short pipeline: resolve the target under the allowed
+//! roots → read the inventory → [`push::plan_push`] (pure: which disks, full or
+//! incremental, which backing file) → check free space → create target files
+//! and nodes → one `transaction` that starts every `blockdev-backup` job (and
+//! adds the new checkpoint's bitmaps) → [`push::RunningBackup::wait`] → write
+//! the [`manifest::Manifest`]. Every QEMU-side name comes from the caller's
+//! [`crate::identity::OperationId`], so calling [`push::start_push_backup`]
+//! again after an agent restart re-attaches to the running jobs, and
+//! [`cleanup_leftovers`] removes anything a crashed attempt left.
+
+pub mod manifest;
+pub mod pull;
+pub mod push;
+pub mod target;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::checkpoint::CheckpointError;
+use crate::identity::OperationId;
+use crate::image::ImageError;
+use crate::inventory::{InventoryError, SelectionError};
+use crate::qmp::{QmpClient, QmpError};
+
+pub use manifest::{BackupKind, Manifest, ManifestDisk};
+pub use pull::{ExportedDisk, PullExport, PullRequest, start_pull_export, stop_pull_export};
+pub use push::{
+    BackupOutcome, BackupProgress, PushRequest, RunningBackup, run_push_backup, start_push_backup,
+};
+pub use target::TargetPolicy;
+
+/// Failures of backup operations. Whatever the variant, the operation has
+/// cleaned up what it created (nodes, jobs, files, the new checkpoint's bitmaps)
+/// unless the VM itself was gone.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// The disk selection is invalid.
+    #[error(transparent)]
+    Selection(#[from] SelectionError),
+    /// The new checkpoint cannot be created.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// Reading the VM's disks failed.
+    #[error(transparent)]
+    Inventory(#[from] InventoryError),
+    /// The backup name cannot be used as a file name.
+    #[error("backup name {name:?} is not usable: use letters, digits, `.`, `-`, `_`")]
+    InvalidName {
+        /// The name.
+        name: String,
+    },
+    /// The target is not under an allowed root.
+    #[error("target {path} is refused ({reason}); allowed roots: {roots}")]
+    OutsideAllowedRoots {
+        /// Requested path.
+        path: PathBuf,
+        /// Allowed roots, comma separated.
+        roots: String,
+        /// Why.
+        reason: String,
+    },
+    /// Not enough free space for the backup.
+    #[error(
+        "target {path} has {available} bytes free but the backup of VM {vm} may need {needed}; free space or choose another target"
+    )]
+    InsufficientSpace {
+        /// Which VM.
+        vm: String,
+        /// Target directory.
+        path: PathBuf,
+        /// Estimated need.
+        needed: u64,
+        /// Free bytes.
+        available: u64,
+    },
+    /// The target filesystem filled up during the job.
+    #[error("target of disk {disk} of VM {vm} ran out of space during the backup; free space and retry")]
+    NoSpace {
+        /// Which VM.
+        vm: String,
+        /// Disk name.
+        disk: String,
+    },
+    /// The incremental base cannot be used on a disk.
+    #[error(
+        "checkpoint {checkpoint} cannot be the base on disk {disk} of VM {vm}: {reason}; take a full backup or set fallbackToFull"
+    )]
+    BaseUnusable {
+        /// Which VM.
+        vm: String,
+        /// Disk name.
+        disk: String,
+        /// Base checkpoint.
+        checkpoint: String,
+        /// Why (missing, inconsistent, no earlier backup file).
+        reason: String,
+    },
+    /// A block job failed.
+    #[error("backup of disk {disk} of VM {vm} failed in QEMU: {message}")]
+    JobFailed {
+        /// Which VM.
+        vm: String,
+        /// Disk name.
+        disk: String,
+        /// QEMU's message.
+        message: String,
+    },
+    /// The backup was cancelled.
+    #[error("backup {name} of VM {vm} was cancelled")]
+    Cancelled {
+        /// Which VM.
+        vm: String,
+        /// Backup name.
+        name: String,
+    },
+    /// QEMU went away during the operation.
+    #[error("VM {vm} went away during backup {name}; its files were removed, retry once the VM runs")]
+    VmGone {
+        /// Which VM.
+        vm: String,
+        /// Backup name.
+        name: String,
+        /// The transport failure.
+        #[source]
+        source: QmpError,
+    },
+    /// A pull export is already being served from this VM.
+    #[error("VM {vm} already serves an NBD export that Cairn did not start; stop it first")]
+    NbdServerBusy {
+        /// Which VM.
+        vm: String,
+    },
+    /// QEMU refused a step.
+    #[error("backup step {step} on VM {vm} failed")]
+    Qmp {
+        /// Which VM.
+        vm: String,
+        /// What was being done.
+        step: String,
+        /// The QMP failure.
+        #[source]
+        source: QmpError,
+    },
+    /// An image tool failed.
+    #[error("image tool step {step} failed")]
+    Image {
+        /// What was being done.
+        step: String,
+        /// The tool failure.
+        #[source]
+        source: ImageError,
+    },
+    /// Filesystem trouble on the target.
+    #[error("cannot use {path}")]
+    TargetIo {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A manifest is unreadable.
+    #[error("manifest {path} is not valid")]
+    BadManifest {
+        /// The path.
+        path: PathBuf,
+        /// The decoding failure.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Checks a backup name usable as a file name stem.
+pub fn validate_backup_name(name: &str) -> Result<(), BackupError> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if ok { Ok(()) } else { Err(BackupError::InvalidName { name: name.to_string() }) }
+}
+
+/// What [`cleanup_leftovers`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeftoverReport {
+    /// Jobs cancelled and/or dismissed.
+    pub jobs: Vec<String>,
+    /// Exports removed.
+    pub exports: Vec<String>,
+    /// Block nodes removed.
+    pub nodes: Vec<String>,
+    /// Temporary bitmaps removed, as `node/bitmap`.
+    pub bitmaps: Vec<String>,
+    /// Files removed.
+    pub files: Vec<PathBuf>,
+}
+
+impl LeftoverReport {
+    /// True when nothing was found.
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+            && self.exports.is_empty()
+            && self.nodes.is_empty()
+            && self.bitmaps.is_empty()
+            && self.files.is_empty()
+    }
+}
+
+/// Where an operation's files live, for [`cleanup_leftovers`].
+#[derive(Debug, Clone)]
+pub struct FileScope<'a> {
+    /// Directory (already resolved under the allowed roots).
+    pub dir: &'a Path,
+    /// Backup name: files `<name>.*.qcow2` without `<name>.manifest.json` are partial.
+    pub backup_name: &'a str,
+}
+
+fn qmp_err(vm: &str, step: &str) -> impl FnOnce(QmpError) -> BackupError {
+    let (vm, step) = (vm.to_string(), step.to_string());
+    move |source| {
+        if source.is_disconnect() {
+            BackupError::VmGone { vm, name: step, source }
+        } else {
+            BackupError::Qmp { vm, step, source }
+        }
+    }
+}
+
+/// Waits until none of `ids` is still running; returns the concluded ones.
+async fn wait_jobs_settled(client: &QmpClient, ids: &[String], limit: Duration) -> Result<(), QmpError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let jobs = client.query_jobs().await?;
+        let busy = jobs.iter().any(|j| ids.contains(&j.id) && j.status != "concluded");
+        if !busy || tokio::time::Instant::now() > deadline {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Removes everything QEMU-side that carries `op`'s prefix (jobs are
+/// cancelled and dismissed, exports and nodes deleted, temporary bitmaps
+/// removed, the NBD server stopped when only Cairn used it) and, given a
+/// [`FileScope`], partial files of that backup. Safe to call any time and
+/// repeatedly; never touches checkpoint bitmaps.
+pub async fn cleanup_leftovers(
+    client: &QmpClient,
+    op: &OperationId,
+    files: Option<FileScope<'_>>,
+) -> Result<LeftoverReport, QmpError> {
+    let prefix = op.prefix();
+    let mut report = LeftoverReport::default();
+
+    // Exports first: they hold nodes and bitmaps.
+    let exports = client.query_block_exports().await?;
+    for e in exports.iter().filter(|e| e.id.starts_with(&prefix)) {
+        if let Err(err) = client.block_export_del(&e.id).await {
+            warn!(export = %e.id, error = %err, "cannot remove export");
+        }
+        report.exports.push(e.id.clone());
+    }
+    if !report.exports.is_empty() {
+        wait_exports_gone(client, &prefix).await?;
+        let remaining = client.query_block_exports().await?;
+        if remaining.is_empty() {
+            let _ = client.nbd_server_stop().await;
+        }
+    }
+
+    let jobs = client.query_jobs().await?;
+    let ours: Vec<String> = jobs.iter().filter(|j| j.id.starts_with(&prefix)).map(|j| j.id.clone()).collect();
+    for j in jobs.iter().filter(|j| ours.contains(&j.id) && j.status != "concluded") {
+        if let Err(err) = client.job_cancel(&j.id).await {
+            warn!(job = %j.id, error = %err, "cannot cancel job");
+        }
+    }
+    wait_jobs_settled(client, &ours, Duration::from_secs(30)).await?;
+    for id in &ours {
+        let _ = client.job_dismiss(id).await;
+        report.jobs.push(id.clone());
+    }
+
+    for n in client.query_named_block_nodes().await? {
+        let Some(name) = n.node_name else { continue };
+        if name.starts_with(&prefix) {
+            match client.blockdev_del(&name).await {
+                Ok(()) => report.nodes.push(name),
+                Err(err) => warn!(node = %name, error = %err, "cannot remove block node"),
+            }
+        }
+    }
+    for n in client.query_named_block_nodes().await? {
+        let Some(node) = n.node_name else { continue };
+        for b in n.dirty_bitmaps {
+            let Some(name) = b.name else { continue };
+            if name.starts_with(&prefix) {
+                match client.remove_bitmap(&node, &name).await {
+                    Ok(()) => report.bitmaps.push(format!("{node}/{name}")),
+                    Err(err) => warn!(%node, bitmap = %name, error = %err, "cannot remove bitmap"),
+                }
+            }
+        }
+    }
+
+    if let Some(scope) = files {
+        report.files = remove_partial_files(scope.dir, scope.backup_name, &prefix);
+    }
+    if !report.is_empty() {
+        info!(identity = %op.identity(), ?report, "removed leftovers");
+    }
+    Ok(report)
+}
+
+async fn wait_exports_gone(client: &QmpClient, prefix: &str) -> Result<(), QmpError> {
+    for _ in 0..200 {
+        let exports = client.query_block_exports().await?;
+        if !exports.iter().any(|e| e.id.starts_with(prefix)) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Ok(())
+}
+
+/// Removes `<name>.*.qcow2` when `<name>.manifest.json` is absent, the
+/// manifest's temporary file, and scratch files carrying `prefix`.
+fn remove_partial_files(dir: &Path, name: &str, prefix: &str) -> Vec<PathBuf> {
+    let complete = dir.join(Manifest::file_name(name)).exists();
+    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut removed = Vec::new();
+    for entry in rd.flatten() {
+        let file = entry.file_name().to_string_lossy().to_string();
+        let partial_data = !complete && file.starts_with(&format!("{name}.")) && file.ends_with(".qcow2");
+        let tmp_manifest = file == format!("{}.tmp", Manifest::file_name(name));
+        let scratch = file.starts_with(prefix);
+        if (partial_data || tmp_manifest || scratch) && std::fs::remove_file(entry.path()).is_ok() {
+            removed.push(entry.path());
+        }
+    }
+    removed
+}

@@ -1,0 +1,505 @@
+//! Checkpoints: one persistent dirty bitmap per selected disk, named after
+//! the checkpoint, created atomically across disks.
+//!
+//! Live operations talk to QEMU ([`create_checkpoint`], [`redefine_checkpoint`],
+//! [`delete_checkpoint`], [`inspect_checkpoint`]); the offline variants work on
+//! a stopped VM's images with `qemu-img bitmap` and need the recorded
+//! [`Domain`]. Every bitmap of a checkpoint records all writes since it was
+//! made, so checkpoints are independent: deleting one never breaks another.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use crate::image::{self, ImageError};
+use crate::inventory::{
+    Bitmap, Disk, DiskFormat, InventoryError, SelectionError, VmInventory, VmRef, read_inventory,
+    select_disks,
+};
+use crate::qmp::{BitmapSpec, QmpClient, QmpError, TransactionStep};
+
+/// Prefix reserved for Cairn's temporary QEMU-side names.
+pub const RESERVED_PREFIX: &str = "cairn-";
+
+/// What to checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CheckpointRequest {
+    /// Checkpoint name; also the bitmap name on every disk.
+    pub name: String,
+    /// Disk names; `None` = every writable qcow2 disk.
+    pub disks: Option<Vec<String>>,
+}
+
+/// One disk of a recorded VM definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainDisk {
+    /// Name users know (`disk0`, `vda`).
+    pub name: String,
+    /// Format node name.
+    pub node_name: String,
+    /// Image file.
+    pub file: PathBuf,
+    /// Image format (`qcow2`, `raw`).
+    pub format: String,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+}
+
+/// The VM's disk layout as observed when a checkpoint was made; what makes
+/// offline work possible.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Domain {
+    /// All disks of the VM, in QEMU's order.
+    pub disks: Vec<DomainDisk>,
+}
+
+impl Domain {
+    /// Records the layout of a running VM.
+    pub fn observe(inventory: &VmInventory) -> Self {
+        Self {
+            disks: inventory
+                .disks
+                .iter()
+                .map(|d| DomainDisk {
+                    name: d.name.clone(),
+                    node_name: d.node_name.clone(),
+                    file: d.file.clone(),
+                    format: d.format.as_str().to_string(),
+                    virtual_size: d.virtual_size,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A checkpoint's bitmap on one disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckpointDisk {
+    /// Disk name.
+    pub disk: String,
+    /// Bitmap name.
+    pub bitmap: String,
+    /// Bytes per bit.
+    pub granularity: u32,
+    /// Bytes written since the checkpoint (libvirt's checkpoint size).
+    pub dirty_bytes: u64,
+    /// Still recording.
+    pub recording: bool,
+    /// Unusable after an unclean QEMU exit.
+    pub inconsistent: bool,
+}
+
+/// A checkpoint as found in QEMU or in the images.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    /// Checkpoint name.
+    pub name: String,
+    /// Per-disk bitmaps.
+    pub disks: Vec<CheckpointDisk>,
+    /// Disk layout recorded at creation (`None` after a redefine without one).
+    pub domain: Option<Domain>,
+}
+
+/// Failures of checkpoint operations.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The disk selection is invalid.
+    #[error(transparent)]
+    Selection(#[from] SelectionError),
+    /// The checkpoint name cannot be a bitmap name.
+    #[error("checkpoint name {name:?} is not usable: {reason}")]
+    InvalidName {
+        /// The name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// A bitmap with the checkpoint's name already exists.
+    #[error(
+        "disk {disk} of VM {vm} already has a bitmap {bitmap}; pick another checkpoint name or redefine the existing one"
+    )]
+    AlreadyExists {
+        /// Which VM.
+        vm: String,
+        /// Disk name.
+        disk: String,
+        /// Bitmap name.
+        bitmap: String,
+    },
+    /// Redefine: the bitmap is not there.
+    #[error(
+        "disk {disk} of VM {vm} has no bitmap {bitmap} to adopt; create the checkpoint instead of redefining it"
+    )]
+    Missing {
+        /// Which VM.
+        vm: String,
+        /// Disk name.
+        disk: String,
+        /// Bitmap name.
+        bitmap: String,
+    },
+    /// Redefine: the bitmap would be lost at shutdown.
+    #[error("bitmap {bitmap} on disk {disk} of VM {vm} is not persistent, so it cannot back a checkpoint")]
+    NotPersistent {
+        /// Which VM.
+        vm: String,
+        /// Disk name.
+        disk: String,
+        /// Bitmap name.
+        bitmap: String,
+    },
+    /// The bitmap was left inconsistent by an unclean QEMU exit.
+    #[error(
+        "bitmap {bitmap} on disk {disk} of VM {vm} is inconsistent (QEMU was not shut down cleanly); delete the checkpoint and take a full backup"
+    )]
+    Inconsistent {
+        /// Which VM.
+        vm: String,
+        /// Disk name.
+        disk: String,
+        /// Bitmap name.
+        bitmap: String,
+    },
+    /// A job or export uses the bitmap.
+    #[error("bitmap {bitmap} on disk {disk} of VM {vm} is in use by a backup or export; retry when it finished")]
+    Busy {
+        /// Which VM.
+        vm: String,
+        /// Disk name.
+        disk: String,
+        /// Bitmap name.
+        bitmap: String,
+    },
+    /// No disk carries the checkpoint.
+    #[error("VM {vm} has no checkpoint {name} on any disk")]
+    NotFound {
+        /// Which VM.
+        vm: String,
+        /// Checkpoint name.
+        name: String,
+    },
+    /// Reading the VM's disks failed.
+    #[error(transparent)]
+    Inventory(#[from] InventoryError),
+    /// QEMU refused or the session failed.
+    #[error("checkpoint {name} on VM {vm} failed in QEMU")]
+    Qmp {
+        /// Which VM.
+        vm: String,
+        /// Checkpoint name.
+        name: String,
+        /// The QMP failure.
+        #[source]
+        source: QmpError,
+    },
+    /// An offline `qemu-img` step failed.
+    #[error("offline checkpoint {name} on disk {disk} failed")]
+    Image {
+        /// Disk name.
+        disk: String,
+        /// Checkpoint name.
+        name: String,
+        /// The tool failure.
+        #[source]
+        source: ImageError,
+    },
+}
+
+/// Checks that a checkpoint name can be used as a bitmap name.
+pub fn validate_name(name: &str) -> Result<(), CheckpointError> {
+    let bad = |reason: &str| {
+        Err(CheckpointError::InvalidName {
+            name: name.to_string(),
+            reason: reason.to_string(),
+        })
+    };
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.len() > 1023 {
+        return bad("QEMU bitmap names are at most 1023 bytes");
+    }
+    if name.starts_with(RESERVED_PREFIX) {
+        return bad("the prefix `cairn-` is reserved for temporary bitmaps");
+    }
+    if name.chars().any(|c| c.is_control()) {
+        return bad("it contains control characters");
+    }
+    Ok(())
+}
+
+fn checkpoint_disk(disk: &Disk, bitmap: &Bitmap) -> CheckpointDisk {
+    CheckpointDisk {
+        disk: disk.name.clone(),
+        bitmap: bitmap.name.clone(),
+        granularity: bitmap.granularity,
+        dirty_bytes: bitmap.dirty_bytes,
+        recording: bitmap.recording,
+        inconsistent: bitmap.inconsistent,
+    }
+}
+
+/// Checks that `bitmap` on each disk can be adopted (exists, persistent, consistent).
+pub fn verify_adoptable(vm: &str, disks: &[&Disk], bitmap: &str) -> Result<(), CheckpointError> {
+    for d in disks {
+        let err = |ctor: fn(String, String, String) -> CheckpointError| {
+            Err(ctor(vm.to_string(), d.name.clone(), bitmap.to_string()))
+        };
+        match d.bitmap(bitmap) {
+            None => return err(|vm, disk, bitmap| CheckpointError::Missing { vm, disk, bitmap }),
+            Some(b) if b.inconsistent => {
+                return err(|vm, disk, bitmap| CheckpointError::Inconsistent { vm, disk, bitmap });
+            }
+            Some(b) if !b.persistent => {
+                return err(|vm, disk, bitmap| CheckpointError::NotPersistent { vm, disk, bitmap });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The bitmap-add steps of a new checkpoint on `disks` (used alone, or inside
+/// a backup's transaction). Fails if a disk already has the bitmap.
+pub fn plan_checkpoint(
+    vm: &str,
+    disks: &[&Disk],
+    name: &str,
+) -> Result<Vec<TransactionStep>, CheckpointError> {
+    validate_name(name)?;
+    disks
+        .iter()
+        .map(|d| {
+            if d.bitmap(name).is_some() {
+                return Err(CheckpointError::AlreadyExists {
+                    vm: vm.to_string(),
+                    disk: d.name.clone(),
+                    bitmap: name.to_string(),
+                });
+            }
+            Ok(TransactionStep::AddBitmap(BitmapSpec {
+                node: d.node_name.clone(),
+                name: name.to_string(),
+                persistent: true,
+                disabled: false,
+            }))
+        })
+        .collect()
+}
+
+/// Creates a checkpoint: one `transaction` adding a persistent bitmap to
+/// every selected disk (all or nothing). Records the observed domain.
+pub async fn create_checkpoint(
+    client: &QmpClient,
+    vm: &VmRef,
+    request: &CheckpointRequest,
+) -> Result<CheckpointInfo, CheckpointError> {
+    let inv = read_inventory(client, vm).await?;
+    let vm_name = vm.to_string();
+    let disks = select_disks(&vm_name, &inv.disks, request.disks.as_deref())?;
+    let steps = plan_checkpoint(&vm_name, &disks, &request.name)?;
+    let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
+    client.transaction(&steps).await.map_err(|source| CheckpointError::Qmp {
+        vm: vm_name.clone(),
+        name: request.name.clone(),
+        source,
+    })?;
+    info!(vm = %vm, checkpoint = %request.name, disks = ?names, "checkpoint created");
+    let mut info = inspect_checkpoint(client, vm, &request.name).await?;
+    info.domain = Some(Domain::observe(&inv));
+    Ok(info)
+}
+
+/// Adopts existing persistent bitmaps named `request.name` as a checkpoint,
+/// after verifying that each selected disk has one that is persistent and
+/// consistent. Changes nothing in QEMU.
+pub async fn redefine_checkpoint(
+    client: &QmpClient,
+    vm: &VmRef,
+    request: &CheckpointRequest,
+) -> Result<CheckpointInfo, CheckpointError> {
+    let inv = read_inventory(client, vm).await?;
+    let vm_name = vm.to_string();
+    let disks = select_disks(&vm_name, &inv.disks, request.disks.as_deref())?;
+    verify_adoptable(&vm_name, &disks, &request.name)?;
+    info!(vm = %vm, checkpoint = %request.name, "checkpoint redefined");
+    Ok(CheckpointInfo {
+        name: request.name.clone(),
+        disks: disks
+            .iter()
+            .filter_map(|d| Some(checkpoint_disk(d, d.bitmap(&request.name)?)))
+            .collect(),
+        domain: None,
+    })
+}
+
+/// Reports the checkpoint's bitmaps (dirty bytes per disk).
+pub async fn inspect_checkpoint(
+    client: &QmpClient,
+    vm: &VmRef,
+    name: &str,
+) -> Result<CheckpointInfo, CheckpointError> {
+    let inv = read_inventory(client, vm).await?;
+    let disks: Vec<CheckpointDisk> = inv
+        .disks
+        .iter()
+        .filter_map(|d| Some(checkpoint_disk(d, d.bitmap(name)?)))
+        .collect();
+    if disks.is_empty() {
+        return Err(CheckpointError::NotFound {
+            vm: vm.to_string(),
+            name: name.to_string(),
+        });
+    }
+    Ok(CheckpointInfo { name: name.to_string(), disks, domain: None })
+}
+
+/// Removes the checkpoint's bitmap from every disk that has it (or from the
+/// named disks). Idempotent: returns the disks it removed a bitmap from.
+pub async fn delete_checkpoint(
+    client: &QmpClient,
+    vm: &VmRef,
+    name: &str,
+    disks: Option<&[String]>,
+) -> Result<Vec<String>, CheckpointError> {
+    let inv = read_inventory(client, vm).await?;
+    let mut removed = Vec::new();
+    for d in &inv.disks {
+        if disks.is_some_and(|only| !only.contains(&d.name)) {
+            continue;
+        }
+        let Some(b) = d.bitmap(name) else { continue };
+        if b.busy {
+            return Err(CheckpointError::Busy {
+                vm: vm.to_string(),
+                disk: d.name.clone(),
+                bitmap: name.to_string(),
+            });
+        }
+        match client.remove_bitmap(&d.node_name, name).await {
+            Ok(()) => removed.push(d.name.clone()),
+            // Gone meanwhile: that is what we wanted.
+            Err(QmpError::Command { desc, .. }) if desc.contains("not found") => {}
+            Err(source) => {
+                return Err(CheckpointError::Qmp {
+                    vm: vm.to_string(),
+                    name: name.to_string(),
+                    source,
+                });
+            }
+        }
+    }
+    info!(vm = %vm, checkpoint = %name, disks = ?removed, "checkpoint deleted");
+    Ok(removed)
+}
+
+async fn offline_disks(domain: &Domain) -> Result<Vec<Disk>, CheckpointError> {
+    let mut out = Vec::new();
+    for d in &domain.disks {
+        let bitmaps = if d.format == "qcow2" {
+            image::image_info(&d.file, false)
+                .await
+                .map_err(|source| CheckpointError::Image {
+                    disk: d.name.clone(),
+                    name: String::new(),
+                    source,
+                })?
+                .bitmaps
+                .into_iter()
+                .map(|b| Bitmap {
+                    inconsistent: b.flags.iter().any(|f| f == "in-use"),
+                    recording: b.flags.iter().any(|f| f == "auto"),
+                    name: b.name,
+                    granularity: b.granularity,
+                    persistent: true,
+                    busy: false,
+                    dirty_bytes: 0,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        out.push(Disk {
+            name: d.name.clone(),
+            node_name: d.node_name.clone(),
+            file: d.file.clone(),
+            format: DiskFormat::from_driver(&d.format),
+            virtual_size: d.virtual_size,
+            read_only: false,
+            bitmaps,
+        });
+    }
+    Ok(out)
+}
+
+/// Creates a checkpoint on a stopped VM with `qemu-img bitmap --add` on
+/// each selected image; if one fails, the bitmaps already added are removed.
+pub async fn create_checkpoint_offline(
+    vm: &str,
+    domain: &Domain,
+    request: &CheckpointRequest,
+) -> Result<CheckpointInfo, CheckpointError> {
+    let all = offline_disks(domain).await?;
+    let disks = select_disks(vm, &all, request.disks.as_deref())?;
+    plan_checkpoint(vm, &disks, &request.name)?;
+    let mut done: Vec<&Disk> = Vec::new();
+    for d in &disks {
+        if let Err(source) = image::bitmap_add(&d.file, &request.name).await {
+            for undo in &done {
+                let _ = image::bitmap_remove(&undo.file, &request.name).await;
+            }
+            return Err(CheckpointError::Image {
+                disk: d.name.clone(),
+                name: request.name.clone(),
+                source,
+            });
+        }
+        done.push(d);
+    }
+    let after = offline_disks(domain).await?;
+    Ok(CheckpointInfo {
+        name: request.name.clone(),
+        disks: after
+            .iter()
+            .filter_map(|d| Some(checkpoint_disk(d, d.bitmap(&request.name)?)))
+            .collect(),
+        domain: Some(domain.clone()),
+    })
+}
+
+/// Removes a checkpoint's bitmaps from a stopped VM's images; idempotent.
+pub async fn delete_checkpoint_offline(
+    domain: &Domain,
+    name: &str,
+) -> Result<Vec<String>, CheckpointError> {
+    let mut removed = Vec::new();
+    for d in offline_disks(domain).await? {
+        if d.bitmap(name).is_some() {
+            image::bitmap_remove(&d.file, name)
+                .await
+                .map_err(|source| CheckpointError::Image {
+                    disk: d.name.clone(),
+                    name: name.to_string(),
+                    source,
+                })?;
+            removed.push(d.name.clone());
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("daily-1").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("cairn-x").is_err());
+        assert!(validate_name(&"a".repeat(1024)).is_err());
+    }
+}

@@ -1,0 +1,23 @@
+//! The checked-in CRD YAML must be exactly what the Rust types generate.
+
+use std::path::Path;
+
+#[test]
+fn checked_in_crds_match_the_types() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests");
+    let crds = cairn_api::crds();
+    assert_eq!(crds.len(), 3);
+    for crd in crds {
+        let path = dir.join(cairn_api::crd_file_name(&crd));
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!("{} missing ({e}); run `cargo xtask crdgen`", path.display())
+        });
+        assert!(
+            on_disk == cairn_api::crd_yaml(&crd),
+            "{} drifted from the Rust types; run `cargo xtask crdgen`",
+            path.display()
+        );
+    }
+    let files = std::fs::read_dir(&dir).unwrap().count();
+    assert_eq!(files, 3, "stray files in crds/manifests");
+}
