@@ -19,6 +19,7 @@ pub mod checkpoint;
 pub mod common;
 pub mod conditions;
 pub mod qemu_instance;
+pub mod reference;
 
 pub use backup::*;
 pub use checkpoint::*;

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
     label("app.kubernetes.io/part-of", "cairn"),
     namespaced,
     no_spec,
+    doc = "A QEMU process that the Cairn agent of a node discovered through its QMP socket; written only by agents.",
     status = "QemuInstanceStatus",
     printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.runState"),

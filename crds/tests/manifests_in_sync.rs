@@ -21,3 +21,15 @@ fn checked_in_crds_match_the_types() {
     let files = std::fs::read_dir(&dir).unwrap().count();
     assert_eq!(files, 3, "stray files in crds/manifests");
 }
+
+#[test]
+fn api_reference_matches_the_types() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/api-reference.md");
+    let on_disk =
+        std::fs::read_to_string(&path).expect("docs/api-reference.md; run `cargo xtask crdgen`");
+    assert!(
+        on_disk == cairn_api::reference::api_reference(&cairn_api::crds()),
+        "docs/api-reference.md drifted; run `cargo xtask crdgen`"
+    );
+    assert!(on_disk.contains("`spec.virtualMachine`"));
+}

@@ -18,6 +18,16 @@ pub fn run(check: bool) -> Result<()> {
             }
         }
     }
+    let reference = cairn_e2e::tools::repo_root().join("docs/api-reference.md");
+    let text = cairn_api::reference::api_reference(&cairn_api::crds());
+    if std::fs::read_to_string(&reference).ok().as_deref() != Some(text.as_str()) {
+        if check {
+            stale.push(reference.display().to_string());
+        } else {
+            std::fs::write(&reference, text)?;
+            println!("wrote {}", reference.display());
+        }
+    }
     if !stale.is_empty() {
         bail!(
             "generated CRDs differ from the checked-in files: {stale:?}; run `cargo xtask crdgen`"
