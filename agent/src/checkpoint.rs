@@ -142,7 +142,9 @@ pub enum CheckpointError {
         bitmap: String,
     },
     /// Redefine: the bitmap would be lost at shutdown.
-    #[error("bitmap {bitmap} on disk {disk} of VM {vm} is not persistent, so it cannot back a checkpoint")]
+    #[error(
+        "bitmap {bitmap} on disk {disk} of VM {vm} is not persistent, so it cannot back a checkpoint"
+    )]
     NotPersistent {
         /// Which VM.
         vm: String,
@@ -164,7 +166,9 @@ pub enum CheckpointError {
         bitmap: String,
     },
     /// A job or export uses the bitmap.
-    #[error("bitmap {bitmap} on disk {disk} of VM {vm} is in use by a backup or export; retry when it finished")]
+    #[error(
+        "bitmap {bitmap} on disk {disk} of VM {vm} is in use by a backup or export; retry when it finished"
+    )]
     Busy {
         /// Which VM.
         vm: String,
@@ -302,11 +306,14 @@ pub async fn create_checkpoint(
     let disks = select_disks(&vm_name, &inv.disks, request.disks.as_deref())?;
     let steps = plan_checkpoint(&vm_name, &disks, &request.name)?;
     let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
-    client.transaction(&steps).await.map_err(|source| CheckpointError::Qmp {
-        vm: vm_name.clone(),
-        name: request.name.clone(),
-        source,
-    })?;
+    client
+        .transaction(&steps)
+        .await
+        .map_err(|source| CheckpointError::Qmp {
+            vm: vm_name.clone(),
+            name: request.name.clone(),
+            source,
+        })?;
     info!(vm = %vm, checkpoint = %request.name, disks = ?names, "checkpoint created");
     let mut info = inspect_checkpoint(client, vm, &request.name).await?;
     info.domain = Some(Domain::observe(&inv));
@@ -354,7 +361,11 @@ pub async fn inspect_checkpoint(
             name: name.to_string(),
         });
     }
-    Ok(CheckpointInfo { name: name.to_string(), disks, domain: None })
+    Ok(CheckpointInfo {
+        name: name.to_string(),
+        disks,
+        domain: None,
+    })
 }
 
 /// Removes the checkpoint's bitmap from every disk that has it (or from the

@@ -25,17 +25,8 @@ pub enum ImageError {
         source: std::io::Error,
     },
     /// The tool ran and failed.
-    #[error("{tool} {args} failed ({status}): {stderr}")]
-    Failed {
-        /// Tool name.
-        tool: String,
-        /// Its arguments, space separated.
-        args: String,
-        /// Exit status.
-        status: String,
-        /// What it printed on stderr.
-        stderr: String,
-    },
+    #[error("{0}")]
+    Failed(Box<ToolFailure>),
     /// Reading the tool's output failed.
     #[error("reading the output of {tool} failed")]
     Io {
@@ -56,22 +47,52 @@ pub enum ImageError {
     },
 }
 
+/// How a tool failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolFailure {
+    /// Tool name.
+    pub tool: String,
+    /// Its arguments, space separated.
+    pub args: String,
+    /// Exit status.
+    pub status: String,
+    /// What it printed on stderr.
+    pub stderr: String,
+}
+
+impl std::fmt::Display for ToolFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} failed ({}): {}",
+            self.tool, self.args, self.status, self.stderr
+        )
+    }
+}
+
 async fn run(tool: &str, args: &[OsString]) -> Result<Vec<u8>, ImageError> {
-    let printable = args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ");
+    let printable = args
+        .iter()
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
     debug!(tool, args = %printable, "running image tool");
     let out = Command::new(tool)
         .args(args)
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|source| ImageError::Spawn { tool: tool.into(), source })?;
+        .map_err(|source| ImageError::Spawn {
+            tool: tool.into(),
+            source,
+        })?;
     if !out.status.success() {
-        return Err(ImageError::Failed {
+        return Err(ImageError::Failed(Box::new(ToolFailure {
             tool: tool.into(),
             args: printable,
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+        })));
     }
     Ok(out.stdout)
 }
@@ -81,7 +102,11 @@ fn os(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<OsString> {
 }
 
 /// Creates a qcow2 image of `size` bytes, optionally on top of a qcow2 `backing` file.
-pub async fn create_qcow2(path: &Path, size: u64, backing: Option<&Path>) -> Result<(), ImageError> {
+pub async fn create_qcow2(
+    path: &Path,
+    size: u64,
+    backing: Option<&Path>,
+) -> Result<(), ImageError> {
     let size = size.to_string();
     let mut args = os(&[&"create", &"-q", &"-f", &"qcow2"]);
     if let Some(b) = backing {
@@ -158,14 +183,22 @@ pub async fn image_info(path: &Path, share: bool) -> Result<ImageInfo, ImageErro
 
 /// `qemu-img bitmap --add` on a stopped VM's image.
 pub async fn bitmap_add(image: &Path, name: &str) -> Result<(), ImageError> {
-    run("qemu-img", &os(&[&"bitmap", &"--add", &"-f", &"qcow2", &image, &name])).await.map(drop)
+    run(
+        "qemu-img",
+        &os(&[&"bitmap", &"--add", &"-f", &"qcow2", &image, &name]),
+    )
+    .await
+    .map(drop)
 }
 
 /// `qemu-img bitmap --remove` on a stopped VM's image.
 pub async fn bitmap_remove(image: &Path, name: &str) -> Result<(), ImageError> {
-    run("qemu-img", &os(&[&"bitmap", &"--remove", &"-f", &"qcow2", &image, &name]))
-        .await
-        .map(drop)
+    run(
+        "qemu-img",
+        &os(&[&"bitmap", &"--remove", &"-f", &"qcow2", &image, &name]),
+    )
+    .await
+    .map(drop)
 }
 
 /// Output format of [`convert`].
@@ -201,7 +234,7 @@ pub async fn convert(source: &Path, output: &Path, format: OutputFormat) -> Resu
     };
     match run("qemu-img", &base(true)).await {
         Ok(_) => Ok(()),
-        Err(ImageError::Failed { .. }) => {
+        Err(ImageError::Failed(_)) => {
             let _ = tokio::fs::remove_file(output).await;
             run("qemu-img", &base(false)).await.map(drop)
         }
@@ -228,20 +261,26 @@ pub async fn content_sha256(path: &Path, format: &str) -> Result<String, ImageEr
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| ImageError::Spawn { tool: tool.into(), source })?;
+        .map_err(|source| ImageError::Spawn {
+            tool: tool.into(),
+            source,
+        })?;
     let mut stdout = child.stdout.take().expect("piped stdout");
     let hash = hash_reader(&mut stdout, tool).await?;
     let out = child
         .wait_with_output()
         .await
-        .map_err(|source| ImageError::Io { tool: tool.into(), source })?;
+        .map_err(|source| ImageError::Io {
+            tool: tool.into(),
+            source,
+        })?;
     if !out.status.success() {
-        return Err(ImageError::Failed {
+        return Err(ImageError::Failed(Box::new(ToolFailure {
             tool: tool.into(),
             args: format!("[ qemu-nbd -r -f {format} {} ] -", path.display()),
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+        })));
     }
     Ok(hash)
 }
@@ -250,18 +289,24 @@ pub async fn content_sha256(path: &Path, format: &str) -> Result<String, ImageEr
 pub async fn file_sha256(path: &Path) -> Result<String, ImageError> {
     let mut f = tokio::fs::File::open(path)
         .await
-        .map_err(|source| ImageError::Io { tool: "sha256".into(), source })?;
+        .map_err(|source| ImageError::Io {
+            tool: "sha256".into(),
+            source,
+        })?;
     hash_reader(&mut f, "sha256").await
 }
 
-async fn hash_reader<R: tokio::io::AsyncRead + Unpin>(r: &mut R, tool: &str) -> Result<String, ImageError> {
+async fn hash_reader<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    tool: &str,
+) -> Result<String, ImageError> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = r
-            .read(&mut buf)
-            .await
-            .map_err(|source| ImageError::Io { tool: tool.into(), source })?;
+        let n = r.read(&mut buf).await.map_err(|source| ImageError::Io {
+            tool: tool.into(),
+            source,
+        })?;
         if n == 0 {
             break;
         }

@@ -205,7 +205,11 @@ pub fn select_disks<'a>(
                     SelectionError::UnknownDisk {
                         vm: vm.to_string(),
                         disk: name.clone(),
-                        known: disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", "),
+                        known: disks
+                            .iter()
+                            .map(|d| d.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
                     }
                 })?;
                 if out.iter().any(|d| d.name == disk.name) {
@@ -292,7 +296,10 @@ pub fn disks_from_devices(devices: &[BlockDeviceView]) -> Vec<Disk> {
 
 /// Reads the VM's disks, bitmaps and run state from QEMU.
 pub async fn read_inventory(client: &QmpClient, vm: &VmRef) -> Result<VmInventory, InventoryError> {
-    let wrap = |source| InventoryError::Qmp { vm: vm.to_string(), source };
+    let wrap = |source| InventoryError::Qmp {
+        vm: vm.to_string(),
+        source,
+    };
     let devices = client.query_block().await.map_err(wrap)?;
     let run_state = client.query_run_state().await.map_err(wrap)?;
     Ok(VmInventory {
@@ -327,12 +334,18 @@ mod tests {
             disk("c", DiskFormat::Qcow2, true),
         ];
         let sel = select_disks("ns/vm", &disks, None).unwrap();
-        assert_eq!(sel.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(
+            sel.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
+            ["a"]
+        );
     }
 
     #[test]
     fn explicit_selection_errors() {
-        let disks = vec![disk("a", DiskFormat::Qcow2, false), disk("b", DiskFormat::Raw, false)];
+        let disks = vec![
+            disk("a", DiskFormat::Qcow2, false),
+            disk("b", DiskFormat::Raw, false),
+        ];
         let e = select_disks("ns/vm", &disks, Some(&["b".into()])).unwrap_err();
         assert!(matches!(e, SelectionError::NotQcow2 { .. }), "{e}");
         assert!(e.to_string().contains("disk b"));

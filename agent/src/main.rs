@@ -1,1 +1,129 @@
-fn main() {}
+//! `cairn-agent`: the node agent binary.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use cairn_agent::image::OutputFormat;
+use cairn_agent::restore::{RestoreRequest, restore};
+use cairn_agent::{AgentConfig, run};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Cairn node agent: checkpoints and backups of local QEMU VMs"
+)]
+struct Cli {
+    /// QMP socket directory, laid out `<namespace>/<vm>.sock`.
+    #[arg(
+        long,
+        env = "CAIRN_SOCKET_DIR",
+        default_value = "/run/cairn/qmp",
+        global = true
+    )]
+    socket_dir: PathBuf,
+    /// Roots under which backups may be written (repeat or comma separate).
+    #[arg(
+        long,
+        env = "CAIRN_ALLOWED_ROOTS",
+        value_delimiter = ',',
+        default_value = "/var/lib/cairn/backups",
+        global = true
+    )]
+    allowed_root: Vec<PathBuf>,
+    /// Seconds between full rescans of the socket directory.
+    #[arg(
+        long,
+        env = "CAIRN_RESCAN_SECONDS",
+        default_value_t = 10,
+        global = true
+    )]
+    rescan_seconds: u64,
+    /// Seconds a QMP command may take.
+    #[arg(
+        long,
+        env = "CAIRN_QMP_TIMEOUT_SECONDS",
+        default_value_t = 30,
+        global = true
+    )]
+    qmp_timeout_seconds: u64,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "RUST_LOG", default_value = "info", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (default).
+    Run,
+    /// Turn a backup chain into a standalone image and verify its checksum.
+    Restore {
+        /// Manifest file, or a backup directory (its newest manifest).
+        #[arg(long, env = "CAIRN_RESTORE_MANIFEST")]
+        manifest: PathBuf,
+        /// Output image (or directory when the backup has several disks).
+        #[arg(long, env = "CAIRN_RESTORE_OUTPUT")]
+        output: PathBuf,
+        /// Output format.
+        #[arg(long, env = "CAIRN_RESTORE_FORMAT", value_enum, default_value_t = Format::Qcow2)]
+        format: Format,
+        /// Only this disk.
+        #[arg(long, env = "CAIRN_RESTORE_DISK")]
+        disk: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Qcow2,
+    Raw,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
+        .init();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let config = AgentConfig {
+                socket_dir: cli.socket_dir,
+                allowed_roots: cli.allowed_root,
+                rescan_interval: Duration::from_secs(cli.rescan_seconds.max(1)),
+                qmp_timeout: Duration::from_secs(cli.qmp_timeout_seconds.max(1)),
+                report_interval: Duration::from_secs(60),
+            };
+            let shutdown = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            run(config, shutdown).await.context("agent failed")?;
+        }
+        Command::Restore {
+            manifest,
+            output,
+            format,
+            disk,
+        } => {
+            let format = match format {
+                Format::Qcow2 => OutputFormat::Qcow2,
+                Format::Raw => OutputFormat::Raw,
+            };
+            let restored = restore(&RestoreRequest {
+                manifest,
+                output,
+                format,
+                disk,
+            })
+            .await
+            .context("restore failed")?;
+            for d in restored {
+                println!("{}\t{}\tsha256:{}", d.disk, d.output.display(), d.sha256);
+            }
+        }
+    }
+    Ok(())
+}

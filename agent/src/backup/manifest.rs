@@ -88,17 +88,24 @@ impl Manifest {
     pub fn store(&self, dir: &Path) -> Result<PathBuf, BackupError> {
         let path = dir.join(Self::file_name(&self.name));
         let tmp = dir.join(format!("{}.tmp", Self::file_name(&self.name)));
-        let io = |source| BackupError::TargetIo { path: path.clone(), source };
+        let io = |source| BackupError::TargetIo {
+            path: path.clone(),
+            source,
+        };
         let json = serde_json::to_vec_pretty(self).expect("manifest serialises");
         std::fs::write(&tmp, json).map_err(io)?;
-        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(io)?;
         std::fs::rename(&tmp, &path).map_err(io)?;
         Ok(path)
     }
 
     /// Every manifest in `dir` (unreadable ones are skipped).
     pub fn list(dir: &Path) -> Vec<(PathBuf, Manifest)> {
-        let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
         let mut out: Vec<(PathBuf, Manifest)> = rd
             .flatten()
             .map(|e| e.path())

@@ -44,7 +44,7 @@ pub enum BackupError {
     Selection(#[from] SelectionError),
     /// The new checkpoint cannot be created.
     #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
+    Checkpoint(Box<CheckpointError>),
     /// Reading the VM's disks failed.
     #[error(transparent)]
     Inventory(#[from] InventoryError),
@@ -79,7 +79,9 @@ pub enum BackupError {
         available: u64,
     },
     /// The target filesystem filled up during the job.
-    #[error("target of disk {disk} of VM {vm} ran out of space during the backup; free space and retry")]
+    #[error(
+        "target of disk {disk} of VM {vm} ran out of space during the backup; free space and retry"
+    )]
     NoSpace {
         /// Which VM.
         vm: String,
@@ -119,7 +121,9 @@ pub enum BackupError {
         name: String,
     },
     /// QEMU went away during the operation.
-    #[error("VM {vm} went away during backup {name}; its files were removed, retry once the VM runs")]
+    #[error(
+        "VM {vm} went away during backup {name}; its files were removed, retry once the VM runs"
+    )]
     VmGone {
         /// Which VM.
         vm: String,
@@ -175,13 +179,27 @@ pub enum BackupError {
     },
 }
 
+impl From<CheckpointError> for BackupError {
+    fn from(e: CheckpointError) -> Self {
+        BackupError::Checkpoint(Box::new(e))
+    }
+}
+
 /// Checks a backup name usable as a file name stem.
 pub fn validate_backup_name(name: &str) -> Result<(), BackupError> {
     let ok = !name.is_empty()
         && name.len() <= 200
         && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
-    if ok { Ok(()) } else { Err(BackupError::InvalidName { name: name.to_string() }) }
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(BackupError::InvalidName {
+            name: name.to_string(),
+        })
+    }
 }
 
 /// What [`cleanup_leftovers`] removed.
@@ -219,11 +237,15 @@ pub struct FileScope<'a> {
     pub backup_name: &'a str,
 }
 
-fn qmp_err(vm: &str, step: &str) -> impl FnOnce(QmpError) -> BackupError {
+fn qmp_err(vm: &str, step: &str) -> impl FnOnce(QmpError) -> BackupError + use<> {
     let (vm, step) = (vm.to_string(), step.to_string());
     move |source| {
         if source.is_disconnect() {
-            BackupError::VmGone { vm, name: step, source }
+            BackupError::VmGone {
+                vm,
+                name: step,
+                source,
+            }
         } else {
             BackupError::Qmp { vm, step, source }
         }
@@ -231,11 +253,17 @@ fn qmp_err(vm: &str, step: &str) -> impl FnOnce(QmpError) -> BackupError {
 }
 
 /// Waits until none of `ids` is still running; returns the concluded ones.
-async fn wait_jobs_settled(client: &QmpClient, ids: &[String], limit: Duration) -> Result<(), QmpError> {
+async fn wait_jobs_settled(
+    client: &QmpClient,
+    ids: &[String],
+    limit: Duration,
+) -> Result<(), QmpError> {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
         let jobs = client.query_jobs().await?;
-        let busy = jobs.iter().any(|j| ids.contains(&j.id) && j.status != "concluded");
+        let busy = jobs
+            .iter()
+            .any(|j| ids.contains(&j.id) && j.status != "concluded");
         if !busy || tokio::time::Instant::now() > deadline {
             return Ok(());
         }
@@ -273,8 +301,15 @@ pub async fn cleanup_leftovers(
     }
 
     let jobs = client.query_jobs().await?;
-    let ours: Vec<String> = jobs.iter().filter(|j| j.id.starts_with(&prefix)).map(|j| j.id.clone()).collect();
-    for j in jobs.iter().filter(|j| ours.contains(&j.id) && j.status != "concluded") {
+    let ours: Vec<String> = jobs
+        .iter()
+        .filter(|j| j.id.starts_with(&prefix))
+        .map(|j| j.id.clone())
+        .collect();
+    for j in jobs
+        .iter()
+        .filter(|j| ours.contains(&j.id) && j.status != "concluded")
+    {
         if let Err(err) = client.job_cancel(&j.id).await {
             warn!(job = %j.id, error = %err, "cannot cancel job");
         }
@@ -331,11 +366,14 @@ async fn wait_exports_gone(client: &QmpClient, prefix: &str) -> Result<(), QmpEr
 /// manifest's temporary file, and scratch files carrying `prefix`.
 fn remove_partial_files(dir: &Path, name: &str, prefix: &str) -> Vec<PathBuf> {
     let complete = dir.join(Manifest::file_name(name)).exists();
-    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
     let mut removed = Vec::new();
     for entry in rd.flatten() {
         let file = entry.file_name().to_string_lossy().to_string();
-        let partial_data = !complete && file.starts_with(&format!("{name}.")) && file.ends_with(".qcow2");
+        let partial_data =
+            !complete && file.starts_with(&format!("{name}.")) && file.ends_with(".qcow2");
         let tmp_manifest = file == format!("{}.tmp", Manifest::file_name(name));
         let scratch = file.starts_with(prefix);
         if (partial_data || tmp_manifest || scratch) && std::fs::remove_file(entry.path()).is_ok() {

@@ -14,7 +14,9 @@ pub struct TargetPolicy {
 impl TargetPolicy {
     /// A policy allowing the given roots (each should exist).
     pub fn new(allowed_roots: impl IntoIterator<Item = PathBuf>) -> Self {
-        Self { allowed_roots: allowed_roots.into_iter().collect() }
+        Self {
+            allowed_roots: allowed_roots.into_iter().collect(),
+        }
     }
 
     /// The configured roots.
@@ -34,11 +36,17 @@ impl TargetPolicy {
         if !requested.is_absolute() {
             return Err(outside("the path is not absolute"));
         }
-        if requested.components().any(|c| matches!(c, Component::ParentDir)) {
+        if requested
+            .components()
+            .any(|c| matches!(c, Component::ParentDir))
+        {
             return Err(outside("the path contains `..`"));
         }
-        let roots: Vec<PathBuf> =
-            self.allowed_roots.iter().filter_map(|r| r.canonicalize().ok()).collect();
+        let roots: Vec<PathBuf> = self
+            .allowed_roots
+            .iter()
+            .filter_map(|r| r.canonicalize().ok())
+            .collect();
         let inside = |p: &Path| roots.iter().any(|r| p.starts_with(r));
         // Check the deepest existing ancestor before creating anything.
         let mut existing = requested.to_path_buf();
@@ -47,7 +55,9 @@ impl TargetPolicy {
                 return Err(outside("no part of the path exists"));
             }
         }
-        let existing = existing.canonicalize().map_err(|_| outside("cannot resolve the path"))?;
+        let existing = existing
+            .canonicalize()
+            .map_err(|_| outside("cannot resolve the path"))?;
         if !inside(&existing) {
             return Err(outside("it is not under an allowed root"));
         }
@@ -55,7 +65,9 @@ impl TargetPolicy {
             path: requested.to_path_buf(),
             source,
         })?;
-        let resolved = requested.canonicalize().map_err(|_| outside("cannot resolve the path"))?;
+        let resolved = requested
+            .canonicalize()
+            .map_err(|_| outside("cannot resolve the path"))?;
         if !inside(&resolved) || !resolved.is_dir() {
             return Err(outside("it leaves the allowed roots through a symlink"));
         }
@@ -66,7 +78,11 @@ impl TargetPolicy {
         if self.allowed_roots.is_empty() {
             return "none configured".into();
         }
-        self.allowed_roots.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        self.allowed_roots
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -96,12 +112,16 @@ mod tests {
         let policy = TargetPolicy::new([root.path().to_path_buf()]);
         let ok = policy.resolve_dir(&root.path().join("a/b")).unwrap();
         assert!(ok.is_dir());
-        let e = policy.resolve_dir(&root.path().join("a/../../x")).unwrap_err();
+        let e = policy
+            .resolve_dir(&root.path().join("a/../../x"))
+            .unwrap_err();
         assert!(matches!(e, BackupError::OutsideAllowedRoots { .. }));
         let e = policy.resolve_dir(other.path()).unwrap_err();
         assert!(matches!(e, BackupError::OutsideAllowedRoots { .. }));
         std::os::unix::fs::symlink(other.path(), root.path().join("link")).unwrap();
-        let e = policy.resolve_dir(&root.path().join("link/sub")).unwrap_err();
+        let e = policy
+            .resolve_dir(&root.path().join("link/sub"))
+            .unwrap_err();
         assert!(matches!(e, BackupError::OutsideAllowedRoots { .. }), "{e}");
         assert!(!other.path().join("sub").exists());
         let e = policy.resolve_dir(Path::new("relative")).unwrap_err();

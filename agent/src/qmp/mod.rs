@@ -228,7 +228,7 @@ fn backup_args(spec: &BackupSpec) -> qmp::BlockdevBackup {
 fn blockdev_base(node: Option<&str>, read_only: bool, direct: bool) -> qmp::BlockdevOptionsBase {
     qmp::BlockdevOptionsBase {
         auto_read_only: None,
-        cache: direct.then(|| qmp::BlockdevCacheOptions {
+        cache: direct.then_some(qmp::BlockdevCacheOptions {
             direct: Some(true),
             no_flush: None,
         }),

@@ -155,6 +155,9 @@ pub enum ConnectionState {
     Closed,
 }
 
+type Reply = oneshot::Sender<Result<Value, QmpError>>;
+type Pending = HashMap<u64, (String, Reply)>;
+
 struct Request {
     id: u64,
     line: String,
@@ -311,10 +314,8 @@ impl QmpClient {
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({ "execute": command, "id": id });
-        if let Some(args) = arguments {
-            if !args.is_null() {
-                msg["arguments"] = args;
-            }
+        if let Some(args) = arguments.filter(|a| !a.is_null()) {
+            msg["arguments"] = args;
         }
         let (tx, rx) = oneshot::channel();
         let request = Request {
@@ -417,11 +418,11 @@ async fn handshake(
             .next_line()
             .await?
             .ok_or_else(|| invalid("closed before greeting"))?;
-        if let Ok(v) = serde_json::from_str::<Value>(&line) {
-            if let Some(q) = v.get("QMP") {
-                let ver = &q["version"]["qemu"];
-                break format!("{}.{}.{}", ver["major"], ver["minor"], ver["micro"]);
-            }
+        if let Ok(v) = serde_json::from_str::<Value>(&line)
+            && let Some(q) = v.get("QMP")
+        {
+            let ver = &q["version"]["qemu"];
+            break format!("{}.{}.{}", ver["major"], ver["minor"], ver["micro"]);
         }
     };
     w.write_all(b"{\"execute\":\"qmp_capabilities\",\"id\":0}\n")
@@ -455,8 +456,7 @@ async fn serve(
     requests: &mut mpsc::Receiver<Request>,
     events: &broadcast::Sender<QmpEvent>,
 ) -> ServeEnd {
-    let mut pending: HashMap<u64, (String, oneshot::Sender<Result<Value, QmpError>>)> =
-        HashMap::new();
+    let mut pending: Pending = HashMap::new();
     let end = loop {
         tokio::select! {
             req = requests.recv() => {
@@ -497,11 +497,7 @@ async fn serve(
     end
 }
 
-fn dispatch(
-    line: &str,
-    pending: &mut HashMap<u64, (String, oneshot::Sender<Result<Value, QmpError>>)>,
-    events: &broadcast::Sender<QmpEvent>,
-) {
+fn dispatch(line: &str, pending: &mut Pending, events: &broadcast::Sender<QmpEvent>) {
     let Ok(msg) = serde_json::from_str::<Value>(line) else {
         warn!(line = %truncate(line), "qmp: skipping a line that is not JSON");
         return;
