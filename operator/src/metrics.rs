@@ -1,0 +1,143 @@
+//! Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoints (axum).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::error::{Error, Result};
+
+/// Label set naming a controller (`checkpoint` or `backup`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabel {
+    /// Controller name.
+    pub controller: &'static str,
+}
+
+/// The operator's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Reconciles run, per controller.
+    pub reconciles: Family<ControllerLabel, Counter>,
+    /// Reconciles that returned an error, per controller.
+    pub reconcile_errors: Family<ControllerLabel, Counter>,
+    /// 1 while this replica holds the leader lease.
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("cairn_operator");
+        let reconciles = Family::<ControllerLabel, Counter>::default();
+        let reconcile_errors = Family::<ControllerLabel, Counter>::default();
+        let leader = Gauge::default();
+        registry.register("reconciles", "Reconciles run", reconciles.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed and were retried",
+            reconcile_errors.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader lease",
+            leader.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            reconcile_errors,
+            leader,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one reconcile of `controller`.
+    pub fn reconciled(&self, controller: &'static str) {
+        self.reconciles
+            .get_or_create(&ControllerLabel { controller })
+            .inc();
+    }
+
+    /// Counts one failed reconcile of `controller`.
+    pub fn failed(&self, controller: &'static str) {
+        self.reconcile_errors
+            .get_or_create(&ControllerLabel { controller })
+            .inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// What the HTTP endpoints report on.
+pub struct Health {
+    /// The metrics.
+    pub metrics: Metrics,
+    /// Set once the client reached the API server (both replicas become ready).
+    pub ready: AtomicBool,
+}
+
+/// Binds `addr` and returns the bound address and the server future.
+pub async fn serve(
+    addr: &str,
+    health: Arc<Health>,
+) -> Result<(SocketAddr, impl Future<Output = ()> + Send + 'static)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Serve {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| Error::Serve {
+        addr: addr.to_string(),
+        source,
+    })?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(health);
+    let server = async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "metrics server stopped");
+        }
+    };
+    Ok((bound, server))
+}
+
+async fn readyz(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    if health.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not connected to the API server yet",
+        )
+    }
+}
+
+async fn metrics(State(health): State<Arc<Health>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        health.metrics.encode(),
+    )
+}
