@@ -625,8 +625,8 @@ fn values_schema_and_chart_reject_bad_values() -> Result<()> {
         &[
             "--set",
             "operator.replicas=1",
-            "--set",
-            "agent.capabilities={}",
+            "--set-json",
+            "agent.capabilities=[]",
         ],
     )?;
     Ok(())
@@ -1014,10 +1014,20 @@ async fn rendered_chart_is_accepted_by_the_api_server() -> Result<()> {
 }
 
 /// Runs `kubectl auth can-i` as `user` in the env's namespace: true for yes.
+/// `resource` may name an object (`leases/cairn-operator`) or, after `#`, a
+/// subresource (`qemuinstances.cairn.dev#status`).
 fn can_i(env: &TestEnv, user: &str, verb: &str, resource: &str) -> Result<bool> {
-    let out = env
-        .kubectl(&["auth", "can-i", verb, resource, &format!("--as={user}")])
-        .output()?;
+    let (resource, sub) = match resource.split_once('#') {
+        Some((r, s)) => (r, Some(format!("--subresource={s}"))),
+        None => (resource, None),
+    };
+    let mut args = vec!["auth", "can-i", verb, resource];
+    let as_user = format!("--as={user}");
+    args.push(&as_user);
+    if let Some(sub) = &sub {
+        args.push(sub);
+    }
+    let out = env.kubectl(&args).output()?;
     match String::from_utf8_lossy(&out.stdout).trim() {
         "yes" => Ok(true),
         "no" => Ok(false),
@@ -1143,11 +1153,11 @@ async fn helm_install_upgrade_and_uninstall_with_least_privilege_service_account
     let checks: &[(&str, &str, &str, bool)] = &[
         (&agent, "patch", "qemuinstances.cairn.dev", true),
         (&agent, "create", "qemuinstances.cairn.dev", true),
-        (&agent, "patch", "qemuinstances.cairn.dev/status", true),
+        (&agent, "patch", "qemuinstances.cairn.dev#status", true),
         (
             &agent,
             "patch",
-            "virtualmachinebackups.cairn.dev/status",
+            "virtualmachinebackups.cairn.dev#status",
             true,
         ),
         (&agent, "watch", "virtualmachinecheckpoints.cairn.dev", true),
@@ -1179,13 +1189,15 @@ async fn helm_install_upgrade_and_uninstall_with_least_privilege_service_account
         (
             &operator,
             "patch",
-            "virtualmachinecheckpoints.cairn.dev/status",
+            "virtualmachinecheckpoints.cairn.dev#status",
             true,
         ),
         (&operator, "list", "qemuinstances.cairn.dev", true),
         (&operator, "create", "events", true),
         (&operator, "create", "qemuinstances.cairn.dev", false),
         (&operator, "patch", "qemuinstances.cairn.dev", false),
+        (&operator, "patch", "qemuinstances.cairn.dev#status", false),
+        (&agent, "delete", "qemuinstances.cairn.dev#status", false),
         (&operator, "get", "secrets", false),
         (&operator, "create", "leases.coordination.k8s.io", true),
         (
