@@ -570,6 +570,11 @@ fn values_schema_and_chart_reject_bad_values() -> Result<()> {
             "/backupRoots/0",
         ),
         (
+            "colon in a backup root",
+            &["--set", "backupRoots={/a:b}"],
+            "/backupRoots/0",
+        ),
+        (
             "no backup root",
             &["--set", "backupRoots=null"],
             "backupRoots",
@@ -841,6 +846,10 @@ fn check_rendered(objs: &[Value], values: &Value) -> Result<()> {
     assert_eq!(
         env["CAIRN_BACKUP_ROOTS"]["value"],
         strings(&values["backupRoots"]).join(":")
+    );
+    assert_eq!(
+        env["CAIRN_ALLOWED_ROOTS"]["value"],
+        strings(&values["backupRoots"]).join(",")
     );
 
     // Exactly the host paths the values name, each mounted at the same path; /tmp an emptyDir.
