@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tracing::debug;
@@ -97,7 +96,7 @@ async fn run(tool: &str, args: &[OsString]) -> Result<Vec<u8>, ImageError> {
     Ok(out.stdout)
 }
 
-fn os(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<OsString> {
+fn os(args: &[&(dyn AsRef<std::ffi::OsStr> + Sync)]) -> Vec<OsString> {
     args.iter().map(|a| a.as_ref().to_os_string()).collect()
 }
 
@@ -300,7 +299,7 @@ async fn hash_reader<R: tokio::io::AsyncRead + Unpin>(
     r: &mut R,
     tool: &str,
 ) -> Result<String, ImageError> {
-    let mut hasher = Sha256::new();
+    let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = r.read(&mut buf).await.map_err(|source| ImageError::Io {
@@ -312,5 +311,5 @@ async fn hash_reader<R: tokio::io::AsyncRead + Unpin>(
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hex::encode(hasher.finalize()))
+    Ok(hex::encode(hasher.finish()))
 }

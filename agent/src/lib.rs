@@ -4,6 +4,7 @@
 
 pub mod backup;
 pub mod checkpoint;
+pub mod controller;
 pub mod discovery;
 pub mod identity;
 pub mod image;

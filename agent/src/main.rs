@@ -48,6 +48,21 @@ struct Cli {
         global = true
     )]
     qmp_timeout_seconds: u64,
+    /// This node's name. When set, the agent joins the cluster: it publishes
+    /// QemuInstances and reconciles the checkpoints and backups routed here.
+    #[arg(long, env = "NODE_NAME", global = true)]
+    node_name: Option<String>,
+    /// Where NBD export sockets and fleecing scratch images live.
+    #[arg(
+        long,
+        env = "CAIRN_RUNTIME_DIR",
+        default_value = "/run/cairn/agent",
+        global = true
+    )]
+    runtime_dir: PathBuf,
+    /// Seconds between refreshes of QemuInstance status.
+    #[arg(long, env = "CAIRN_RESYNC_SECONDS", default_value_t = 5, global = true)]
+    resync_seconds: u64,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info", global = true)]
     log: String,
@@ -89,6 +104,26 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .init();
     match cli.command.unwrap_or(Command::Run) {
+        Command::Run if cli.node_name.is_some() => {
+            let client = kube::Client::try_default()
+                .await
+                .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
+            let config = cairn_agent::controller::NodeAgentConfig {
+                node_name: cli.node_name.unwrap_or_default(),
+                socket_dir: cli.socket_dir,
+                backup_roots: cli.allowed_root,
+                runtime_dir: cli.runtime_dir,
+                rescan_interval: Duration::from_secs(cli.rescan_seconds.max(1)),
+                qmp_timeout: Duration::from_secs(cli.qmp_timeout_seconds.max(1)),
+                resync_interval: Duration::from_secs(cli.resync_seconds.max(1)),
+            };
+            let shutdown = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            cairn_agent::controller::run(client, config, shutdown)
+                .await
+                .context("agent failed")?;
+        }
         Command::Run => {
             let config = AgentConfig {
                 socket_dir: cli.socket_dir,

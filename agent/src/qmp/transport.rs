@@ -292,7 +292,9 @@ impl QmpClient {
             deadline,
             state.wait_for(|s| !matches!(s, ConnectionState::Connecting)),
         )
-        .await;
+        .await
+        // Read the state now: the watch guard must not live across an await (Send).
+        .map(|r| r.map(|s| *s == ConnectionState::Closed));
         match ready {
             Err(_) => {
                 return Err(QmpError::Disconnected {
@@ -305,12 +307,12 @@ impl QmpClient {
                     socket: socket.clone(),
                 });
             }
-            Ok(Ok(s)) if *s == ConnectionState::Closed => {
+            Ok(Ok(true)) => {
                 return Err(QmpError::Closed {
                     socket: socket.clone(),
                 });
             }
-            Ok(Ok(_)) => {}
+            Ok(Ok(false)) => {}
         }
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({ "execute": command, "id": id });

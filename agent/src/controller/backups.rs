@@ -1,0 +1,623 @@
+//! Reconciles the VirtualMachineBackups routed to this node.
+//!
+//! Pipeline: resolve (VM session, incremental base bitmap, target) → start or
+//! re-attach (push job, pull export) → watch (progress, completion, export
+//! timeout) → report status. Deleting a running backup cancels its jobs or
+//! tears down its export, then reports `CleanedUp=True` for the operator.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_api::{
+    BACKUP_FINALIZER, BackupDiskStatus, BackupExport, BackupMode, BackupPhase, BackupProgress,
+    NODE_LABEL, VirtualMachineBackup, VirtualMachineBackupStatus, VirtualMachineCheckpoint,
+};
+use futures::StreamExt;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
+use tracing::{info, warn};
+
+use super::status::{agent_conditions, apply_status, backup_reason, cond, error_chain, now};
+use super::{Context, ControllerError};
+use crate::backup::{
+    BackupError, Manifest, PullRequest, PushRequest, start_pull_export, start_push_backup,
+    stop_pull_export,
+};
+use crate::identity::OperationId;
+use crate::inventory::VmRef;
+use crate::qmp::QmpClient;
+
+/// Runs the controller until the process stops.
+pub async fn run(ctx: Arc<Context>) {
+    let api: Api<VirtualMachineBackup> = Api::all(ctx.client.clone());
+    let selector = format!("{NODE_LABEL}={}", ctx.config.node_name);
+    Controller::new(api, watcher::Config::default().labels(&selector))
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "backup reconcile error");
+            }
+        })
+        .await;
+}
+
+fn error_policy(_: Arc<VirtualMachineBackup>, e: &ControllerError, _: Arc<Context>) -> Action {
+    warn!(error = %error_chain(e), "backup reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+fn uid(b: &VirtualMachineBackup) -> Result<String, ControllerError> {
+    b.metadata
+        .uid
+        .clone()
+        .ok_or(ControllerError::MissingField("metadata.uid"))
+}
+
+fn scratch_dir(ctx: &Context, uid: &str) -> PathBuf {
+    ctx.config.runtime_dir.join("scratch").join(uid)
+}
+
+fn selected_disks(b: &VirtualMachineBackup) -> Option<Vec<String>> {
+    b.spec.disks.as_ref().map(|ds| {
+        ds.iter()
+            .filter(|d| d.selected())
+            .map(|d| d.name.clone())
+            .collect()
+    })
+}
+
+async fn reconcile(
+    b: Arc<VirtualMachineBackup>,
+    ctx: Arc<Context>,
+) -> Result<Action, ControllerError> {
+    let ns = b
+        .namespace()
+        .ok_or(ControllerError::MissingField("metadata.namespace"))?;
+    let uid = uid(&b)?;
+    let api: Api<VirtualMachineBackup> = Api::namespaced(ctx.client.clone(), &ns);
+    let status = b.status.clone().unwrap_or_default();
+    let phase = status.phase.unwrap_or_default();
+    let session = ctx.discovery.session(&ns, &b.spec.virtual_machine).ok();
+
+    if b.metadata.deletion_timestamp.is_some() {
+        if !b.finalizers().iter().any(|f| f == BACKUP_FINALIZER)
+            || cairn_api::conditions::is_true(&status.conditions, "CleanedUp")
+        {
+            return Ok(Action::await_change());
+        }
+        return delete(&b, &ctx, &api, status, session, &uid).await;
+    }
+
+    match phase {
+        BackupPhase::Pending => start(&b, &ctx, &api, status, session, &uid).await,
+        BackupPhase::Running => {
+            if task_alive(&ctx, &uid) {
+                return Ok(Action::requeue(Duration::from_secs(10)));
+            }
+            // Agent restarted while a job ran: re-attach (or collect the result).
+            start(&b, &ctx, &api, status, session, &uid).await
+        }
+        BackupPhase::Exporting => watch_export(&b, &ctx, &api, status, session, &uid).await,
+        BackupPhase::Succeeded | BackupPhase::Failed | BackupPhase::Cancelled => {
+            Ok(Action::await_change())
+        }
+    }
+}
+
+fn task_alive(ctx: &Context, uid: &str) -> bool {
+    ctx.jobs
+        .lock()
+        .expect("jobs lock")
+        .get(uid)
+        .is_some_and(|h| !h.is_finished())
+}
+
+/// Resolves the incremental base to its bitmap name, checking it belongs to the same VM.
+async fn base_bitmap(
+    b: &VirtualMachineBackup,
+    ctx: &Context,
+    ns: &str,
+) -> Result<Option<String>, (String, String)> {
+    let Some(base) = b.spec.incremental.as_deref() else {
+        return Ok(None);
+    };
+    let cps: Api<VirtualMachineCheckpoint> = Api::namespaced(ctx.client.clone(), ns);
+    match cps.get_opt(base).await {
+        Ok(Some(cp)) if cp.spec.virtual_machine != b.spec.virtual_machine => Err((
+            "IncrementalBaseOfOtherVM".into(),
+            format!(
+                "checkpoint {base} belongs to VM {}, not {}",
+                cp.spec.virtual_machine, b.spec.virtual_machine
+            ),
+        )),
+        Ok(Some(cp)) => super::checkpoints::plan_request(&cp)
+            .map(|r| Some(r.name))
+            .map_err(|m| ("InvalidIncrementalBase".into(), m)),
+        Ok(None) => Err((
+            "UnknownIncrementalBase".into(),
+            format!(
+                "incremental base checkpoint {base} does not exist in namespace {ns}; create it or take a full backup"
+            ),
+        )),
+        Err(e) => Err(("ApiError".into(), error_chain(&e))),
+    }
+}
+
+async fn start(
+    b: &VirtualMachineBackup,
+    ctx: &Arc<Context>,
+    api: &Api<VirtualMachineBackup>,
+    mut status: VirtualMachineBackupStatus,
+    session: Option<(VmRef, QmpClient)>,
+    uid: &str,
+) -> Result<Action, ControllerError> {
+    let name = b.name_any();
+    let ns = b.namespace().unwrap_or_default();
+    let generation = b.metadata.generation;
+    let Some((vmref, client)) = session else {
+        return fail(
+            api,
+            &name,
+            status,
+            generation,
+            "VirtualMachineNotRunning",
+            format!(
+                "VM {} has no QMP socket on node {}: a backup needs the VM running",
+                b.spec.virtual_machine, ctx.config.node_name
+            ),
+        )
+        .await;
+    };
+    let incremental = match base_bitmap(b, ctx, &ns).await {
+        Ok(x) => x,
+        Err((reason, msg)) => return fail(api, &name, status, generation, &reason, msg).await,
+    };
+    let operation = OperationId::new(uid);
+    let new_checkpoint = b.spec.checkpoint.as_ref().map(|c| c.name.clone());
+    status.node_name = Some(ctx.config.node_name.clone());
+    status.checkpoint = new_checkpoint.clone();
+    status.observed_generation = generation;
+    status.start_time.get_or_insert_with(now);
+
+    match b.spec.mode {
+        BackupMode::Push => {
+            let Some(dir) = b
+                .spec
+                .target
+                .as_ref()
+                .and_then(|t| t.directory.as_ref())
+                .map(|d| PathBuf::from(&d.path))
+            else {
+                return fail(
+                    api,
+                    &name,
+                    status,
+                    generation,
+                    "NoTarget",
+                    "mode Push needs target.directory".into(),
+                )
+                .await;
+            };
+            if ctx
+                .targets
+                .allowed_roots()
+                .iter()
+                .any(|r| dir.starts_with(r))
+            {
+                let _ = std::fs::create_dir_all(&dir);
+            }
+            let request = PushRequest {
+                operation,
+                name: name.clone(),
+                disks: selected_disks(b),
+                incremental,
+                new_checkpoint,
+                target_dir: dir,
+                fallback_to_full: b.spec.fallback_to_full,
+                speed_limit: None,
+            };
+            if status.phase != Some(BackupPhase::Running) {
+                status.phase = Some(BackupPhase::Running);
+                status.conditions = agent_conditions(
+                    &status.conditions,
+                    &[cond(
+                        "Ready",
+                        false,
+                        "Running",
+                        "the backup job is starting",
+                    )],
+                    generation,
+                );
+                apply_status(api, &name, &status).await?;
+            }
+            match start_push_backup(&client, &vmref, &ctx.targets, &request).await {
+                Ok(running) => {
+                    let job_ids: Vec<String> =
+                        running.plan().iter().map(|p| p.job_id.clone()).collect();
+                    let dir = running.target_dir().to_path_buf();
+                    info!(backup = %name, vm = %vmref, jobs = ?job_ids, "push backup running");
+                    let api = api.clone();
+                    let task = tokio::spawn(async move {
+                        let progress =
+                            report_progress(&api, &name, status.clone(), &client, &job_ids);
+                        let result = tokio::select! {
+                            r = running.wait() => r,
+                            () = progress => unreachable!("progress reporting never ends"),
+                        };
+                        let (reason, finish) = match result {
+                            Ok(outcome) => ("Completed", Ok(outcome.manifest)),
+                            Err(e) => (backup_reason(&e), Err(e)),
+                        };
+                        if let Err(e) =
+                            finish_push(&api, &name, status, generation, &dir, reason, finish).await
+                        {
+                            warn!(backup = %name, error = %error_chain(&e), "cannot report the backup result");
+                        }
+                    });
+                    ctx.jobs
+                        .lock()
+                        .expect("jobs lock")
+                        .insert(uid.to_string(), task);
+                    Ok(Action::requeue(Duration::from_secs(10)))
+                }
+                Err(e) => {
+                    let reason = backup_reason(&e);
+                    fail(
+                        api,
+                        &b.name_any(),
+                        status,
+                        generation,
+                        reason,
+                        error_chain(&e),
+                    )
+                    .await
+                }
+            }
+        }
+        BackupMode::Pull => {
+            if b.spec
+                .target
+                .as_ref()
+                .and_then(|t| t.nbd.as_ref())
+                .and_then(|n| n.tcp.as_ref())
+                .is_some()
+            {
+                return fail(
+                    api,
+                    &name,
+                    status,
+                    generation,
+                    "TcpExportUnsupported",
+                    "NBD over TCP with TLS is not supported yet; use target.nbd.unixSocket".into(),
+                )
+                .await;
+            }
+            let socket = b
+                .spec
+                .target
+                .as_ref()
+                .and_then(|t| t.nbd.as_ref())
+                .and_then(|n| n.unix_socket.as_ref())
+                .and_then(|u| u.path.clone())
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    ctx.config
+                        .runtime_dir
+                        .join("nbd")
+                        .join(format!("{uid}.sock"))
+                });
+            let scratch = scratch_dir(ctx, uid);
+            let _ = std::fs::create_dir_all(&scratch);
+            let request = PullRequest {
+                operation,
+                disks: selected_disks(b),
+                incremental,
+                new_checkpoint,
+                socket: socket.clone(),
+                scratch_dir: scratch,
+                fallback_to_full: b.spec.fallback_to_full,
+            };
+            status.phase = Some(BackupPhase::Running);
+            apply_status(api, &name, &status).await?;
+            match start_pull_export(&client, &vmref, &ctx.scratch, &request).await {
+                Ok(export) => {
+                    let expires = b.spec.export_timeout_seconds.map(|s| {
+                        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                            Timestamp::now() + SignedDuration::from_secs(s),
+                        )
+                    });
+                    status.phase = Some(BackupPhase::Exporting);
+                    status.export = Some(BackupExport {
+                        url: format!("nbd+unix:///?socket={}", export.socket.display()),
+                        expires_at: expires,
+                    });
+                    status.disks = export
+                        .disks
+                        .iter()
+                        .map(|d| BackupDiskStatus {
+                            name: d.disk.clone(),
+                            export_name: Some(d.export_name.clone()),
+                            target: Some(d.url.clone()),
+                            bitmap_context: d.bitmap_context.clone(),
+                            incremental_from: d.incremental_from.clone(),
+                            fell_back_to_full: d.fell_back_to_full,
+                            ..Default::default()
+                        })
+                        .collect();
+                    status.conditions = agent_conditions(
+                        &status.conditions,
+                        &[cond(
+                            "Ready",
+                            true,
+                            "Exporting",
+                            format!(
+                                "point-in-time export of {} disk(s) is served at {}",
+                                export.disks.len(),
+                                export.socket.display()
+                            ),
+                        )],
+                        generation,
+                    );
+                    info!(backup = %name, vm = %vmref, socket = %export.socket.display(), "pull export ready");
+                    apply_status(api, &name, &status).await?;
+                    Ok(requeue_until_expiry(&status))
+                }
+                Err(e) => {
+                    let reason = backup_reason(&e);
+                    fail(api, &name, status, generation, reason, error_chain(&e)).await
+                }
+            }
+        }
+    }
+}
+
+/// Sums `query-jobs` progress of our jobs into status every second; never returns.
+async fn report_progress(
+    api: &Api<VirtualMachineBackup>,
+    name: &str,
+    mut status: VirtualMachineBackupStatus,
+    client: &QmpClient,
+    job_ids: &[String],
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Ok(jobs) = client.query_jobs().await else {
+            continue;
+        };
+        let (done, total) = jobs
+            .iter()
+            .filter(|j| job_ids.contains(&j.id))
+            .fold((0u64, 0u64), |(d, t), j| {
+                (d + j.current_progress, t + j.total_progress)
+            });
+        let progress = Some(BackupProgress {
+            bytes_done: done as i64,
+            bytes_total: total as i64,
+        });
+        if progress != status.progress {
+            status.progress = progress;
+            let _ = apply_status(api, name, &status).await;
+        }
+    }
+}
+
+async fn finish_push(
+    api: &Api<VirtualMachineBackup>,
+    name: &str,
+    mut status: VirtualMachineBackupStatus,
+    generation: Option<i64>,
+    dir: &Path,
+    reason: &str,
+    result: Result<Manifest, BackupError>,
+) -> Result<(), kube::Error> {
+    status.completion_time = Some(now());
+    match result {
+        Ok(m) => {
+            let total: u64 = m.disks.iter().map(|d| d.bytes_copied).sum();
+            status.phase = Some(BackupPhase::Succeeded);
+            status.progress = Some(BackupProgress {
+                bytes_done: total as i64,
+                bytes_total: total as i64,
+            });
+            status.disks = m
+                .disks
+                .iter()
+                .map(|d| BackupDiskStatus {
+                    name: d.disk.clone(),
+                    bytes_copied: Some(d.bytes_copied as i64),
+                    target: Some(dir.join(&d.file).display().to_string()),
+                    backing_file: d
+                        .backing_chain
+                        .get(1)
+                        .map(|f| dir.join(f).display().to_string()),
+                    incremental_from: d.incremental_from.clone(),
+                    fell_back_to_full: d.fell_back_to_full,
+                    sha256: Some(d.sha256.clone()),
+                    ..Default::default()
+                })
+                .collect();
+            let fell: Vec<&str> = m
+                .disks
+                .iter()
+                .filter(|d| d.fell_back_to_full)
+                .map(|d| d.disk.as_str())
+                .collect();
+            let msg = if fell.is_empty() {
+                format!("backed up {} disk(s), {total} bytes copied", m.disks.len())
+            } else {
+                format!(
+                    "backed up {} disk(s); incremental base unusable on {fell:?}, so those were backed up full",
+                    m.disks.len()
+                )
+            };
+            info!(backup = %name, "{msg}");
+            status.conditions = agent_conditions(
+                &status.conditions,
+                &[cond("Ready", true, reason, msg)],
+                generation,
+            );
+        }
+        Err(e) => {
+            let cancelled = matches!(e, BackupError::Cancelled { .. });
+            status.phase = Some(if cancelled {
+                BackupPhase::Cancelled
+            } else {
+                BackupPhase::Failed
+            });
+            let msg = error_chain(&e);
+            warn!(backup = %name, reason, "{msg}");
+            status.failure_reason = Some(msg.clone());
+            status.conditions = agent_conditions(
+                &status.conditions,
+                &[cond("Ready", false, reason, msg)],
+                generation,
+            );
+        }
+    }
+    apply_status(api, name, &status).await
+}
+
+fn requeue_until_expiry(status: &VirtualMachineBackupStatus) -> Action {
+    match status.export.as_ref().and_then(|e| e.expires_at.as_ref()) {
+        Some(t) => {
+            let left = t.0.duration_since(Timestamp::now()).as_secs().max(1) as u64;
+            Action::requeue(Duration::from_secs(left.min(30)))
+        }
+        None => Action::requeue(Duration::from_secs(30)),
+    }
+}
+
+async fn watch_export(
+    b: &VirtualMachineBackup,
+    ctx: &Context,
+    api: &Api<VirtualMachineBackup>,
+    mut status: VirtualMachineBackupStatus,
+    session: Option<(VmRef, QmpClient)>,
+    uid: &str,
+) -> Result<Action, ControllerError> {
+    let name = b.name_any();
+    let generation = b.metadata.generation;
+    let Some((vmref, client)) = session else {
+        return fail(
+            api,
+            &name,
+            status,
+            generation,
+            "VirtualMachineGone",
+            format!(
+                "VM {} stopped while its export was served; the export is gone",
+                b.spec.virtual_machine
+            ),
+        )
+        .await;
+    };
+    let expired = status
+        .export
+        .as_ref()
+        .and_then(|e| e.expires_at.as_ref())
+        .is_some_and(|t| t.0 <= Timestamp::now());
+    if !expired {
+        return Ok(requeue_until_expiry(&status));
+    }
+    if let Err(e) = stop_pull_export(&client, &OperationId::new(uid), &scratch_dir(ctx, uid)).await
+    {
+        warn!(backup = %name, vm = %vmref, error = %error_chain(&e), "cannot stop the export yet");
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
+    status.phase = Some(BackupPhase::Succeeded);
+    status.completion_time = Some(now());
+    status.conditions = agent_conditions(
+        &status.conditions,
+        &[cond(
+            "Ready",
+            true,
+            "ExportClosed",
+            "exportTimeoutSeconds passed; the export was torn down",
+        )],
+        generation,
+    );
+    apply_status(api, &name, &status).await?;
+    Ok(Action::await_change())
+}
+
+async fn delete(
+    b: &VirtualMachineBackup,
+    ctx: &Context,
+    api: &Api<VirtualMachineBackup>,
+    mut status: VirtualMachineBackupStatus,
+    session: Option<(VmRef, QmpClient)>,
+    uid: &str,
+) -> Result<Action, ControllerError> {
+    let name = b.name_any();
+    let generation = b.metadata.generation;
+    let phase = status.phase.unwrap_or_default();
+    if task_alive(ctx, uid) {
+        // Cancel the jobs; the task sees the cancellation, cleans up and reports.
+        if let Some((_, client)) = &session {
+            if let Ok(jobs) = client.query_jobs().await {
+                let prefix = OperationId::new(uid).prefix();
+                for j in jobs.iter().filter(|j| j.id.starts_with(&prefix)) {
+                    let _ = client.job_cancel(&j.id).await;
+                }
+            }
+        }
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
+    let msg = match (&session, phase) {
+        (Some((_, client)), BackupPhase::Exporting | BackupPhase::Running) => {
+            if let Err(e) =
+                stop_pull_export(client, &OperationId::new(uid), &scratch_dir(ctx, uid)).await
+            {
+                warn!(backup = %name, error = %error_chain(&e), "teardown failed; retrying");
+                return Ok(Action::requeue(Duration::from_secs(5)));
+            }
+            "jobs cancelled and exports torn down; backup files are kept"
+        }
+        _ => "nothing running; backup files are kept",
+    };
+    if !phase.is_finished() {
+        status.phase = Some(BackupPhase::Cancelled);
+        status.completion_time.get_or_insert_with(now);
+    }
+    let fresh = api.get_status(&name).await?.status.unwrap_or_default();
+    if fresh.phase.is_some_and(BackupPhase::is_finished)
+        && !status.phase.is_some_and(BackupPhase::is_finished)
+    {
+        status = fresh;
+    }
+    status.conditions = agent_conditions(
+        &status.conditions,
+        &[cond("CleanedUp", true, "Cleaned", msg)],
+        generation,
+    );
+    apply_status(api, &name, &status).await?;
+    ctx.jobs.lock().expect("jobs lock").remove(uid);
+    Ok(Action::await_change())
+}
+
+async fn fail(
+    api: &Api<VirtualMachineBackup>,
+    name: &str,
+    mut status: VirtualMachineBackupStatus,
+    generation: Option<i64>,
+    reason: &str,
+    message: String,
+) -> Result<Action, ControllerError> {
+    warn!(backup = %name, reason, "{message}");
+    status.phase = Some(BackupPhase::Failed);
+    status.observed_generation = generation;
+    status.completion_time.get_or_insert_with(now);
+    status.failure_reason = Some(message.clone());
+    status.conditions = agent_conditions(
+        &status.conditions,
+        &[cond("Ready", false, reason, message)],
+        generation,
+    );
+    apply_status(api, name, &status).await?;
+    Ok(Action::await_change())
+}

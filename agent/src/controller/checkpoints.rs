@@ -1,0 +1,532 @@
+//! Reconciles the VirtualMachineCheckpoints routed to this node.
+//!
+//! Pipeline: resolve (the VM's QMP session, the bitmap name) → act on the
+//! phase (create or adopt, verify, or clean up on deletion) → report status.
+//! A checkpoint created by a backup gets its bitmaps from the backup's
+//! transaction; here it is only adopted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_api::{
+    BackupPhase, CHECKPOINT_FINALIZER, CREATED_BY_BACKUP_LABEL, CheckpointDiskStatus,
+    CheckpointPhase, DomainDisk, DomainSnapshot, NODE_LABEL, VirtualMachineBackup,
+    VirtualMachineCheckpoint, VirtualMachineCheckpointStatus,
+};
+use futures::StreamExt;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
+use tracing::{info, warn};
+
+use super::status::{agent_conditions, apply_status, checkpoint_reason, cond, error_chain, now};
+use super::{Context, ControllerError};
+use crate::checkpoint::{
+    self, CheckpointError, CheckpointInfo, CheckpointRequest, Domain, create_checkpoint,
+    delete_checkpoint, inspect_checkpoint, redefine_checkpoint,
+};
+
+/// Runs the controller until the process stops.
+pub async fn run(ctx: Arc<Context>) {
+    let api: Api<VirtualMachineCheckpoint> = Api::all(ctx.client.clone());
+    let selector = format!("{NODE_LABEL}={}", ctx.config.node_name);
+    Controller::new(api, watcher::Config::default().labels(&selector))
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "checkpoint reconcile error");
+            }
+        })
+        .await;
+}
+
+fn error_policy(_: Arc<VirtualMachineCheckpoint>, e: &ControllerError, _: Arc<Context>) -> Action {
+    warn!(error = %error_chain(e), "checkpoint reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// What the user asked for, in the data path's terms. The data path names a
+/// checkpoint's bitmap the same on every disk, so per-disk names must agree.
+pub fn plan_request(cp: &VirtualMachineCheckpoint) -> Result<CheckpointRequest, String> {
+    let name = cp.name_any();
+    let Some(listed) = cp.spec.disks.as_ref() else {
+        return Ok(CheckpointRequest { name, disks: None });
+    };
+    let tracked: Vec<_> = listed.iter().filter(|d| d.tracked()).collect();
+    let bitmaps: std::collections::BTreeSet<&str> = tracked
+        .iter()
+        .map(|d| d.bitmap.as_deref().unwrap_or(&name))
+        .collect();
+    if bitmaps.len() > 1 {
+        return Err(format!(
+            "all disks of checkpoint {name} must use one bitmap name, got {bitmaps:?}; give every disk the same `bitmap`, or none to use {name:?}"
+        ));
+    }
+    let Some(bitmap) = bitmaps.first() else {
+        return Err(format!(
+            "checkpoint {name} selects no disk: every listed disk has `checkpoint: None`"
+        ));
+    };
+    Ok(CheckpointRequest {
+        name: bitmap.to_string(),
+        disks: Some(tracked.iter().map(|d| d.name.clone()).collect()),
+    })
+}
+
+/// The data path's domain from the API's snapshot.
+pub fn domain_from_api(d: &DomainSnapshot) -> Domain {
+    Domain {
+        disks: d
+            .disks
+            .iter()
+            .map(|x| checkpoint::DomainDisk {
+                name: x.name.clone(),
+                node_name: x.node_name.clone().unwrap_or_default(),
+                file: x.file.clone().into(),
+                format: x.format.clone(),
+                virtual_size: x.virtual_size.unwrap_or(0) as u64,
+            })
+            .collect(),
+    }
+}
+
+/// The API's snapshot from the data path's domain.
+pub fn domain_to_api(d: &Domain) -> DomainSnapshot {
+    DomainSnapshot {
+        disks: d
+            .disks
+            .iter()
+            .map(|x| DomainDisk {
+                name: x.name.clone(),
+                node_name: Some(x.node_name.clone()),
+                file: x.file.display().to_string(),
+                format: x.format.clone(),
+                virtual_size: Some(x.virtual_size as i64),
+            })
+            .collect(),
+        extras: Default::default(),
+    }
+}
+
+fn disks_status(info: &CheckpointInfo) -> Vec<CheckpointDiskStatus> {
+    info.disks
+        .iter()
+        .map(|d| CheckpointDiskStatus {
+            name: d.disk.clone(),
+            bitmap: d.bitmap.clone(),
+            granularity: Some(i64::from(d.granularity)),
+            dirty_bytes: Some(d.dirty_bytes as i64),
+            present: !d.inconsistent,
+            inconsistent: d.inconsistent,
+        })
+        .collect()
+}
+
+async fn reconcile(
+    cp: Arc<VirtualMachineCheckpoint>,
+    ctx: Arc<Context>,
+) -> Result<Action, ControllerError> {
+    let ns = cp
+        .namespace()
+        .ok_or(ControllerError::MissingField("metadata.namespace"))?;
+    let name = cp.name_any();
+    let api: Api<VirtualMachineCheckpoint> = Api::namespaced(ctx.client.clone(), &ns);
+    let status = cp.status.clone().unwrap_or_default();
+    let generation = cp.metadata.generation;
+    let vm = cp.spec.virtual_machine.clone();
+    let session = ctx.discovery.session(&ns, &vm).ok();
+
+    // A bitmap name we can't serve is a spec error, whatever the phase.
+    let request = match plan_request(&cp) {
+        Ok(r) => r,
+        Err(msg) => {
+            if cp.metadata.deletion_timestamp.is_some() {
+                return cleaned_up(&api, &name, status, generation, "nothing was created").await;
+            }
+            return fail(&api, &name, status, generation, "InvalidDiskSelection", msg).await;
+        }
+    };
+
+    if cp.metadata.deletion_timestamp.is_some() {
+        if !cp.finalizers().iter().any(|f| f == CHECKPOINT_FINALIZER)
+            || cairn_api::conditions::is_true(&status.conditions, "CleanedUp")
+        {
+            return Ok(Action::await_change());
+        }
+        let created = status.phase.is_some_and(|p| {
+            matches!(
+                p,
+                CheckpointPhase::Ready | CheckpointPhase::Creating | CheckpointPhase::Deleting
+            )
+        });
+        let msg = match (&session, created) {
+            (_, false) => "no bitmap was created".to_string(),
+            (Some((vmref, client)), true) => {
+                match delete_checkpoint(client, vmref, &request.name, request.disks.as_deref())
+                    .await
+                {
+                    Ok(disks) => format!("removed bitmap {} from disks {disks:?}", request.name),
+                    Err(CheckpointError::NotFound { .. }) => "bitmaps were already gone".into(),
+                    Err(e) => {
+                        warn!(checkpoint = %name, error = %error_chain(&e), "cannot remove bitmaps yet");
+                        return Ok(Action::requeue(Duration::from_secs(5)));
+                    }
+                }
+            }
+            (None, true) => match status.domain.as_ref() {
+                Some(d) => {
+                    match checkpoint::delete_checkpoint_offline(&domain_from_api(d), &request.name)
+                        .await
+                    {
+                        Ok(disks) => format!(
+                            "VM not running: removed bitmap {} offline from {disks:?}",
+                            request.name
+                        ),
+                        Err(e) => {
+                            warn!(checkpoint = %name, error = %error_chain(&e), "offline removal failed");
+                            return Ok(Action::requeue(Duration::from_secs(10)));
+                        }
+                    }
+                }
+                None => format!(
+                    "VM {vm} is not running and no domain was recorded: bitmap {} stays in the images (remove it with `qemu-img bitmap --remove`)",
+                    request.name
+                ),
+            },
+        };
+        info!(checkpoint = %name, namespace = %ns, "{msg}");
+        return cleaned_up(&api, &name, status, generation, &msg).await;
+    }
+
+    match status.phase.unwrap_or_default() {
+        CheckpointPhase::Pending | CheckpointPhase::Creating => {
+            create(&cp, &ctx, &api, status, request, session).await
+        }
+        CheckpointPhase::Ready => verify(&api, &name, status, generation, &request, session).await,
+        CheckpointPhase::Failed | CheckpointPhase::Deleting => Ok(Action::await_change()),
+    }
+}
+
+async fn create(
+    cp: &VirtualMachineCheckpoint,
+    ctx: &Context,
+    api: &Api<VirtualMachineCheckpoint>,
+    mut status: VirtualMachineCheckpointStatus,
+    request: CheckpointRequest,
+    session: Option<(crate::inventory::VmRef, crate::qmp::QmpClient)>,
+) -> Result<Action, ControllerError> {
+    let name = cp.name_any();
+    let generation = cp.metadata.generation;
+    let Some((vmref, client)) = session else {
+        status.phase = Some(CheckpointPhase::Pending);
+        status.conditions = agent_conditions(
+            &status.conditions,
+            &[cond(
+                "Ready",
+                false,
+                "VirtualMachineNotRunning",
+                format!(
+                    "VM {} has no QMP socket on node {}; the checkpoint is made when it runs",
+                    cp.spec.virtual_machine, ctx.config.node_name
+                ),
+            )],
+            generation,
+        );
+        apply_status(api, &name, &status).await?;
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    };
+    if cp.spec.quiesce {
+        return fail(api, &name, status, generation, "QuiesceUnavailable", format!(
+            "quiesce was requested but Cairn cannot reach a QEMU guest agent for VM {} (guest-agent freeze is not supported yet); create the checkpoint without quiesce",
+            cp.spec.virtual_machine
+        )).await;
+    }
+
+    // Made by a backup's transaction: adopt once the bitmaps exist.
+    if let Some(backup) = cp.labels().get(CREATED_BY_BACKUP_LABEL) {
+        return match inspect_checkpoint(&client, &vmref, &request.name).await {
+            Ok(info) => {
+                let inv = ctx
+                    .discovery
+                    .inventory(&vmref.namespace, &vmref.name)
+                    .await
+                    .ok();
+                let domain = inv.map(|i| Domain::observe(&i));
+                ready(
+                    api,
+                    &name,
+                    status,
+                    generation,
+                    &info,
+                    domain.as_ref(),
+                    "CreatedByBackup",
+                    format!("bitmaps created by backup {backup}"),
+                )
+                .await
+            }
+            Err(_) => {
+                let backups: Api<VirtualMachineBackup> =
+                    Api::namespaced(ctx.client.clone(), &vmref.namespace);
+                let phase = backups
+                    .get_opt(backup)
+                    .await?
+                    .and_then(|b| b.status)
+                    .and_then(|s| s.phase);
+                match phase {
+                    None | Some(BackupPhase::Failed | BackupPhase::Cancelled) => {
+                        fail(api, &name, status, generation, "BackupFailed", format!("backup {backup} that was to create this checkpoint did not start; nothing was created")).await
+                    }
+                    _ => Ok(Action::requeue(Duration::from_secs(1))),
+                }
+            }
+        };
+    }
+
+    let was_creating = status.phase == Some(CheckpointPhase::Creating);
+    if !was_creating {
+        status.phase = Some(CheckpointPhase::Creating);
+        apply_status(api, &name, &status).await?;
+    }
+    let result = if cp.spec.redefine {
+        redefine_checkpoint(&client, &vmref, &request)
+            .await
+            .map(|i| (i, None))
+    } else {
+        match create_checkpoint(&client, &vmref, &request).await {
+            Ok(i) => {
+                let d = i.domain.clone();
+                Ok((i, d))
+            }
+            // A retry after our own transaction succeeded but the status write did not.
+            Err(CheckpointError::AlreadyExists { .. }) if was_creating => {
+                let i = inspect_checkpoint(&client, &vmref, &request.name).await;
+                let inv = ctx
+                    .discovery
+                    .inventory(&vmref.namespace, &vmref.name)
+                    .await
+                    .ok();
+                i.map(|i| (i, inv.map(|inv| Domain::observe(&inv))))
+            }
+            Err(e) => Err(e),
+        }
+    };
+    match result {
+        Ok((info, observed)) => {
+            let (reason, msg) = if cp.spec.redefine {
+                (
+                    "Redefined",
+                    format!(
+                        "adopted existing bitmap {} on {} disk(s)",
+                        request.name,
+                        info.disks.len()
+                    ),
+                )
+            } else {
+                (
+                    "Created",
+                    format!(
+                        "bitmap {} records writes on {} disk(s)",
+                        request.name,
+                        info.disks.len()
+                    ),
+                )
+            };
+            info!(checkpoint = %name, vm = %vmref, "{msg}");
+            ready(
+                api,
+                &name,
+                status,
+                generation,
+                &info,
+                observed.as_ref(),
+                reason,
+                msg,
+            )
+            .await
+        }
+        Err(e) => {
+            let reason = checkpoint_reason(&e);
+            fail(api, &name, status, generation, reason, error_chain(&e)).await
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn ready(
+    api: &Api<VirtualMachineCheckpoint>,
+    name: &str,
+    mut status: VirtualMachineCheckpointStatus,
+    generation: Option<i64>,
+    info: &CheckpointInfo,
+    observed: Option<&Domain>,
+    reason: &str,
+    message: String,
+) -> Result<Action, ControllerError> {
+    let cp = api.get(name).await?;
+    status.phase = Some(CheckpointPhase::Ready);
+    status.disks = disks_status(info);
+    status.size = Some(info.disks.iter().map(|d| d.dirty_bytes as i64).sum());
+    status.creation_time.get_or_insert_with(now);
+    status.observed_generation = generation;
+    let domain_cond = if let Some(d) = cp.spec.domain.as_ref() {
+        status.domain = Some(d.clone());
+        cond(
+            "DomainRecorded",
+            true,
+            "Provided",
+            "the domain given with the redefine is recorded",
+        )
+    } else if let Some(d) = observed {
+        status.domain = Some(domain_to_api(d));
+        cond(
+            "DomainRecorded",
+            true,
+            "Observed",
+            "the VM's disk layout was recorded at creation",
+        )
+    } else {
+        status.domain = None;
+        cond(
+            "DomainRecorded",
+            false,
+            "NotProvided",
+            "redefined without a domain: usable for incremental backups, but offline operations and restores into a definition are unavailable",
+        )
+    };
+    status.conditions = agent_conditions(
+        &status.conditions,
+        &[cond("Ready", true, reason, message), domain_cond],
+        generation,
+    );
+    apply_status(api, name, &status).await?;
+    Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+async fn verify(
+    api: &Api<VirtualMachineCheckpoint>,
+    name: &str,
+    mut status: VirtualMachineCheckpointStatus,
+    generation: Option<i64>,
+    request: &CheckpointRequest,
+    session: Option<(crate::inventory::VmRef, crate::qmp::QmpClient)>,
+) -> Result<Action, ControllerError> {
+    let Some((vmref, client)) = session else {
+        // Stopped VM: bitmaps live on in the images; nothing to refresh.
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    };
+    let before = status.clone();
+    let ready = match inspect_checkpoint(&client, &vmref, &request.name).await {
+        Ok(info) => {
+            status.disks = disks_status(&info);
+            status.size = Some(info.disks.iter().map(|d| d.dirty_bytes as i64).sum());
+            match info.disks.iter().find(|d| d.inconsistent) {
+                Some(d) => cond(
+                    "Ready",
+                    false,
+                    "BitmapInconsistent",
+                    format!(
+                        "bitmap {} on disk {} of VM {vmref} is inconsistent (QEMU did not close the image cleanly); delete this checkpoint, and take a full backup next",
+                        d.bitmap, d.disk
+                    ),
+                ),
+                None => match expected_missing(request, &info) {
+                    Some(disk) => cond(
+                        "Ready",
+                        false,
+                        "BitmapMissing",
+                        format!(
+                            "bitmap {} is missing on disk {disk} of VM {vmref}",
+                            request.name
+                        ),
+                    ),
+                    None => cond(
+                        "Ready",
+                        true,
+                        "Verified",
+                        format!(
+                            "bitmap {} present on {} disk(s)",
+                            request.name,
+                            info.disks.len()
+                        ),
+                    ),
+                },
+            }
+        }
+        Err(CheckpointError::NotFound { .. }) => {
+            status.disks.iter_mut().for_each(|d| d.present = false);
+            cond(
+                "Ready",
+                false,
+                "BitmapMissing",
+                format!(
+                    "bitmap {} is missing on every disk of VM {vmref} (QEMU was killed before writing it, or it was removed); delete this checkpoint",
+                    request.name
+                ),
+            )
+        }
+        Err(e) => {
+            warn!(checkpoint = %name, error = %error_chain(&e), "cannot inspect bitmaps");
+            return Ok(Action::requeue(Duration::from_secs(10)));
+        }
+    };
+    status.conditions = agent_conditions(&status.conditions, &[ready], generation);
+    if status != before {
+        apply_status(api, name, &status).await?;
+    }
+    Ok(Action::requeue(Duration::from_secs(15)))
+}
+
+fn expected_missing(request: &CheckpointRequest, info: &CheckpointInfo) -> Option<String> {
+    request
+        .disks
+        .iter()
+        .flatten()
+        .find(|d| !info.disks.iter().any(|x| &x.disk == *d))
+        .cloned()
+}
+
+async fn fail(
+    api: &Api<VirtualMachineCheckpoint>,
+    name: &str,
+    mut status: VirtualMachineCheckpointStatus,
+    generation: Option<i64>,
+    reason: &str,
+    message: String,
+) -> Result<Action, ControllerError> {
+    warn!(checkpoint = %name, reason, "{message}");
+    status.phase = Some(CheckpointPhase::Failed);
+    status.observed_generation = generation;
+    status.conditions = agent_conditions(
+        &status.conditions,
+        &[cond("Ready", false, reason, message)],
+        generation,
+    );
+    apply_status(api, name, &status).await?;
+    Ok(Action::await_change())
+}
+
+async fn cleaned_up(
+    api: &Api<VirtualMachineCheckpoint>,
+    name: &str,
+    mut status: VirtualMachineCheckpointStatus,
+    generation: Option<i64>,
+    message: &str,
+) -> Result<Action, ControllerError> {
+    status.phase = Some(CheckpointPhase::Deleting);
+    status.conditions = agent_conditions(
+        &status.conditions,
+        &[
+            cond(
+                "Ready",
+                false,
+                "Deleting",
+                "the checkpoint is being deleted",
+            ),
+            cond("CleanedUp", true, "BitmapsRemoved", message),
+        ],
+        generation,
+    );
+    apply_status(api, name, &status).await?;
+    Ok(Action::await_change())
+}

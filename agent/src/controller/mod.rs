@@ -1,0 +1,110 @@
+//! The agent's Kubernetes side: publishes the VMs discovery finds as
+//! `QemuInstance` objects, and reconciles the checkpoints and backups the
+//! operator routed to this node (label `cairn.dev/node=<node>`) by calling the
+//! data-path library (`checkpoint`, `backup`).
+//!
+//! How the parts talk: [`Discovery`] owns one QMP session per VM; the
+//! [`instances`] loop turns inventories into QemuInstance status; the
+//! [`checkpoints`] and [`backups`] controllers look a VM's session up by
+//! namespace and name (never across namespaces) and write their status with
+//! server-side apply under the `cairn-agent` field manager.
+
+pub mod backups;
+pub mod checkpoints;
+pub mod instances;
+pub mod status;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::Client;
+use tokio::task::JoinHandle;
+
+use crate::backup::TargetPolicy;
+use crate::discovery::{Discovery, DiscoveryOptions};
+use crate::qmp::QmpOptions;
+
+/// Settings of the Kubernetes-connected agent.
+#[derive(Debug, Clone)]
+pub struct NodeAgentConfig {
+    /// This node's name (`NODE_NAME`).
+    pub node_name: String,
+    /// QMP socket directory root (`<root>/<namespace>/<vm>.sock`).
+    pub socket_dir: PathBuf,
+    /// Roots under which backups may be written.
+    pub backup_roots: Vec<PathBuf>,
+    /// Where NBD export sockets and fleecing scratch images live.
+    pub runtime_dir: PathBuf,
+    /// Periodic rescan of the socket directory.
+    pub rescan_interval: Duration,
+    /// QMP command timeout.
+    pub qmp_timeout: Duration,
+    /// How often QemuInstance status and Ready checkpoints are refreshed.
+    pub resync_interval: Duration,
+}
+
+/// State shared by the agent's loops.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Settings.
+    pub config: NodeAgentConfig,
+    /// VMs on this node.
+    pub discovery: Discovery,
+    /// Backup targets allowed on this node.
+    pub targets: TargetPolicy,
+    /// Scratch space for pull exports (under the runtime directory).
+    pub scratch: TargetPolicy,
+    /// Backup jobs this process watches, by backup UID.
+    pub jobs: Mutex<HashMap<String, JoinHandle<()>>>,
+}
+
+/// Errors of the Kubernetes side of the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// The API server refused or failed a request.
+    #[error("Kubernetes API request failed")]
+    Kube(#[from] kube::Error),
+    /// Discovery could not start.
+    #[error(transparent)]
+    Discovery(#[from] crate::discovery::DiscoveryError),
+    /// An object lacks a field the API server always sets.
+    #[error("object lacks {0}")]
+    MissingField(&'static str),
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    config: NodeAgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ControllerError> {
+    std::fs::create_dir_all(config.runtime_dir.join("scratch")).ok();
+    std::fs::create_dir_all(config.runtime_dir.join("nbd")).ok();
+    let discovery = Discovery::start(DiscoveryOptions {
+        root: config.socket_dir.clone(),
+        rescan_interval: config.rescan_interval,
+        qmp: QmpOptions {
+            command_timeout: config.qmp_timeout,
+            ..QmpOptions::default()
+        },
+    })?;
+    let ctx = Arc::new(Context {
+        client,
+        targets: TargetPolicy::new(config.backup_roots.clone()),
+        scratch: TargetPolicy::new([config.runtime_dir.join("scratch")]),
+        config,
+        discovery,
+        jobs: Mutex::new(HashMap::new()),
+    });
+    tracing::info!(node = %ctx.config.node_name, socket_dir = %ctx.config.socket_dir.display(), "agent started");
+    tokio::select! {
+        () = instances::run(ctx.clone()) => {}
+        () = checkpoints::run(ctx.clone()) => {}
+        () = backups::run(ctx.clone()) => {}
+        () = shutdown => {}
+    }
+    Ok(())
+}

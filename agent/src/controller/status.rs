@@ -1,0 +1,136 @@
+//! Status writing: server-side apply under the `cairn-agent` field manager,
+//! conditions that keep `lastTransitionTime`, and failure reasons.
+
+use cairn_api::conditions::{NewCondition, set_condition};
+use cairn_api::{AGENT_MANAGER, Condition};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Resource};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Condition types the agent owns.
+pub const AGENT_CONDITIONS: &[&str] = &["Ready", "DomainRecorded", "CleanedUp"];
+
+/// Applies `status` (the agent's whole share of it) to object `name`.
+pub async fn apply_status<K, S>(api: &Api<K>, name: &str, status: &S) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    S: Serialize,
+{
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(AGENT_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The agent's conditions out of `existing`, with `updates` set on top.
+pub fn agent_conditions(
+    existing: &[Condition],
+    updates: &[NewCondition<'_>],
+    generation: Option<i64>,
+) -> Vec<Condition> {
+    let mut mine: Vec<Condition> = existing
+        .iter()
+        .filter(|c| AGENT_CONDITIONS.contains(&c.type_.as_str()))
+        .cloned()
+        .collect();
+    for u in updates {
+        set_condition(&mut mine, u.clone(), generation, Timestamp::now());
+    }
+    mine
+}
+
+/// A condition in one call.
+pub fn cond<'a>(
+    type_: &'a str,
+    status: bool,
+    reason: &'a str,
+    message: impl Into<String>,
+) -> NewCondition<'a> {
+    NewCondition {
+        type_,
+        status,
+        reason,
+        message: message.into(),
+    }
+}
+
+/// `error: cause: cause…` — the whole chain, for a condition message.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        src = c.source();
+    }
+    s
+}
+
+/// Stable CamelCase reason of a checkpoint failure.
+pub fn checkpoint_reason(e: &crate::checkpoint::CheckpointError) -> &'static str {
+    use crate::checkpoint::CheckpointError as E;
+    match e {
+        E::Selection(s) => selection_reason(s),
+        E::InvalidName { .. } => "InvalidName",
+        E::AlreadyExists { .. } => "BitmapExists",
+        E::Missing { .. } => "BitmapMissing",
+        E::NotPersistent { .. } => "BitmapNotPersistent",
+        E::Inconsistent { .. } => "BitmapInconsistent",
+        E::Busy { .. } => "BitmapBusy",
+        E::NotFound { .. } => "BitmapMissing",
+        E::Inventory(_) => "VirtualMachineUnreachable",
+        E::Qmp { .. } => "QemuError",
+        E::Image { .. } => "ImageError",
+    }
+}
+
+fn selection_reason(e: &crate::inventory::SelectionError) -> &'static str {
+    use crate::inventory::SelectionError as S;
+    match e {
+        S::UnknownDisk { .. } => "UnknownDisk",
+        S::ReadOnly { .. } => "DiskReadOnly",
+        S::Duplicate { .. } => "DuplicateDisk",
+        S::NotQcow2 { .. } => "DiskNotQcow2",
+        S::NoDisks { .. } => "NoQcow2Disk",
+    }
+}
+
+/// Stable CamelCase reason of a backup failure.
+pub fn backup_reason(e: &crate::backup::BackupError) -> &'static str {
+    use crate::backup::BackupError as E;
+    match e {
+        E::Selection(s) => selection_reason(s),
+        E::Checkpoint(c) => checkpoint_reason(c),
+        E::Inventory(_) => "VirtualMachineUnreachable",
+        E::InvalidName { .. } => "InvalidName",
+        E::OutsideAllowedRoots { .. } => "TargetNotAllowed",
+        E::InsufficientSpace { .. } | E::NoSpace { .. } => "NoSpace",
+        E::BaseUnusable { .. } => "IncrementalBaseUnusable",
+        E::JobFailed { .. } => "JobFailed",
+        E::Cancelled { .. } => "Cancelled",
+        E::VmGone { .. } => "VirtualMachineGone",
+        E::NbdServerBusy { .. } => "NbdServerBusy",
+        E::Qmp { .. } => "QemuError",
+        E::Image { .. } => "ImageError",
+        E::TargetIo { .. } => "TargetError",
+        E::BadManifest { .. } => "BadManifest",
+    }
+}
+
+/// Now, as a Kubernetes Time.
+pub fn now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now())
+}
