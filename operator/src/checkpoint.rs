@@ -281,20 +281,26 @@ pub async fn reconcile(cp: Arc<VirtualMachineCheckpoint>, ctx: Arc<Context>) -> 
     // 3. validate
     let verdict = validate_checkpoint(&cp, routing::placement(vm.as_deref()));
 
-    // 1b. resolve the parent: keep a recorded parent that is still valid, else scan the cache.
+    // 1b. resolve the parent: an accepted checkpoint keeps its recorded parent while that
+    // is still valid (no older checkpoint can appear later), else the cache is scanned.
     let recorded = cp.status.as_ref().and_then(|s| s.parent.clone());
+    let accepted_before = conditions::is_true(
+        cp.status
+            .as_ref()
+            .map(|s| s.conditions.as_slice())
+            .unwrap_or_default(),
+        routing::ACCEPTED,
+    );
     let parent = match &recorded {
+        None if accepted_before => None,
         Some(p)
-            if conditions::is_true(
-                cp.status
-                    .as_ref()
-                    .map(|s| s.conditions.as_slice())
-                    .unwrap_or_default(),
-                routing::ACCEPTED,
-            ) && ctx
-                .checkpoints
-                .get(&ObjectRef::new(p).within(&namespace))
-                .is_some_and(|o| compute_parent(&cp, std::iter::once(o.as_ref())).is_some()) =>
+            if accepted_before
+                && ctx
+                    .checkpoints
+                    .get(&ObjectRef::new(p).within(&namespace))
+                    .is_some_and(|o| {
+                        compute_parent(&cp, std::iter::once(o.as_ref())).is_some()
+                    }) =>
         {
             recorded.clone()
         }

@@ -250,6 +250,12 @@ async fn checkpoints_are_routed_chained_and_cleaned_up() -> Result<()> {
     cps.delete("cp-y", &DeleteParams::default()).await?;
     eventually("cp-y deleted", || gone(&cps, "cp-y")).await?;
 
+    expect_events(
+        &env.client,
+        &ns,
+        &["Routed", "VirtualMachineNotFound", "Deleted"],
+    )
+    .await?;
     let metrics = op.status.metrics_text();
     assert!(metrics.contains("cairn_operator_leader 1"), "{metrics}");
     assert!(metrics.contains("controller=\"checkpoint\""), "{metrics}");
@@ -395,6 +401,12 @@ async fn backups_are_validated_create_checkpoints_and_expire() -> Result<()> {
     agent_status(&backups, "b-cp", "VirtualMachineBackup", cleaned_up()).await?;
     eventually("b-cp deleted", || gone(&backups, "b-cp")).await?;
     assert!(cps.get_opt("cp-new").await?.is_some());
+    expect_events(
+        &env.client,
+        &ns,
+        &["Routed", "CheckpointCreated", "Expired", "Deleted"],
+    )
+    .await?;
     op.stop().await;
     Ok(())
 }
@@ -457,4 +469,18 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).await?;
     Ok(out)
+}
+
+/// Waits until events with each of `reasons` were recorded in `ns` (what `kubectl describe` shows).
+async fn expect_events(client: &Client, ns: &str, reasons: &[&str]) -> Result<()> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    eventually("events", || async {
+        let list = events.list(&Default::default()).await?;
+        let seen: Vec<String> = list.items.iter().filter_map(|e| e.reason.clone()).collect();
+        Ok(reasons
+            .iter()
+            .all(|r| seen.iter().any(|s| s == r))
+            .then_some(()))
+    })
+    .await
 }
