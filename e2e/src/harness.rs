@@ -11,9 +11,11 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
 use crate::control_plane::ControlPlane;
+use crate::local_cluster::LocalCluster;
 use crate::tools::Tools;
 
 static CONTROL_PLANE: OnceLock<ControlPlane> = OnceLock::new();
+static CLUSTER: OnceLock<LocalCluster> = OnceLock::new();
 static STARTING: Mutex<()> = Mutex::new(());
 
 /// The control plane shared by every test of this binary, with Cairn's CRDs installed.
@@ -38,6 +40,45 @@ pub fn control_plane() -> Result<&'static ControlPlane> {
     );
     install_crds(&cp)?;
     Ok(CONTROL_PLANE.get_or_init(|| cp))
+}
+
+/// The local cluster (control plane, operator, one agent on each of two nodes)
+/// shared by every test of this binary. Builds the binaries first.
+pub fn local_cluster() -> Result<&'static LocalCluster> {
+    if let Some(c) = CLUSTER.get() {
+        return Ok(c);
+    }
+    let _guard = STARTING.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = CLUSTER.get() {
+        return Ok(c);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "cairn-operator",
+            "-p",
+            "cairn-agent",
+        ])
+        .current_dir(crate::tools::repo_root())
+        .status()?;
+    anyhow::ensure!(
+        status.success(),
+        "building cairn-operator and cairn-agent failed"
+    );
+    let dir = std::env::temp_dir().join(format!("cairn-e2e-cluster-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cluster = LocalCluster::up(&dir, 2, Some(std::process::id()))?;
+    eprintln!(
+        "local cluster: kube-apiserver {} at {}, nodes {:?}, state {}",
+        cluster.cp.server_version().unwrap_or_default(),
+        cluster.cp.server,
+        cluster.nodes,
+        dir.display()
+    );
+    Ok(CLUSTER.get_or_init(|| cluster))
 }
 
 /// Applies the checked-in CRDs and waits until they are established.
@@ -88,6 +129,17 @@ impl TestEnv {
     /// Starts (or reuses) the control plane and creates a namespace named after `test`.
     pub async fn new(test: &str) -> Result<Self> {
         let cp = tokio::task::spawn_blocking(control_plane).await??;
+        Self::on(cp, test).await
+    }
+
+    /// Starts (or reuses) the local cluster with operator and agents; a namespace for `test`.
+    pub async fn with_cluster(test: &str) -> Result<(Self, &'static LocalCluster)> {
+        let cluster = tokio::task::spawn_blocking(local_cluster).await??;
+        Ok((Self::on(&cluster.cp, test).await?, cluster))
+    }
+
+    /// A namespace for `test` on control plane `cp`.
+    pub async fn on(cp: &'static ControlPlane, test: &str) -> Result<Self> {
         let client = client_for(&cp.kubeconfig).await?;
         let suffix: u32 = rand::random::<u32>() % 100_000;
         let namespace = format!("{}-{suffix}", test.replace('_', "-"));

@@ -9,3 +9,5 @@ pub mod control_plane;
 pub mod harness;
 pub mod local_cluster;
 pub mod tools;
+pub mod vm;
+pub mod wait;

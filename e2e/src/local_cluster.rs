@@ -104,9 +104,11 @@ impl LocalCluster {
                 ("NODE_NAME", node.to_string()),
                 ("CAIRN_SOCKET_DIR", self.qmp_dir(node).display().to_string()),
                 (
-                    "CAIRN_BACKUP_ROOTS",
+                    "CAIRN_ALLOWED_ROOTS",
                     self.backup_dir(node).display().to_string(),
                 ),
+                ("CAIRN_RESCAN_SECONDS", "2".into()),
+                ("CAIRN_RESYNC_SECONDS", "3".into()),
                 (
                     "CAIRN_RUNTIME_DIR",
                     node_dir.join("run").display().to_string(),

@@ -1,0 +1,392 @@
+//! End to end on the local cluster: real etcd + kube-apiserver, the real
+//! operator and agent binaries, real QEMU; driven with `kubectl apply`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use cairn_api::{
+    BackupPhase, CheckpointPhase, QemuInstance, VirtualMachineBackup, VirtualMachineCheckpoint,
+};
+use cairn_e2e::harness::TestEnv;
+use cairn_e2e::local_cluster::{LocalCluster, binary};
+use cairn_e2e::vm::TestVm;
+use cairn_e2e::wait;
+use kube::Api;
+use sha2::{Digest, Sha256};
+
+const MIB: u64 = 1 << 20;
+const T: Duration = Duration::from_secs(60);
+
+/// What the guest wrote, byte for byte: the expected disk content.
+struct DiskModel(Vec<u8>);
+
+impl DiskModel {
+    fn new(size: u64) -> Self {
+        Self(vec![0; size as usize])
+    }
+    fn write(&mut self, vm: &TestVm, disk: &str, pattern: u8, offset: u64, len: u64) -> Result<()> {
+        vm.write(disk, pattern, offset, len)?;
+        self.0[offset as usize..(offset + len) as usize].fill(pattern);
+        Ok(())
+    }
+    fn sha256(&self) -> String {
+        hex(&Sha256::digest(&self.0))
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn apply(env: &TestEnv, yaml: &str) -> Result<()> {
+    let (ok, out, err) = env.kubectl_stdin(&["apply", "-f", "-"], yaml)?;
+    ensure!(ok, "kubectl apply failed: {err}\n{yaml}");
+    let _ = out;
+    Ok(())
+}
+
+fn checkpoint_yaml(name: &str, vm: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: cairn.dev/v1alpha1\nkind: VirtualMachineCheckpoint\nmetadata:\n  name: {name}\nspec:\n  virtualMachine: {vm}\n{extra}"
+    )
+}
+
+fn backup_yaml(name: &str, vm: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: cairn.dev/v1alpha1\nkind: VirtualMachineBackup\nmetadata:\n  name: {name}\nspec:\n  virtualMachine: {vm}\n{extra}"
+    )
+}
+
+fn push_extra(dir: &Path, incremental: Option<&str>, checkpoint: Option<&str>) -> String {
+    let mut s = format!("  target:\n    directory:\n      path: {}\n", dir.display());
+    if let Some(i) = incremental {
+        s.push_str(&format!("  incremental: {i}\n"));
+    }
+    if let Some(c) = checkpoint {
+        s.push_str(&format!("  checkpoint:\n    name: {c}\n"));
+    }
+    s
+}
+
+fn start_vm(
+    cluster: &LocalCluster,
+    env: &TestEnv,
+    node: &str,
+    name: &str,
+    disks: &[(&str, &str, u64)],
+) -> Result<TestVm> {
+    let dir = cluster.state_dir.join("vms").join(&env.namespace);
+    TestVm::start(&cluster.qmp_dir(node), &env.namespace, name, &dir, disks)
+}
+
+async fn wait_instance(env: &TestEnv, vm: &str, node: &str) -> Result<QemuInstance> {
+    let api: Api<QemuInstance> = Api::namespaced(env.client.clone(), &env.namespace);
+    wait::until(&api, vm, T, "QemuInstance published", |qi| {
+        qi.status
+            .as_ref()
+            .is_some_and(|s| s.node_name.as_deref() == Some(node) && !s.disks.is_empty())
+    })
+    .await
+}
+
+async fn wait_checkpoint(
+    env: &TestEnv,
+    name: &str,
+    phase: CheckpointPhase,
+) -> Result<VirtualMachineCheckpoint> {
+    let api: Api<VirtualMachineCheckpoint> = Api::namespaced(env.client.clone(), &env.namespace);
+    wait::until(&api, name, T, &format!("checkpoint {phase:?}"), |c| {
+        c.status.as_ref().and_then(|s| s.phase) == Some(phase)
+    })
+    .await
+}
+
+async fn wait_backup(
+    env: &TestEnv,
+    name: &str,
+    phase: BackupPhase,
+) -> Result<VirtualMachineBackup> {
+    let api: Api<VirtualMachineBackup> = Api::namespaced(env.client.clone(), &env.namespace);
+    wait::until(
+        &api,
+        name,
+        Duration::from_secs(120),
+        &format!("backup {phase:?}"),
+        |b| {
+            let p = b.status.as_ref().and_then(|s| s.phase);
+            p == Some(phase) || (p.is_some_and(BackupPhase::is_finished) && p != Some(phase))
+        },
+    )
+    .await
+    .and_then(|b| {
+        let p = b.status.as_ref().and_then(|s| s.phase);
+        ensure!(
+            p == Some(phase),
+            "backup {name} ended {p:?}, not {phase:?}: {:#?}",
+            b.status
+        );
+        Ok(b)
+    })
+}
+
+fn condition<'a>(
+    conds: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    t: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    conds.iter().find(|c| c.type_ == t)
+}
+
+/// Restores the backup `name` found in `dir` with `cairn-agent restore` and returns the sha256 it verified.
+fn restore(dir: &Path, name: &str, out: &Path) -> Result<String> {
+    let manifest = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            let f = p.file_name().unwrap().to_string_lossy();
+            f.starts_with(name) && f.ends_with(".json")
+        })
+        .with_context(|| format!("no manifest of {name} in {}", dir.display()))?;
+    let o = std::process::Command::new(binary("cairn-agent"))
+        .args(["restore", "--manifest"])
+        .arg(&manifest)
+        .arg("--output")
+        .arg(out)
+        .args(["--format", "raw"])
+        .output()?;
+    ensure!(
+        o.status.success(),
+        "restore failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let sha = text
+        .split("sha256:")
+        .nth(1)
+        .context("restore printed no sha256")?
+        .trim()
+        .to_string();
+    let actual = hex(&Sha256::digest(std::fs::read(out)?));
+    ensure!(
+        actual == sha,
+        "restored image hashes to {actual}, restore claimed {sha}"
+    );
+    Ok(sha)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checkpoint_create_and_delete() -> Result<()> {
+    let (env, cluster) = TestEnv::with_cluster("cp-lifecycle").await?;
+    let vm = start_vm(
+        cluster,
+        &env,
+        "node-1",
+        "vm1",
+        &[("disk0", "qcow2", 64 * MIB), ("disk1", "qcow2", 32 * MIB)],
+    )?;
+    wait_instance(&env, "vm1", "node-1").await?;
+
+    apply(&env, &checkpoint_yaml("cp1", "vm1", ""))?;
+    let cp = wait_checkpoint(&env, "cp1", CheckpointPhase::Ready).await?;
+    assert_eq!(
+        cp.metadata.labels.as_ref().unwrap()["cairn.dev/node"],
+        "node-1"
+    );
+    let status = cp.status.unwrap();
+    assert_eq!(status.node_name.as_deref(), Some("node-1"));
+    assert_eq!(status.disks.len(), 2, "{:?}", status.disks);
+    assert_eq!(
+        condition(&status.conditions, "DomainRecorded").map(|c| c.status.as_str()),
+        Some("True")
+    );
+    assert_eq!(status.domain.as_ref().map(|d| d.disks.len()), Some(2));
+    assert!(vm.bitmaps("disk0")?.contains(&"cp1".to_string()));
+    assert!(vm.bitmaps("disk1")?.contains(&"cp1".to_string()));
+
+    // A second checkpoint gets the first as parent; writes show up as its size.
+    apply(&env, &checkpoint_yaml("cp2", "vm1", ""))?;
+    let cp2 = wait_checkpoint(&env, "cp2", CheckpointPhase::Ready).await?;
+    assert_eq!(cp2.status.unwrap().parent.as_deref(), Some("cp1"));
+    vm.write("disk0", 0x11, 0, MIB)?;
+    let api: Api<VirtualMachineCheckpoint> = Api::namespaced(env.client.clone(), &env.namespace);
+    wait::until(&api, "cp2", T, "size to count the write", |c| {
+        c.status
+            .as_ref()
+            .and_then(|s| s.size)
+            .is_some_and(|s| s >= MIB as i64)
+    })
+    .await?;
+
+    let out = env
+        .kubectl(&["delete", "vmcp", "cp1", "--timeout=60s"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait::gone(&api, "cp1", T).await?;
+    assert!(
+        !vm.bitmaps("disk0")?.contains(&"cp1".to_string()),
+        "bitmap cp1 left behind"
+    );
+    assert!(
+        vm.bitmaps("disk0")?.contains(&"cp2".to_string()),
+        "deleting cp1 broke cp2"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_and_incremental_chain_restores_byte_for_byte() -> Result<()> {
+    let (env, cluster) = TestEnv::with_cluster("chain").await?;
+    let size = 64 * MIB;
+    let vm = start_vm(cluster, &env, "node-1", "vm1", &[("disk0", "qcow2", size)])?;
+    wait_instance(&env, "vm1", "node-1").await?;
+    let dir: PathBuf = cluster
+        .backup_dir("node-1")
+        .join(&env.namespace)
+        .join("vm1");
+    let mut model = DiskModel::new(size);
+    let mut expected = Vec::new();
+
+    model.write(&vm, "disk0", 0xa1, 0, 8 * MIB)?;
+    apply(
+        &env,
+        &backup_yaml("full-1", "vm1", &push_extra(&dir, None, Some("c1"))),
+    )?;
+    let b = wait_backup(&env, "full-1", BackupPhase::Succeeded).await?;
+    expected.push(("full-1", model.sha256()));
+    assert_eq!(b.status.as_ref().unwrap().checkpoint.as_deref(), Some("c1"));
+    wait_checkpoint(&env, "c1", CheckpointPhase::Ready).await?;
+
+    let mut base = "c1".to_string();
+    for round in 1..=3u8 {
+        model.write(
+            &vm,
+            "disk0",
+            0xb0 + round,
+            u64::from(round) * 4 * MIB + 4096,
+            512 * 1024,
+        )?;
+        let name = format!("inc-{round}");
+        let next = format!("c{}", round + 1);
+        apply(
+            &env,
+            &backup_yaml(&name, "vm1", &push_extra(&dir, Some(&base), Some(&next))),
+        )?;
+        let b = wait_backup(&env, &name, BackupPhase::Succeeded).await?;
+        let disk = &b.status.as_ref().unwrap().disks[0];
+        assert_eq!(disk.incremental_from.as_deref(), Some(base.as_str()));
+        assert!(
+            disk.backing_file.is_some(),
+            "incremental has no backing file: {disk:?}"
+        );
+        assert!(
+            disk.bytes_copied.unwrap_or(0) < size as i64 / 4,
+            "incremental copied too much: {disk:?}"
+        );
+        expected.push((Box::leak(name.into_boxed_str()), model.sha256()));
+        wait_checkpoint(&env, &next, CheckpointPhase::Ready).await?;
+        base = next;
+    }
+    // An independent chain: incremental from the oldest checkpoint still works.
+    model.write(&vm, "disk0", 0xee, 40 * MIB, MIB)?;
+    apply(
+        &env,
+        &backup_yaml("from-c1", "vm1", &push_extra(&dir, Some("c1"), None)),
+    )?;
+    wait_backup(&env, "from-c1", BackupPhase::Succeeded).await?;
+    expected.push(("from-c1", model.sha256()));
+
+    let out_dir = tempfile::tempdir()?;
+    for (name, sha) in &expected {
+        let restored = restore(&dir, name, &out_dir.path().join(format!("{name}.raw")))?;
+        assert_eq!(
+            &restored, sha,
+            "restore of {name} differs from the disk at that backup"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pull_export_is_readable_and_torn_down() -> Result<()> {
+    let (env, cluster) = TestEnv::with_cluster("pull").await?;
+    let vm = start_vm(
+        cluster,
+        &env,
+        "node-1",
+        "vm1",
+        &[("disk0", "qcow2", 64 * MIB)],
+    )?;
+    wait_instance(&env, "vm1", "node-1").await?;
+    apply(&env, &checkpoint_yaml("base", "vm1", ""))?;
+    wait_checkpoint(&env, "base", CheckpointPhase::Ready).await?;
+    vm.write("disk0", 0x42, 4 * MIB, MIB)?;
+
+    apply(
+        &env,
+        &backup_yaml("pull-1", "vm1", "  mode: Pull\n  incremental: base\n"),
+    )?;
+    let b = wait_backup(&env, "pull-1", BackupPhase::Exporting).await?;
+    let status = b.status.unwrap();
+    let disk = &status.disks[0];
+    let url = disk.target.clone().context("export URL per disk")?;
+    let ctx = disk.bitmap_context.clone().context("bitmap context")?;
+    assert!(ctx.starts_with("qemu:dirty-bitmap:"), "{ctx}");
+    let map = std::process::Command::new("nbdinfo")
+        .arg(format!("--map={ctx}"))
+        .arg(&url)
+        .output()?;
+    ensure!(
+        map.status.success(),
+        "nbdinfo --map failed: {}",
+        String::from_utf8_lossy(&map.stderr)
+    );
+    let text = String::from_utf8_lossy(&map.stdout);
+    let dirty: Vec<&str> = text.lines().filter(|l| l.contains("dirty")).collect();
+    assert!(
+        !dirty.is_empty() && dirty[0].split_whitespace().next() == Some(&(4 * MIB).to_string()),
+        "dirty map: {text}"
+    );
+    let size = std::process::Command::new("nbdinfo")
+        .arg("--size")
+        .arg(&url)
+        .output()?;
+    assert_eq!(
+        String::from_utf8_lossy(&size.stdout).trim(),
+        (64 * MIB).to_string()
+    );
+
+    let out = env
+        .kubectl(&["delete", "vmb", "pull-1", "--timeout=60s"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exports = vm.qmp("query-block-exports", serde_json::json!({}))?;
+    assert_eq!(
+        exports.as_array().map(Vec::len),
+        Some(0),
+        "exports left: {exports}"
+    );
+    assert_eq!(
+        vm.bitmaps("disk0")?,
+        vec!["base".to_string()],
+        "temporary bitmaps left behind"
+    );
+    let nodes = vm.qmp("query-named-block-nodes", serde_json::json!({"flat": true}))?;
+    let names: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node-name"].as_str())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with("cairn-")),
+        "block nodes left: {names:?}"
+    );
+    Ok(())
+}
