@@ -7,7 +7,37 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::qmp::{BlockDeviceView, QmpClient, QmpError};
+use crate::qmp::{BlockDeviceView, BlockNodeView, QmpClient, QmpError};
+
+/// Filter drivers QEMU may insert above a disk's format node (a running
+/// backup job puts `copy-before-write` there; `query-block` then shows the
+/// filter, with an auto-generated node name, as the device's root).
+const FILTER_DRIVERS: &[&str] = &[
+    "copy-before-write",
+    "backup-top",
+    "throttle",
+    "compress",
+    "preallocate",
+    "copy-on-read",
+    "blkdebug",
+    "blklogwrites",
+];
+const PROTOCOL_DRIVERS: &[&str] = &["file", "host_device", "host_cdrom", "nbd"];
+
+/// The format node under any filters: same image file, not a filter, not a protocol node.
+fn format_node<'a>(top: &'a BlockNodeView, nodes: &'a [BlockNodeView]) -> &'a BlockNodeView {
+    if !FILTER_DRIVERS.contains(&top.drv.as_str()) {
+        return top;
+    }
+    nodes
+        .iter()
+        .find(|n| {
+            n.file == top.file
+                && !FILTER_DRIVERS.contains(&n.drv.as_str())
+                && !PROTOCOL_DRIVERS.contains(&n.drv.as_str())
+        })
+        .unwrap_or(top)
+}
 
 /// Which VM, as the discovery layout names it (`<root>/<namespace>/<name>.sock`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -260,12 +290,14 @@ fn disk_name(dev: &BlockDeviceView, node: &str) -> String {
     node.to_string()
 }
 
-/// Converts `query-block` output into disks (devices without a medium are skipped).
-pub fn disks_from_devices(devices: &[BlockDeviceView]) -> Vec<Disk> {
+/// Converts `query-block` output into disks (devices without a medium are
+/// skipped). `nodes` (`query-named-block-nodes`) resolves filters sitting
+/// above a format node; it may be empty when no filter is present.
+pub fn disks_from_devices(devices: &[BlockDeviceView], nodes: &[BlockNodeView]) -> Vec<Disk> {
     devices
         .iter()
         .filter_map(|dev| {
-            let node = dev.inserted.as_ref()?;
+            let node = format_node(dev.inserted.as_ref()?, nodes);
             let node_name = node.node_name.clone().unwrap_or_default();
             Some(Disk {
                 name: disk_name(dev, &node_name),
@@ -302,11 +334,20 @@ pub async fn read_inventory(client: &QmpClient, vm: &VmRef) -> Result<VmInventor
     };
     let devices = client.query_block().await.map_err(wrap)?;
     let run_state = client.query_run_state().await.map_err(wrap)?;
+    let filtered = devices
+        .iter()
+        .filter_map(|d| d.inserted.as_ref())
+        .any(|n| FILTER_DRIVERS.contains(&n.drv.as_str()));
+    let nodes = if filtered {
+        client.query_named_block_nodes().await.map_err(wrap)?
+    } else {
+        Vec::new()
+    };
     Ok(VmInventory {
         vm: vm.clone(),
         qemu_version: client.qemu_version().unwrap_or_default(),
         run_state,
-        disks: disks_from_devices(&devices),
+        disks: disks_from_devices(&devices, &nodes),
     })
 }
 
@@ -361,7 +402,7 @@ mod tests {
     fn names_from_qdev_paths() {
         let json = r#"[{"device":"","qdev":"/machine/peripheral/vda/virtio-backend","inserted":{"node-name":"n1","drv":"qcow2","file":"/x","ro":false,"image":{"filename":"/x","format":"qcow2","virtual-size":10,"new-field":1},"dirty-bitmaps":[{"name":"c1","granularity":65536,"count":0,"recording":true,"persistent":true,"busy":false},{"granularity":65536,"count":0,"recording":true,"persistent":false,"busy":true}]}},{"device":"ide0","locked":false}]"#;
         let devs: Vec<BlockDeviceView> = serde_json::from_str(json).unwrap();
-        let disks = disks_from_devices(&devs);
+        let disks = disks_from_devices(&devs, &[]);
         assert_eq!(disks.len(), 1);
         assert_eq!(disks[0].name, "vda");
         assert_eq!(disks[0].bitmaps.len(), 1);

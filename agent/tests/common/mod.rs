@@ -32,7 +32,7 @@ pub struct TestVm {
 
 pub fn fast_options() -> QmpOptions {
     QmpOptions {
-        command_timeout: Duration::from_secs(20),
+        command_timeout: Duration::from_secs(5),
         handshake_timeout: Duration::from_secs(3),
         reconnect: true,
         backoff_initial: Duration::from_millis(50),
@@ -113,6 +113,28 @@ impl TestVm {
         .await
         .expect("reconnect")
         .unwrap();
+    }
+
+    /// Drops the session (as a dying agent would) and opens a new one.
+    /// QEMU serves one client per QMP socket, so the old one must go first.
+    pub async fn reconnect_client(&mut self) {
+        let old = std::mem::replace(
+            &mut self.client,
+            QmpClient::spawn("/nonexistent", fast_options()),
+        );
+        drop(old);
+        self.client = QmpClient::connect(&self.vm.socket, fast_options())
+            .await
+            .expect("QMP reconnect");
+    }
+
+    /// Closes the fixture's session so another client (discovery) can connect.
+    pub fn release_client(&mut self) {
+        let old = std::mem::replace(
+            &mut self.client,
+            QmpClient::spawn("/nonexistent", fast_options()),
+        );
+        drop(old);
     }
 
     /// Clean shutdown through QMP (`quit`): persistent bitmaps get stored.
