@@ -8,6 +8,7 @@
 pub mod control_plane;
 pub mod harness;
 pub mod local_cluster;
+pub mod scenario;
 pub mod tools;
 pub mod vm;
 pub mod wait;

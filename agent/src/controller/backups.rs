@@ -558,12 +558,12 @@ async fn delete(
     let phase = status.phase.unwrap_or_default();
     if task_alive(ctx, uid) {
         // Cancel the jobs; the task sees the cancellation, cleans up and reports.
-        if let Some((_, client)) = &session {
-            if let Ok(jobs) = client.query_jobs().await {
-                let prefix = OperationId::new(uid).prefix();
-                for j in jobs.iter().filter(|j| j.id.starts_with(&prefix)) {
-                    let _ = client.job_cancel(&j.id).await;
-                }
+        if let Some((_, client)) = &session
+            && let Ok(jobs) = client.query_jobs().await
+        {
+            let prefix = OperationId::new(uid).prefix();
+            for j in jobs.iter().filter(|j| j.id.starts_with(&prefix)) {
+                let _ = client.job_cancel(&j.id).await;
             }
         }
         return Ok(Action::requeue(Duration::from_millis(500)));

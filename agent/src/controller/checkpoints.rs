@@ -268,15 +268,18 @@ async fn create(
             Err(_) => {
                 let backups: Api<VirtualMachineBackup> =
                     Api::namespaced(ctx.client.clone(), &vmref.namespace);
-                let phase = backups
+                let backup_state = backups
                     .get_opt(backup)
                     .await?
-                    .and_then(|b| b.status)
-                    .and_then(|s| s.phase);
-                match phase {
-                    None | Some(BackupPhase::Failed | BackupPhase::Cancelled) => {
-                        fail(api, &name, status, generation, "BackupFailed", format!("backup {backup} that was to create this checkpoint did not start; nothing was created")).await
+                    .map(|b| b.status.and_then(|s| s.phase));
+                match backup_state {
+                    None | Some(Some(BackupPhase::Failed | BackupPhase::Cancelled)) => {
+                        fail(api, &name, status, generation, "BackupFailed", format!("backup {backup} that was to create this checkpoint failed or is gone; no bitmap was created")).await
                     }
+                    Some(Some(BackupPhase::Succeeded | BackupPhase::Exporting)) => {
+                        fail(api, &name, status, generation, "BitmapMissing", format!("backup {backup} finished but bitmap {} is not on VM {vmref}", request.name)).await
+                    }
+                    // Not started yet, or running: the bitmaps come with the job's transaction.
                     _ => Ok(Action::requeue(Duration::from_secs(1))),
                 }
             }

@@ -1,0 +1,196 @@
+//! Building blocks of end-to-end scenarios: manifests, waits on phases,
+//! a byte-exact model of what the guest wrote, and restore through the real
+//! `cairn-agent restore` binary.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use cairn_api::{
+    BackupPhase, CheckpointPhase, QemuInstance, VirtualMachineBackup, VirtualMachineCheckpoint,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::Api;
+use sha2::{Digest, Sha256};
+
+use crate::harness::TestEnv;
+use crate::local_cluster::{LocalCluster, binary};
+use crate::vm::TestVm;
+use crate::wait;
+
+/// One mebibyte.
+pub const MIB: u64 = 1 << 20;
+/// Default wait for a phase.
+pub const T: Duration = Duration::from_secs(60);
+
+/// What the guest wrote, byte for byte: the expected disk content.
+pub struct DiskModel(pub Vec<u8>);
+
+impl DiskModel {
+    /// A zeroed disk of `size` bytes.
+    pub fn new(size: u64) -> Self {
+        Self(vec![0; size as usize])
+    }
+    /// Writes through the VM and records the write.
+    pub fn write(
+        &mut self,
+        vm: &TestVm,
+        disk: &str,
+        pattern: u8,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        vm.write(disk, pattern, offset, len)?;
+        self.0[offset as usize..(offset + len) as usize].fill(pattern);
+        Ok(())
+    }
+    /// sha256 of the expected content.
+    pub fn sha256(&self) -> String {
+        hex(&Sha256::digest(&self.0))
+    }
+}
+
+/// Lower-case hex.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `kubectl apply -f -` in the env's namespace.
+pub fn apply(env: &TestEnv, yaml: &str) -> Result<()> {
+    let (ok, out, err) = env.kubectl_stdin(&["apply", "-f", "-"], yaml)?;
+    ensure!(ok, "kubectl apply failed: {err}\n{yaml}");
+    let _ = out;
+    Ok(())
+}
+
+/// A checkpoint manifest; `extra` is more spec lines.
+pub fn checkpoint_yaml(name: &str, vm: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: cairn.dev/v1alpha1\nkind: VirtualMachineCheckpoint\nmetadata:\n  name: {name}\nspec:\n  virtualMachine: {vm}\n{extra}"
+    )
+}
+
+/// A backup manifest; `extra` is more spec lines.
+pub fn backup_yaml(name: &str, vm: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: cairn.dev/v1alpha1\nkind: VirtualMachineBackup\nmetadata:\n  name: {name}\nspec:\n  virtualMachine: {vm}\n{extra}"
+    )
+}
+
+/// Spec lines of a push backup into `dir`.
+pub fn push_extra(dir: &Path, incremental: Option<&str>, checkpoint: Option<&str>) -> String {
+    let mut s = format!("  target:\n    directory:\n      path: {}\n", dir.display());
+    if let Some(i) = incremental {
+        s.push_str(&format!("  incremental: {i}\n"));
+    }
+    if let Some(c) = checkpoint {
+        s.push_str(&format!("  checkpoint:\n    name: {c}\n"));
+    }
+    s
+}
+
+/// Starts a VM whose socket node `node`'s agent watches.
+pub fn start_vm(
+    cluster: &LocalCluster,
+    env: &TestEnv,
+    node: &str,
+    name: &str,
+    disks: &[(&str, &str, u64)],
+) -> Result<TestVm> {
+    let dir = cluster.state_dir.join("vms").join(&env.namespace);
+    TestVm::start(&cluster.qmp_dir(node), &env.namespace, name, &dir, disks)
+}
+
+/// Waits until the agent of `node` published the VM.
+pub async fn wait_instance(env: &TestEnv, vm: &str, node: &str) -> Result<QemuInstance> {
+    let api: Api<QemuInstance> = Api::namespaced(env.client.clone(), &env.namespace);
+    wait::until(&api, vm, T, "QemuInstance published", |qi| {
+        qi.status
+            .as_ref()
+            .is_some_and(|s| s.node_name.as_deref() == Some(node) && !s.disks.is_empty())
+    })
+    .await
+}
+
+/// Waits for a checkpoint phase.
+pub async fn wait_checkpoint(
+    env: &TestEnv,
+    name: &str,
+    phase: CheckpointPhase,
+) -> Result<VirtualMachineCheckpoint> {
+    let api: Api<VirtualMachineCheckpoint> = Api::namespaced(env.client.clone(), &env.namespace);
+    wait::until(&api, name, T, &format!("checkpoint {phase:?}"), |c| {
+        c.status.as_ref().and_then(|s| s.phase) == Some(phase)
+    })
+    .await
+}
+
+/// Waits for a backup phase; fails early when it ends in another one.
+pub async fn wait_backup(
+    env: &TestEnv,
+    name: &str,
+    phase: BackupPhase,
+) -> Result<VirtualMachineBackup> {
+    let api: Api<VirtualMachineBackup> = Api::namespaced(env.client.clone(), &env.namespace);
+    wait::until(
+        &api,
+        name,
+        Duration::from_secs(120),
+        &format!("backup {phase:?}"),
+        |b| {
+            let p = b.status.as_ref().and_then(|s| s.phase);
+            p == Some(phase) || (p.is_some_and(BackupPhase::is_finished) && p != Some(phase))
+        },
+    )
+    .await
+    .and_then(|b| {
+        let p = b.status.as_ref().and_then(|s| s.phase);
+        ensure!(
+            p == Some(phase),
+            "backup {name} ended {p:?}, not {phase:?}: {:#?}",
+            b.status
+        );
+        Ok(b)
+    })
+}
+
+/// The condition of type `t`.
+pub fn condition<'a>(conds: &'a [Condition], t: &str) -> Option<&'a Condition> {
+    conds.iter().find(|c| c.type_ == t)
+}
+
+/// Restores the backup `name` found in `dir` with `cairn-agent restore` and returns the sha256 it verified.
+pub fn restore(dir: &Path, name: &str, out: &Path) -> Result<String> {
+    let manifest = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            let f = p.file_name().unwrap().to_string_lossy();
+            f.starts_with(name) && f.ends_with(".json")
+        })
+        .with_context(|| format!("no manifest of {name} in {}", dir.display()))?;
+    let o = std::process::Command::new(binary("cairn-agent"))
+        .args(["restore", "--manifest"])
+        .arg(&manifest)
+        .arg("--output")
+        .arg(out)
+        .args(["--format", "raw"])
+        .output()?;
+    ensure!(
+        o.status.success(),
+        "restore failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let sha = text
+        .split("sha256:")
+        .nth(1)
+        .context("restore printed no sha256")?
+        .trim()
+        .to_string();
+    let actual = hex(&Sha256::digest(std::fs::read(out)?));
+    ensure!(
+        actual == sha,
+        "restored image hashes to {actual}, restore claimed {sha}"
+    );
+    Ok(sha)
+}
