@@ -454,11 +454,12 @@ pub async fn reconcile(backup: Arc<VirtualMachineBackup>, ctx: Arc<Context>) -> 
             }
         }
     }
+    let mut version = backup.resource_version();
     if let Some(patch) = &plan.metadata {
-        routing::patch_metadata(&api, backup.as_ref(), patch).await?;
+        version = routing::patch_metadata(&api, backup.as_ref(), patch).await?;
     }
     if let Some(status) = &plan.status {
-        routing::apply_status(&api, &name, status).await?;
+        routing::apply_status(&api, &name, version, status).await?;
         tracing::info!(phase = ?status.phase, node = ?status.node_name, "status written");
     }
 

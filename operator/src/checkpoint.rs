@@ -314,11 +314,12 @@ pub async fn reconcile(cp: Arc<VirtualMachineCheckpoint>, ctx: Arc<Context>) -> 
     let plan = plan_checkpoint(&cp, &verdict, parent, Timestamp::now());
 
     // 5. apply
+    let mut version = cp.resource_version();
     if let Some(patch) = &plan.metadata {
-        routing::patch_metadata(&api, cp.as_ref(), patch).await?;
+        version = routing::patch_metadata(&api, cp.as_ref(), patch).await?;
     }
     if let Some(status) = &plan.status {
-        routing::apply_status(&api, &name, status).await?;
+        routing::apply_status(&api, &name, version, status).await?;
         tracing::info!(phase = ?status.phase, node = ?status.node_name, parent = ?status.parent, "status written");
     }
 

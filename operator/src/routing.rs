@@ -220,23 +220,38 @@ pub fn namespace_of<K: Resource>(obj: &K) -> Result<String> {
         .ok_or_else(|| Error::MissingNamespace(obj.name_any()))
 }
 
-/// Applies the metadata merge patch `patch` to `obj`.
-pub async fn patch_metadata<K>(api: &Api<K>, obj: &K, patch: &serde_json::Value) -> Result<()>
+/// Applies the metadata merge patch `patch` to `obj`; returns the new resourceVersion.
+pub async fn patch_metadata<K>(
+    api: &Api<K>,
+    obj: &K,
+    patch: &serde_json::Value,
+) -> Result<Option<String>>
 where
     K: Resource + Clone + DeserializeOwned + Debug,
 {
-    api.patch(
-        &obj.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(patch),
-    )
-    .await
-    .map_err(Error::kube(format!("labelling {}", obj.name_any())))?;
-    Ok(())
+    let updated = api
+        .patch(
+            &obj.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await
+        .map_err(Error::kube(format!("labelling {}", obj.name_any())))?;
+    Ok(updated.resource_version())
 }
 
 /// Writes the operator's status fields with server-side apply (manager `cairn-operator`, forced).
-pub async fn apply_status<K, S>(api: &Api<K>, name: &str, status: &S) -> Result<()>
+///
+/// The body carries `resource_version`, the version the plan was made from: if the
+/// agent wrote status in between (it starts as soon as the routing label lands),
+/// the API server answers Conflict and the next reconcile plans from fresh state,
+/// instead of this write forcing `phase` back to Pending over the agent's Running.
+pub async fn apply_status<K, S>(
+    api: &Api<K>,
+    name: &str,
+    resource_version: Option<String>,
+    status: &S,
+) -> Result<()>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     S: Serialize,
@@ -244,6 +259,7 @@ where
     let body = json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
+        "metadata": {"resourceVersion": resource_version},
         "status": status,
     });
     api.patch_status(
