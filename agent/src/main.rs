@@ -63,6 +63,14 @@ struct Cli {
     /// Seconds between refreshes of QemuInstance status.
     #[arg(long, env = "CAIRN_RESYNC_SECONDS", default_value_t = 5, global = true)]
     resync_seconds: u64,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(
+        long,
+        env = "CAIRN_METRICS_ADDR",
+        default_value = "0.0.0.0:8081",
+        global = true
+    )]
+    metrics_addr: String,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info", global = true)]
     log: String,
@@ -116,6 +124,7 @@ async fn main() -> anyhow::Result<()> {
                 rescan_interval: Duration::from_secs(cli.rescan_seconds.max(1)),
                 qmp_timeout: Duration::from_secs(cli.qmp_timeout_seconds.max(1)),
                 resync_interval: Duration::from_secs(cli.resync_seconds.max(1)),
+                metrics_addr: cli.metrics_addr,
             };
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;

@@ -34,13 +34,20 @@ use crate::qmp::QmpClient;
 pub async fn run(ctx: Arc<Context>) {
     let api: Api<VirtualMachineBackup> = Api::all(ctx.client.clone());
     let selector = format!("{NODE_LABEL}={}", ctx.config.node_name);
+    let health = ctx.health.clone();
     Controller::new(api, watcher::Config::default().labels(&selector))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "backup reconcile error");
-            }
+        .for_each(|r| {
+            let outcome = if r.is_ok() { "ok" } else { "error" };
+            health
+                .reconciles
+                .get_or_create(&super::health::OutcomeLabel {
+                    controller: "backup",
+                    outcome,
+                })
+                .inc();
+            async {}
         })
         .await;
 }

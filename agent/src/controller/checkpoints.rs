@@ -30,13 +30,20 @@ use crate::checkpoint::{
 pub async fn run(ctx: Arc<Context>) {
     let api: Api<VirtualMachineCheckpoint> = Api::all(ctx.client.clone());
     let selector = format!("{NODE_LABEL}={}", ctx.config.node_name);
+    let health = ctx.health.clone();
     Controller::new(api, watcher::Config::default().labels(&selector))
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "checkpoint reconcile error");
-            }
+        .for_each(|r| {
+            let outcome = if r.is_ok() { "ok" } else { "error" };
+            health
+                .reconciles
+                .get_or_create(&super::health::OutcomeLabel {
+                    controller: "checkpoint",
+                    outcome,
+                })
+                .inc();
+            async {}
         })
         .await;
 }

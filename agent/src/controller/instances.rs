@@ -34,6 +34,7 @@ pub async fn run(ctx: Arc<Context>) {
 /// One pass: publish present VMs, delete QemuInstances of vanished ones.
 pub async fn publish_all(ctx: &Context) {
     let vms = ctx.discovery.vms();
+    ctx.health.vms.set(vms.len() as i64);
     let mut present = BTreeSet::new();
     for vm in &vms {
         present.insert((vm.namespace.clone(), vm.name.clone()));

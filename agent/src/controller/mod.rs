@@ -11,6 +11,7 @@
 
 pub mod backups;
 pub mod checkpoints;
+pub mod health;
 pub mod instances;
 pub mod status;
 
@@ -43,6 +44,8 @@ pub struct NodeAgentConfig {
     pub qmp_timeout: Duration,
     /// How often QemuInstance status and Ready checkpoints are refreshed.
     pub resync_interval: Duration,
+    /// Address of `/healthz`, `/readyz` and `/metrics` (`127.0.0.1:0` picks a port).
+    pub metrics_addr: String,
 }
 
 /// State shared by the agent's loops.
@@ -59,6 +62,8 @@ pub struct Context {
     pub scratch: TargetPolicy,
     /// Backup jobs this process watches, by backup UID.
     pub jobs: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// Metrics and readiness.
+    pub health: Arc<health::Health>,
 }
 
 /// Errors of the Kubernetes side of the agent.
@@ -70,6 +75,15 @@ pub enum ControllerError {
     /// Discovery could not start.
     #[error(transparent)]
     Discovery(#[from] crate::discovery::DiscoveryError),
+    /// The metrics endpoint could not bind.
+    #[error("cannot serve metrics on {addr}")]
+    Metrics {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// An object lacks a field the API server always sets.
     #[error("object lacks {0}")]
     MissingField(&'static str),
@@ -91,6 +105,16 @@ pub async fn run(
             ..QmpOptions::default()
         },
     })?;
+    let health = Arc::new(health::Health::default());
+    let bound = health::serve(&config.metrics_addr, health.clone())
+        .await
+        .map_err(|source| ControllerError::Metrics {
+            addr: config.metrics_addr.clone(),
+            source,
+        })?;
+    client.apiserver_version().await?;
+    health.set_ready();
+    tracing::info!(metrics = %bound, "serving /healthz, /readyz, /metrics");
     let ctx = Arc::new(Context {
         client,
         targets: TargetPolicy::new(config.backup_roots.clone()),
@@ -98,6 +122,7 @@ pub async fn run(
         config,
         discovery,
         jobs: Mutex::new(HashMap::new()),
+        health,
     });
     tracing::info!(node = %ctx.config.node_name, socket_dir = %ctx.config.socket_dir.display(), "agent started");
     tokio::select! {
