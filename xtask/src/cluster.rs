@@ -20,7 +20,7 @@ pub enum Action {
     Down,
 }
 
-fn state_dir() -> PathBuf {
+pub fn state_dir() -> PathBuf {
     std::env::var_os("CAIRN_STATE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| std::env::temp_dir().join("cairn-cluster"))
@@ -47,7 +47,7 @@ pub fn run(action: Action) -> Result<()> {
     }
 }
 
-fn build_binaries() -> Result<()> {
+pub fn build_binaries() -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .args([
@@ -63,45 +63,5 @@ fn build_binaries() -> Result<()> {
     if !status.success() {
         bail!("building cairn-operator and cairn-agent failed");
     }
-    Ok(())
-}
-
-/// The demo: a local cluster, Cairn's CRDs and the examples applied, and what the
-/// cluster shows for them.
-pub fn demo() -> Result<()> {
-    let dir = state_dir();
-    LocalCluster::down(&dir)?;
-    build_binaries()?;
-    let cluster = LocalCluster::up(&dir, 1, None)?;
-    let kubectl = |args: &[&str]| -> Result<String> {
-        let out = Command::new(&cluster.cp.tools.kubectl)
-            .arg(format!("--kubeconfig={}", cluster.cp.kubeconfig.display()))
-            .args(args)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "kubectl {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    println!(
-        "== Cairn demo: kube-apiserver {} ==",
-        cluster.cp.server_version()?
-    );
-    kubectl(&["create", "namespace", "demo"])?;
-    let examples = cairn_e2e::tools::repo_root().join("examples");
-    print!(
-        "{}",
-        kubectl(&["apply", "-n", "demo", "-f", examples.to_str().unwrap()])?
-    );
-    println!("\n$ kubectl get cairn -A");
-    print!("{}", kubectl(&["get", "cairn", "-A"])?);
-    println!("\n$ kubectl explain virtualmachinebackup.spec");
-    print!("{}", kubectl(&["explain", "virtualmachinebackup.spec"])?);
-    LocalCluster::down(&dir)?;
-    println!("\ndemo finished; cluster stopped");
     Ok(())
 }

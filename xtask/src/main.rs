@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bench;
 mod cluster;
 mod crdgen;
 mod demo;
@@ -38,6 +39,12 @@ enum Task {
         #[command(subcommand)]
         action: cluster::Action,
     },
+    /// Benchmarks against QEMU, qemu-img, qemu-nbd and virtnbdbackup; writes BENCHMARKS.md.
+    Bench {
+        /// Fewer runs and smaller sizes (a few minutes).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -46,5 +53,6 @@ fn main() -> Result<()> {
         Task::Demo => demo::run(),
         Task::Crdgen { check } => crdgen::run(check),
         Task::Cluster { action } => cluster::run(action),
+        Task::Bench { quick } => bench::run(quick),
     }
 }

@@ -1,0 +1,425 @@
+//! Data-path measurements without a cluster: Cairn's library (`run_push_backup`,
+//! `start_pull_export`, `cairn-agent restore`) against QEMU driven directly over
+//! QMP, `qemu-img convert`, `qemu-nbd` + `nbdcopy`, on one guestless QEMU.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use cairn_agent::backup::{
+    PullRequest, PushRequest, TargetPolicy, run_push_backup, start_pull_export, start_push_backup,
+    stop_pull_export,
+};
+use cairn_agent::identity::OperationId;
+use serde_json::json;
+
+use super::qemu::{
+    BenchVm, DISK, FMT_NODE, MIB, bench_qdev, copy_image, direct_backup, dirty, drop_caches,
+    guest_write, run,
+};
+use super::{Config, Samples};
+
+/// Dirty fractions of the incremental section.
+pub const FRACTIONS: [f64; 3] = [0.01, 0.10, 0.50];
+
+/// Everything the data-path sections measured.
+#[derive(Default)]
+pub struct DataResults {
+    /// Full push: Cairn library.
+    pub full_cairn: Samples,
+    /// Of it: the manifest checksum.
+    pub full_checksum: Samples,
+    /// Full push: QEMU blockdev-backup over QMP.
+    pub full_qemu: Samples,
+    /// `qemu-img convert -t none -T none`.
+    pub full_convert: Samples,
+    /// Incremental per fraction: Cairn library.
+    pub inc_cairn: [Samples; 3],
+    /// Of it: the manifest checksum.
+    pub inc_checksum: [Samples; 3],
+    /// Incremental per fraction: QEMU's own job.
+    pub inc_qemu: [Samples; 3],
+    /// Restore: `cairn-agent restore`.
+    pub restore_cairn: Samples,
+    /// Restore: `qemu-img convert` of the chain.
+    pub restore_convert: Samples,
+    /// Pull: start_pull_export (full) until ready.
+    pub pull_ready: Samples,
+    /// Pull: start_pull_export (incremental) until ready.
+    pub pull_ready_inc: Samples,
+    /// Pull: nbdcopy of the full export.
+    pub pull_read_full: Samples,
+    /// Pull: dirty extents (10 %) only.
+    pub pull_read_dirty: Samples,
+    /// Bytes of the dirty read.
+    pub pull_dirty_bytes: u64,
+    /// qemu-nbd: until the export answers.
+    pub qemu_nbd_ready: Samples,
+    /// qemu-nbd: nbdcopy of the whole image.
+    pub qemu_nbd_read: Samples,
+    /// Guest write IOPS idle.
+    pub iops_idle: Samples,
+    /// Guest write IOPS during a full backup.
+    pub iops_backup: Samples,
+    /// Whether the page cache was dropped before timed steps.
+    pub cold_cache: bool,
+}
+
+fn agent_binary() -> PathBuf {
+    cairn_e2e::local_cluster::binary("cairn-agent")
+}
+
+fn cold(results: &mut DataResults) {
+    results.cold_cache = drop_caches();
+}
+
+/// Runs sections 1 (library, QEMU, convert), 2 (Cairn and QEMU), 3, 4 and 6.
+pub async fn run_all(cfg: &Config, base: &Path, r: &mut DataResults) -> Result<()> {
+    let work = cfg.work.join("data");
+    let _ = std::fs::remove_dir_all(&work);
+    let out = work.join("out");
+    std::fs::create_dir_all(&out)?;
+    let policy = TargetPolicy::new([out.clone()]);
+    let image = work.join("vm.qcow2");
+    copy_image(base, &image)?;
+    let vm = BenchVm::start(&work.join("qmp/bench/lib.sock"), "bench", "lib", &image, 64).await?;
+    let size = cfg.disk_size;
+    let qdev = bench_qdev();
+
+    for run_no in 0..cfg.runs {
+        eprintln!("bench: data path run {}/{}", run_no + 1, cfg.runs);
+        // 1. Full push.
+        cold(r);
+        let dir = out.join(format!("full-{run_no}"));
+        let t = Instant::now();
+        let done = run_push_backup(
+            &vm.client,
+            &vm.vm,
+            &policy,
+            &push_request(&format!("full-{run_no}"), &dir, None, None),
+        )
+        .await?;
+        r.full_cairn.push(t.elapsed().as_secs_f64());
+        let file = dir.join(&done.manifest.disks[0].file);
+        cold(r);
+        let t = Instant::now();
+        cairn_agent::image::content_sha256(&file, "qcow2").await?;
+        r.full_checksum.push(t.elapsed().as_secs_f64());
+        std::fs::remove_dir_all(&dir)?;
+
+        cold(r);
+        let target = out.join(format!("direct-{run_no}.qcow2"));
+        let t = Instant::now();
+        direct_backup(&vm.client, size, &target, None, "full").await?;
+        r.full_qemu.push(t.elapsed().as_secs_f64());
+        std::fs::remove_file(&target)?;
+
+        cold(r);
+        let target = out.join(format!("convert-{run_no}.qcow2"));
+        let t = Instant::now();
+        run(Command::new("qemu-img")
+            .args([
+                "convert", "-t", "none", "-T", "none", "-f", "qcow2", "-O", "qcow2",
+            ])
+            .arg(base)
+            .arg(&target))?;
+        r.full_convert.push(t.elapsed().as_secs_f64());
+        std::fs::remove_file(&target)?;
+
+        // 2. Incrementals 1 %, 10 %, 50 %: a chain full + 3 incrementals (reused by 4).
+        let chain = out.join(format!("chain-{run_no}"));
+        let cp = |i: usize| format!("c{run_no}-{i}");
+        let raw = |i: usize| format!("raw{run_no}-{i}");
+        run_push_backup(
+            &vm.client,
+            &vm.vm,
+            &policy,
+            &push_request(&format!("chain{run_no}-0"), &chain, None, Some(cp(0))),
+        )
+        .await?;
+        add_bitmap(&vm, &raw(0)).await?;
+        let mut prev_direct = out.join(format!("chain-direct-{run_no}-0.qcow2"));
+        run(Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&prev_direct)
+            .arg(size.to_string()))?;
+        for (i, f) in FRACTIONS.iter().enumerate() {
+            dirty(&vm.writer, &qdev, size, *f, (run_no * 10 + i) as u64 + 1).await?;
+            cold(r);
+            let direct = out.join(format!("chain-direct-{run_no}-{}.qcow2", i + 1));
+            let t = Instant::now();
+            direct_backup(
+                &vm.client,
+                size,
+                &direct,
+                Some(&prev_direct),
+                &format!("bitmap:{}", raw(i)),
+            )
+            .await?;
+            r.inc_qemu[i].push(t.elapsed().as_secs_f64());
+            prev_direct = direct;
+
+            cold(r);
+            let name = format!("chain{run_no}-{}", i + 1);
+            let t = Instant::now();
+            let done = run_push_backup(
+                &vm.client,
+                &vm.vm,
+                &policy,
+                &push_request(&name, &chain, Some(cp(i)), Some(cp(i + 1))),
+            )
+            .await?;
+            r.inc_cairn[i].push(t.elapsed().as_secs_f64());
+            // Same moment as the new checkpoint: no guest writes in between.
+            remove_bitmap(&vm, &raw(i)).await?;
+            add_bitmap(&vm, &raw(i + 1)).await?;
+            cold(r);
+            let t = Instant::now();
+            cairn_agent::image::content_sha256(&chain.join(&done.manifest.disks[0].file), "qcow2")
+                .await?;
+            r.inc_checksum[i].push(t.elapsed().as_secs_f64());
+        }
+        remove_bitmap(&vm, &raw(FRACTIONS.len())).await?;
+
+        // 4. Restore of full + 3 incrementals.
+        let manifest = chain.join(format!("chain{run_no}-3.manifest.json"));
+        let newest = chain.join(format!("chain{run_no}-3.{DISK}.qcow2"));
+        let restored = out.join("restore.qcow2");
+        cold(r);
+        let t = Instant::now();
+        run(Command::new(agent_binary())
+            .args(["restore", "--format", "qcow2", "--manifest"])
+            .arg(&manifest)
+            .arg("--output")
+            .arg(&restored))?;
+        r.restore_cairn.push(t.elapsed().as_secs_f64());
+        std::fs::remove_file(&restored)?;
+        cold(r);
+        let t = Instant::now();
+        run(Command::new("qemu-img")
+            .args([
+                "convert", "-t", "none", "-T", "none", "-f", "qcow2", "-O", "qcow2",
+            ])
+            .arg(&newest)
+            .arg(&restored))?;
+        r.restore_convert.push(t.elapsed().as_secs_f64());
+        std::fs::remove_file(&restored)?;
+        std::fs::remove_dir_all(&chain)?;
+        for i in 0..=FRACTIONS.len() {
+            let _ = std::fs::remove_file(out.join(format!("chain-direct-{run_no}-{i}.qcow2")));
+            let _ = vm.client.remove_bitmap(FMT_NODE, &cp(i)).await;
+        }
+
+        // 3. Pull.
+        pull_run(cfg, &vm, &policy, &out, base, run_no, r).await?;
+
+        // 6. Guest impact.
+        guest_impact(&vm, &policy, &out, run_no, r).await?;
+    }
+    vm.quit().await?;
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+fn push_request(
+    name: &str,
+    dir: &Path,
+    incremental: Option<String>,
+    checkpoint: Option<String>,
+) -> PushRequest {
+    PushRequest {
+        operation: OperationId::new(format!("bench-{name}")),
+        name: name.into(),
+        disks: None,
+        incremental,
+        new_checkpoint: checkpoint,
+        target_dir: dir.to_path_buf(),
+        fallback_to_full: false,
+        speed_limit: None,
+    }
+}
+
+async fn add_bitmap(vm: &BenchVm, name: &str) -> Result<()> {
+    vm.client
+        .execute_raw(
+            "block-dirty-bitmap-add",
+            Some(json!({"node": FMT_NODE, "name": name, "persistent": false})),
+        )
+        .await?;
+    Ok(())
+}
+
+async fn remove_bitmap(vm: &BenchVm, name: &str) -> Result<()> {
+    vm.client
+        .execute_raw(
+            "block-dirty-bitmap-remove",
+            Some(json!({"node": FMT_NODE, "name": name})),
+        )
+        .await?;
+    Ok(())
+}
+
+async fn pull_run(
+    cfg: &Config,
+    vm: &BenchVm,
+    policy: &TargetPolicy,
+    out: &Path,
+    base: &Path,
+    run_no: usize,
+    r: &mut DataResults,
+) -> Result<()> {
+    let scratch = out.join("scratch");
+    let socket = out.join(format!("pull-{run_no}.sock"));
+    let base_cp = format!("pull{run_no}");
+    let request = |id: &str, inc: Option<String>, new: Option<String>| PullRequest {
+        operation: OperationId::new(format!("bench-pull-{run_no}-{id}")),
+        disks: None,
+        incremental: inc,
+        new_checkpoint: new,
+        socket: socket.clone(),
+        scratch_dir: scratch.clone(),
+        fallback_to_full: false,
+    };
+    cold(r);
+    let full = request("full", None, Some(base_cp.clone()));
+    let t = Instant::now();
+    let export = start_pull_export(&vm.client, &vm.vm, policy, &full).await?;
+    r.pull_ready.push(t.elapsed().as_secs_f64());
+    let url = export.disks[0].url.clone();
+    let t = Instant::now();
+    run(Command::new("nbdcopy").arg(&url).arg("null:"))?;
+    r.pull_read_full.push(t.elapsed().as_secs_f64());
+    stop_pull_export(&vm.client, &full.operation, &scratch).await?;
+
+    dirty(
+        &vm.writer,
+        &bench_qdev(),
+        cfg.disk_size,
+        0.10,
+        99 + run_no as u64,
+    )
+    .await?;
+    cold(r);
+    let inc = request("inc", Some(base_cp.clone()), None);
+    let t = Instant::now();
+    let export = start_pull_export(&vm.client, &vm.vm, policy, &inc).await?;
+    r.pull_ready_inc.push(t.elapsed().as_secs_f64());
+    let d = &export.disks[0];
+    let script = super::dirty_read_script(&cfg.work)?;
+    let t = Instant::now();
+    let bytes = run(Command::new("/usr/bin/python3")
+        .arg(&script)
+        .arg(&d.url)
+        .arg(d.bitmap_context.as_deref().context("no bitmap context")?))?;
+    r.pull_read_dirty.push(t.elapsed().as_secs_f64());
+    r.pull_dirty_bytes = bytes.trim().parse().unwrap_or(0);
+    stop_pull_export(&vm.client, &inc.operation, &scratch).await?;
+    let _ = vm.client.remove_bitmap(FMT_NODE, &base_cp).await;
+
+    // Plain qemu-nbd on the same image.
+    cold(r);
+    let sock = out.join(format!("qemu-nbd-{run_no}.sock"));
+    let t = Instant::now();
+    let mut child = Command::new("qemu-nbd")
+        .args(["-r", "-t", "-f", "qcow2", "-x", "disk", "-k"])
+        .arg(&sock)
+        .arg(base)
+        .spawn()?;
+    let url = format!("nbd+unix:///disk?socket={}", sock.display());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ok = Command::new("nbdinfo")
+            .arg("--size")
+            .arg(&url)
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    r.qemu_nbd_ready.push(t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    let res = run(Command::new("nbdcopy").arg(&url).arg("null:"));
+    r.qemu_nbd_read.push(t.elapsed().as_secs_f64());
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&sock);
+    res.map(drop)
+}
+
+/// Random 4 KiB guest writes for `window` (or until `until` says stop); writes per second.
+async fn write_iops(
+    vm: &BenchVm,
+    size: u64,
+    window: Duration,
+    mut busy: impl FnMut() -> bool,
+) -> Result<f64> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let qdev = bench_qdev();
+    let t = Instant::now();
+    let mut n = 0u64;
+    while t.elapsed() < window && busy() {
+        let off = rng.random_range(0..size / 4096) * 4096;
+        guest_write(&vm.writer, &qdev, 0x42, off, 4096).await?;
+        n += 1;
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+async fn guest_impact(
+    vm: &BenchVm,
+    policy: &TargetPolicy,
+    out: &Path,
+    run_no: usize,
+    r: &mut DataResults,
+) -> Result<()> {
+    let size = vm_size(vm).await?;
+    r.iops_idle
+        .push(write_iops(vm, size, Duration::from_secs(3), || true).await?);
+    cold(r);
+    let dir = out.join(format!("impact-{run_no}"));
+    let running = start_push_backup(
+        &vm.client,
+        &vm.vm,
+        policy,
+        &push_request(&format!("impact-{run_no}"), &dir, None, None),
+    )
+    .await?;
+    // Writes while the job copies (measured from the start; stop once it ends).
+    let client = vm.client.clone();
+    let job = running.plan()[0].job_id.clone();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    let watcher = tokio::spawn(async move {
+        loop {
+            let jobs = client.query_jobs().await.unwrap_or_default();
+            if jobs.iter().all(|j| j.id != job || j.status == "concluded") {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let iops = write_iops(vm, size, Duration::from_secs(600), || {
+        !done.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await?;
+    r.iops_backup.push(iops);
+    watcher.await?;
+    running.wait().await?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+async fn vm_size(vm: &BenchVm) -> Result<u64> {
+    let inv = cairn_agent::inventory::read_inventory(&vm.client, &vm.vm).await?;
+    Ok(inv.disks.first().context("no disk")?.virtual_size)
+}
+
+/// Megabytes.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / MIB as f64
+}
