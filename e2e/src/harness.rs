@@ -28,6 +28,7 @@ pub fn control_plane() -> Result<&'static ControlPlane> {
         return Ok(cp);
     }
     let tools = Tools::ensure()?;
+    remove_stale_dirs("cairn-e2e-");
     let dir = std::env::temp_dir().join(format!("cairn-e2e-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let cp = ControlPlane::start(&tools, &dir, Some(std::process::id()))?;
@@ -52,6 +53,23 @@ pub fn local_cluster() -> Result<&'static LocalCluster> {
     if let Some(c) = CLUSTER.get() {
         return Ok(c);
     }
+    build_binaries()?;
+    remove_stale_dirs("cairn-e2e-cluster-");
+    let dir = std::env::temp_dir().join(format!("cairn-e2e-cluster-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cluster = LocalCluster::up(&dir, 2, Some(std::process::id()))?;
+    eprintln!(
+        "local cluster: kube-apiserver {} at {}, nodes {:?}, state {}",
+        cluster.cp.server_version().unwrap_or_default(),
+        cluster.cp.server,
+        cluster.nodes,
+        dir.display()
+    );
+    Ok(CLUSTER.get_or_init(|| cluster))
+}
+
+/// Builds the operator and agent binaries the tests run as processes (a no-op when fresh).
+pub fn build_binaries() -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .args([
@@ -68,17 +86,26 @@ pub fn local_cluster() -> Result<&'static LocalCluster> {
         status.success(),
         "building cairn-operator and cairn-agent failed"
     );
-    let dir = std::env::temp_dir().join(format!("cairn-e2e-cluster-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let cluster = LocalCluster::up(&dir, 2, Some(std::process::id()))?;
-    eprintln!(
-        "local cluster: kube-apiserver {} at {}, nodes {:?}, state {}",
-        cluster.cp.server_version().unwrap_or_default(),
-        cluster.cp.server,
-        cluster.nodes,
-        dir.display()
-    );
-    Ok(CLUSTER.get_or_init(|| cluster))
+    Ok(())
+}
+
+/// Removes `<tmp>/<prefix><pid>` directories of test processes that are gone.
+fn remove_stale_dirs(prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Applies the checked-in CRDs and waits until they are established.

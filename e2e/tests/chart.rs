@@ -1611,3 +1611,161 @@ async fn tenants_with_edit_manage_checkpoints_in_their_namespace_and_only_read_q
     }
     Ok(())
 }
+
+/// A token of `sa` in `namespace` from the TokenRequest API (`kubectl create token`).
+fn service_account_token(env: &TestEnv, namespace: &str, sa: &str) -> Result<String> {
+    let out = env
+        .kubectl(&["create", "token", sa, "-n", namespace, "--duration=2h"])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "kubectl create token {sa}: {}",
+        text(&out)
+    );
+    Ok(String::from_utf8(out.stdout)?.trim().to_string())
+}
+
+/// The release's operator and agent, run as local processes with the tokens of
+/// the chart's own ServiceAccounts, take a tenant VM through checkpoint → full →
+/// incremental → restore → delete. Every API call they make is authorised by the
+/// chart's RBAC alone (no kubelet here, so the pods themselves never run).
+#[tokio::test(flavor = "multi_thread")]
+async fn backup_path_works_under_the_charts_rbac() -> Result<()> {
+    use cairn_api::{BackupPhase, CheckpointPhase, VirtualMachineCheckpoint};
+    use cairn_e2e::control_plane::{spawn_service, stop_recorded, write_kubeconfig};
+    use cairn_e2e::local_cluster::binary;
+    use cairn_e2e::scenario::{self, DiskModel, MIB};
+    use cairn_e2e::vm::TestVm;
+
+    let env = TestEnv::new("chart-rbac").await?;
+    let tenant = TestEnv::on(env.cp, "chart-tenant").await?;
+    let helm = Helm::new(&env.cp.tools)?;
+    let release = release_name(&env);
+    helm_install(&env, &helm, &release, &[])?;
+    tokio::task::spawn_blocking(cairn_e2e::harness::build_binaries).await??;
+
+    let dir = std::env::temp_dir().join(format!("cairn-chart-rbac-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (qmp, backups, run) = (dir.join("qmp"), dir.join("backups"), dir.join("run"));
+    for d in [&qmp, &backups, &run] {
+        std::fs::create_dir_all(d)?;
+    }
+    let mut kubeconfigs = Vec::new();
+    for component in ["operator", "agent"] {
+        let token = service_account_token(&env, &env.namespace, &format!("{release}-{component}"))?;
+        let path = dir.join(format!("{component}.kubeconfig"));
+        write_kubeconfig(&path, &env.cp.server, &env.cp.ca_cert, &token)?;
+        kubeconfigs.push(path.display().to_string());
+    }
+    let owner = Some(std::process::id());
+    spawn_service(
+        &dir,
+        "operator",
+        &binary("cairn-operator"),
+        &[],
+        &[
+            ("KUBECONFIG", kubeconfigs[0].clone()),
+            ("POD_NAME", "operator-rbac".into()),
+            ("POD_NAMESPACE", env.namespace.clone()),
+            ("CAIRN_METRICS_ADDR", "127.0.0.1:0".into()),
+            ("RUST_LOG", "info".into()),
+        ],
+        owner,
+    )?;
+    spawn_service(
+        &dir,
+        "agent",
+        &binary("cairn-agent"),
+        &[],
+        &[
+            ("KUBECONFIG", kubeconfigs[1].clone()),
+            ("NODE_NAME", "node-rbac".into()),
+            ("CAIRN_SOCKET_DIR", qmp.display().to_string()),
+            ("CAIRN_ALLOWED_ROOTS", backups.display().to_string()),
+            ("CAIRN_RUNTIME_DIR", run.display().to_string()),
+            ("CAIRN_METRICS_ADDR", "127.0.0.1:0".into()),
+            ("CAIRN_RESCAN_SECONDS", "2".into()),
+            ("CAIRN_RESYNC_SECONDS", "3".into()),
+            ("RUST_LOG", "info".into()),
+        ],
+        owner,
+    )?;
+
+    let result: Result<()> = async {
+        let size = 64 * MIB;
+        let vm = TestVm::start(
+            &qmp,
+            &tenant.namespace,
+            "vm1",
+            &dir.join("vms"),
+            &[("disk0", "qcow2", size)],
+        )?;
+        scenario::wait_instance(&tenant, "vm1", "node-rbac").await?;
+        let target = backups.join(&tenant.namespace);
+        let mut model = DiskModel::new(size);
+        model.write(&vm, "disk0", 0x31, 0, 4 * MIB)?;
+        scenario::apply(
+            &tenant,
+            &scenario::backup_yaml(
+                "full",
+                "vm1",
+                &scenario::push_extra(&target, None, Some("c1")),
+            ),
+        )?;
+        scenario::wait_backup(&tenant, "full", BackupPhase::Succeeded).await?;
+        let full = model.sha256();
+        scenario::wait_checkpoint(&tenant, "c1", CheckpointPhase::Ready).await?;
+        model.write(&vm, "disk0", 0x32, 32 * MIB, MIB)?;
+        scenario::apply(
+            &tenant,
+            &scenario::backup_yaml(
+                "inc",
+                "vm1",
+                &scenario::push_extra(&target, Some("c1"), None),
+            ),
+        )?;
+        scenario::wait_backup(&tenant, "inc", BackupPhase::Succeeded).await?;
+        let out = tempfile::tempdir()?;
+        assert_eq!(
+            scenario::restore(&target, "full", &out.path().join("full.raw"))?,
+            full
+        );
+        assert_eq!(
+            scenario::restore(&target, "inc", &out.path().join("inc.raw"))?,
+            model.sha256()
+        );
+
+        // Deletion goes through the finalizer handshake under the same RBAC.
+        let del = tenant
+            .kubectl(&["delete", "vmb,vmcp", "--all", "--timeout=60s"])
+            .output()?;
+        ensure!(del.status.success(), "delete: {}", text(&del));
+        let cps: kube::Api<VirtualMachineCheckpoint> =
+            kube::Api::namespaced(tenant.client.clone(), &tenant.namespace);
+        cairn_e2e::wait::gone(&cps, "c1", Duration::from_secs(60)).await?;
+        assert!(
+            vm.bitmaps("disk0")?.is_empty(),
+            "bitmaps left: {:?}",
+            vm.bitmaps("disk0")?
+        );
+        Ok(())
+    }
+    .await;
+    stop_recorded(&dir)?;
+    let logs = ["operator", "agent"]
+        .iter()
+        .map(|c| {
+            std::fs::read_to_string(dir.join("logs").join(format!("{c}.log"))).unwrap_or_default()
+        })
+        .collect::<Vec<_>>();
+    result.with_context(|| format!("operator log:\n{}\nagent log:\n{}", logs[0], logs[1]))?;
+    for (c, log) in ["operator", "agent"].iter().zip(&logs) {
+        assert!(
+            !log.to_lowercase().contains("forbidden"),
+            "{c} was refused something under the chart's RBAC:\n{log}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -591,7 +591,7 @@ async fn delete(
         status.phase = Some(BackupPhase::Cancelled);
         status.completion_time.get_or_insert_with(now);
     }
-    let fresh = api.get_status(&name).await?.status.unwrap_or_default();
+    let fresh = api.get(&name).await?.status.unwrap_or_default();
     if fresh.phase.is_some_and(BackupPhase::is_finished)
         && !status.phase.is_some_and(BackupPhase::is_finished)
     {
