@@ -32,6 +32,10 @@ pub struct ControlPlane {
     pub sa_key: PathBuf,
     /// Tools the control plane runs with.
     pub tools: Tools,
+    /// kube-apiserver's command line, kept so [`ControlPlane::restart_apiserver`] can reuse it.
+    pub apiserver_args: Vec<String>,
+    /// Process that owns the control plane (its death stops everything), if any.
+    pub owner: Option<u32>,
 }
 
 /// Picks a free TCP port on loopback.
@@ -51,7 +55,11 @@ pub fn spawn_service(
 ) -> Result<u32> {
     let logs = dir.join("logs");
     fs::create_dir_all(&logs)?;
-    let log = fs::File::create(logs.join(format!("{name}.log")))?;
+    // Appended, so a restarted service keeps the log of its predecessor.
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(logs.join(format!("{name}.log")))?;
     let mut cmd = match owner {
         // The watchdog runs the service in the background and polls its owner;
         // `exec` is avoided so it can outlive and then kill the service.
@@ -130,6 +138,44 @@ pub fn stop_recorded(dir: &Path) -> Result<()> {
     }
     fs::remove_file(dir.join("pids"))?;
     Ok(())
+}
+
+/// The pid most recently recorded in `dir/pids` under `name`.
+pub fn recorded_pid(dir: &Path, name: &str) -> Result<u32> {
+    let text = fs::read_to_string(dir.join("pids"))
+        .with_context(|| format!("reading {}", dir.join("pids").display()))?;
+    text.lines()
+        .rev()
+        .find_map(|l| {
+            let mut parts = l.split_whitespace();
+            let pid = parts.next()?;
+            (parts.next() == Some(name)).then(|| pid.parse().ok())?
+        })
+        .with_context(|| format!("no process {name} recorded in {}", dir.display()))
+}
+
+/// Kills the process recorded as `name` in `dir/pids` (its whole process group,
+/// with SIGKILL, like a crash) and waits until it is gone.
+pub fn kill_recorded(dir: &Path, name: &str) -> Result<u32> {
+    let pid = recorded_pid(dir, name)?;
+    let _ = Command::new("kill")
+        .args(["-9", "--", &format!("-{pid}")])
+        .stderr(Stdio::null())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let gone = match fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(s) => s.contains(") Z "),
+        };
+        if gone {
+            return Ok(pid);
+        }
+        if Instant::now() > deadline {
+            bail!("{name} (pid {pid}) did not die");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn sh(script: &str, cwd: &Path) -> Result<()> {
@@ -235,28 +281,29 @@ impl ControlPlane {
         let port = free_port()?;
         let server = format!("https://127.0.0.1:{port}");
         let p = |f: &str| pki.join(f).display().to_string();
+        let apiserver_args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            format!("--secure-port={port}"),
+            "--bind-address=127.0.0.1".into(),
+            "--advertise-address=127.0.0.1".into(),
+            format!("--tls-cert-file={}", p("apiserver.crt")),
+            format!("--tls-private-key-file={}", p("apiserver.key")),
+            format!("--client-ca-file={}", p("ca.crt")),
+            format!("--token-auth-file={}", p("tokens.csv")),
+            "--authorization-mode=RBAC".into(),
+            "--service-account-issuer=https://kubernetes.default.svc".into(),
+            format!("--service-account-key-file={}", p("sa.pub")),
+            format!("--service-account-signing-key-file={}", p("sa.key")),
+            "--service-cluster-ip-range=10.96.0.0/16".into(),
+            "--allow-privileged=true".into(),
+            "--profiling=false".into(),
+            format!("--cert-dir={}", dir.join("apiserver-certs").display()),
+        ];
         spawn_service(
             &dir,
             "kube-apiserver",
             &tools.kube_apiserver,
-            &[
-                format!("--etcd-servers={etcd_url}"),
-                format!("--secure-port={port}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
-                format!("--tls-cert-file={}", p("apiserver.crt")),
-                format!("--tls-private-key-file={}", p("apiserver.key")),
-                format!("--client-ca-file={}", p("ca.crt")),
-                format!("--token-auth-file={}", p("tokens.csv")),
-                "--authorization-mode=RBAC".into(),
-                "--service-account-issuer=https://kubernetes.default.svc".into(),
-                format!("--service-account-key-file={}", p("sa.pub")),
-                format!("--service-account-signing-key-file={}", p("sa.key")),
-                "--service-cluster-ip-range=10.96.0.0/16".into(),
-                "--allow-privileged=true".into(),
-                "--profiling=false".into(),
-                format!("--cert-dir={}", dir.join("apiserver-certs").display()),
-            ],
+            &apiserver_args,
             &[],
             owner,
         )?;
@@ -270,6 +317,8 @@ impl ControlPlane {
             ca_cert: pki.join("ca.crt"),
             sa_key: pki.join("sa.key"),
             tools: tools.clone(),
+            apiserver_args,
+            owner,
         };
         cp.wait_ready(Duration::from_secs(90))?;
 
@@ -339,6 +388,22 @@ impl ControlPlane {
             .as_str()
             .unwrap_or("unknown")
             .to_string())
+    }
+
+    /// Kills kube-apiserver (SIGKILL, as a crash would) and starts it again with
+    /// the same arguments on the same port; returns once `/readyz` answers.
+    /// Clients see their connections and watches break and must recover.
+    pub fn restart_apiserver(&self) -> Result<()> {
+        kill_recorded(&self.dir, "kube-apiserver")?;
+        spawn_service(
+            &self.dir,
+            "kube-apiserver",
+            &self.tools.kube_apiserver,
+            &self.apiserver_args,
+            &[],
+            self.owner,
+        )?;
+        self.wait_ready(Duration::from_secs(90))
     }
 
     /// Stops every process this control plane started.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::control_plane::{ControlPlane, spawn_service, stop_recorded};
+use crate::control_plane::{ControlPlane, kill_recorded, spawn_service, stop_recorded};
 use crate::tools::Tools;
 
 /// A running local cluster.
@@ -119,6 +119,24 @@ impl LocalCluster {
             self.owner,
         )
         .context("starting an agent")
+    }
+
+    /// Kills the cluster process recorded as `name` (`agent-node-1`, `operator-0`)
+    /// with SIGKILL, as a crash would, and waits until it is gone.
+    pub fn stop_process(&self, name: &str) -> Result<u32> {
+        kill_recorded(&self.state_dir, name)
+    }
+
+    /// Kills the agent of `node` and starts a new one.
+    pub fn restart_agent(&self, node: &str) -> Result<u32> {
+        self.stop_process(&format!("agent-{node}"))?;
+        self.start_agent(node)
+    }
+
+    /// Kills the operator replica `id` and starts a new one.
+    pub fn restart_operator(&self, id: &str) -> Result<u32> {
+        self.stop_process(id)?;
+        self.start_operator(id)
     }
 
     /// The `export` lines for a shell.

@@ -194,3 +194,126 @@ pub fn restore(dir: &Path, name: &str, out: &Path) -> Result<String> {
     );
     Ok(sha)
 }
+
+/// QEMU-side objects Cairn names `cairn-…` that are still present: jobs (any
+/// job at all counts), block nodes and exports, as `kind:name`.
+pub fn leftovers(vm: &TestVm) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let jobs = vm.qmp("query-jobs", serde_json::json!({}))?;
+    for j in jobs.as_array().into_iter().flatten() {
+        out.push(format!(
+            "job:{} ({})",
+            j["id"].as_str().unwrap_or_default(),
+            j["status"].as_str().unwrap_or_default()
+        ));
+    }
+    let nodes = vm.qmp("query-named-block-nodes", serde_json::json!({"flat": true}))?;
+    for n in nodes.as_array().into_iter().flatten() {
+        if let Some(name) = n["node-name"].as_str()
+            && name.starts_with("cairn-")
+        {
+            out.push(format!("node:{name}"));
+        }
+        for b in n["dirty-bitmaps"].as_array().into_iter().flatten() {
+            if let Some(name) = b["name"].as_str()
+                && name.starts_with("cairn-")
+            {
+                out.push(format!("bitmap:{name}"));
+            }
+        }
+    }
+    let exports = vm.qmp("query-block-exports", serde_json::json!({}))?;
+    for e in exports.as_array().into_iter().flatten() {
+        out.push(format!("export:{}", e["id"].as_str().unwrap_or_default()));
+    }
+    Ok(out)
+}
+
+/// Files (names) directly in `dir`; empty when it does not exist.
+pub fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Polls the VM's jobs until a Cairn backup job shows up and limits its speed
+/// to `speed` bytes/s through the test's own monitor; returns the job id.
+/// Start it before applying the backup: a fast job can finish in under a second.
+pub fn throttle_next_job(vm: &TestVm, speed: u64, timeout: Duration) -> Result<String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let jobs = vm.qmp("query-jobs", serde_json::json!({}))?;
+        let job = jobs.as_array().into_iter().flatten().find(|j| {
+            j["id"].as_str().is_some_and(|id| id.starts_with("cairn-")) && j["type"] == "backup"
+        });
+        if let Some(j) = job {
+            let id = j["id"].as_str().unwrap_or_default().to_string();
+            ensure!(
+                j["status"] != "concluded",
+                "backup job {id} finished before it could be slowed down: {j}"
+            );
+            set_job_speed(vm, &id, speed)?;
+            return Ok(id);
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no Cairn backup job appeared within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `block-job-set-speed` on the VM's job `id` (0 = unlimited).
+pub fn set_job_speed(vm: &TestVm, id: &str, speed: u64) -> Result<()> {
+    vm.qmp(
+        "block-job-set-speed",
+        serde_json::json!({"device": id, "speed": speed}),
+    )?;
+    Ok(())
+}
+
+/// Waits until checkpoint `name` satisfies `pred`.
+pub async fn wait_checkpoint_until<F>(
+    env: &TestEnv,
+    name: &str,
+    what: &str,
+    pred: F,
+) -> Result<VirtualMachineCheckpoint>
+where
+    F: Fn(&VirtualMachineCheckpoint) -> bool,
+{
+    let api: Api<VirtualMachineCheckpoint> = Api::namespaced(env.client.clone(), &env.namespace);
+    wait::until(&api, name, T, what, pred).await
+}
+
+/// Waits until the `Ready` condition of checkpoint `name` has `status` and `reason`.
+pub async fn wait_checkpoint_ready_condition(
+    env: &TestEnv,
+    name: &str,
+    status: &str,
+    reason: &str,
+) -> Result<VirtualMachineCheckpoint> {
+    wait_checkpoint_until(env, name, &format!("Ready={status} reason {reason}"), |c| {
+        c.status
+            .as_ref()
+            .and_then(|s| condition(&s.conditions, "Ready"))
+            .is_some_and(|c| c.status == status && c.reason == reason)
+    })
+    .await
+}
+
+/// Runs kubectl in the env's namespace; fails with its stderr when it fails.
+pub fn kubectl(env: &TestEnv, args: &[&str]) -> Result<String> {
+    let out = env.kubectl(args).output()?;
+    ensure!(
+        out.status.success(),
+        "kubectl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
