@@ -24,8 +24,12 @@ pub struct LocalCluster {
     pub owner: Option<u32>,
 }
 
-/// Where the workspace's debug binaries are.
+/// Where the workspace's binaries are: `$CAIRN_BIN_DIR` when set (e.g.
+/// `target/release` for benchmarks), else the debug build.
 pub fn binary(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("CAIRN_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| crate::tools::repo_root().join("target"));

@@ -113,7 +113,8 @@ pub fn run(quick: bool) -> Result<()> {
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("target"));
-        let status = Command::new(std::env::current_exe()?)
+        // /proc/self/exe: still valid when a concurrent build replaced the file.
+        let status = Command::new("/proc/self/exe")
             .args(std::env::args_os().skip(1))
             .env("CAIRN_BIN_DIR", target.join("release"))
             .status()?;
