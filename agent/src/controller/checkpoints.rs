@@ -225,6 +225,63 @@ async fn create(
 ) -> Result<Action, ControllerError> {
     let name = cp.name_any();
     let generation = cp.metadata.generation;
+    let ns = cp.namespace().unwrap_or_default();
+
+    // Made by a backup's transaction: adopt once the bitmaps exist.
+    if let Some(backup) = cp.labels().get(CREATED_BY_BACKUP_LABEL) {
+        if let Some((vmref, client)) = &session
+            && let Ok(info) = inspect_checkpoint(client, vmref, &request.name).await
+        {
+            let inv = ctx
+                .discovery
+                .inventory(&vmref.namespace, &vmref.name)
+                .await
+                .ok();
+            let domain = inv.map(|i| Domain::observe(&i));
+            return ready(
+                api,
+                &name,
+                status,
+                generation,
+                &info,
+                domain.as_ref(),
+                "CreatedByBackup",
+                format!("bitmaps created by backup {backup}"),
+            )
+            .await;
+        }
+        // No bitmaps (or no VM): the backup's fate decides, whether the VM runs or not,
+        // so a checkpoint whose backup failed never waits for a VM that may not return.
+        let backups: Api<VirtualMachineBackup> = Api::namespaced(ctx.client.clone(), &ns);
+        let backup_state = backups
+            .get_opt(backup)
+            .await?
+            .map(|b| b.status.and_then(|s| s.phase));
+        match backup_state {
+            None | Some(Some(BackupPhase::Failed | BackupPhase::Cancelled)) => {
+                return fail(api, &name, status, generation, "BackupFailed", format!("backup {backup} that was to create this checkpoint failed or is gone; no bitmap was created")).await;
+            }
+            Some(Some(BackupPhase::Succeeded | BackupPhase::Exporting)) if session.is_some() => {
+                return fail(
+                    api,
+                    &name,
+                    status,
+                    generation,
+                    "BitmapMissing",
+                    format!(
+                        "backup {backup} finished but bitmap {} is not on VM {}",
+                        request.name, cp.spec.virtual_machine
+                    ),
+                )
+                .await;
+            }
+            // Not started yet, or running: the bitmaps come with the job's transaction.
+            _ if session.is_some() => return Ok(Action::requeue(Duration::from_secs(1))),
+            // The VM is not running: wait for it below.
+            _ => {}
+        }
+    }
+
     let Some((vmref, client)) = session else {
         status.phase = Some(CheckpointPhase::Pending);
         status.conditions = agent_conditions(
@@ -248,49 +305,6 @@ async fn create(
             "quiesce was requested but Cairn cannot reach a QEMU guest agent for VM {} (guest-agent freeze is not supported yet); create the checkpoint without quiesce",
             cp.spec.virtual_machine
         )).await;
-    }
-
-    // Made by a backup's transaction: adopt once the bitmaps exist.
-    if let Some(backup) = cp.labels().get(CREATED_BY_BACKUP_LABEL) {
-        return match inspect_checkpoint(&client, &vmref, &request.name).await {
-            Ok(info) => {
-                let inv = ctx
-                    .discovery
-                    .inventory(&vmref.namespace, &vmref.name)
-                    .await
-                    .ok();
-                let domain = inv.map(|i| Domain::observe(&i));
-                ready(
-                    api,
-                    &name,
-                    status,
-                    generation,
-                    &info,
-                    domain.as_ref(),
-                    "CreatedByBackup",
-                    format!("bitmaps created by backup {backup}"),
-                )
-                .await
-            }
-            Err(_) => {
-                let backups: Api<VirtualMachineBackup> =
-                    Api::namespaced(ctx.client.clone(), &vmref.namespace);
-                let backup_state = backups
-                    .get_opt(backup)
-                    .await?
-                    .map(|b| b.status.and_then(|s| s.phase));
-                match backup_state {
-                    None | Some(Some(BackupPhase::Failed | BackupPhase::Cancelled)) => {
-                        fail(api, &name, status, generation, "BackupFailed", format!("backup {backup} that was to create this checkpoint failed or is gone; no bitmap was created")).await
-                    }
-                    Some(Some(BackupPhase::Succeeded | BackupPhase::Exporting)) => {
-                        fail(api, &name, status, generation, "BitmapMissing", format!("backup {backup} finished but bitmap {} is not on VM {vmref}", request.name)).await
-                    }
-                    // Not started yet, or running: the bitmaps come with the job's transaction.
-                    _ => Ok(Action::requeue(Duration::from_secs(1))),
-                }
-            }
-        };
     }
 
     let was_creating = status.phase == Some(CheckpointPhase::Creating);
