@@ -23,8 +23,8 @@ use tracing::{info, warn};
 use super::status::{agent_conditions, apply_status, backup_reason, cond, error_chain, now};
 use super::{Context, ControllerError};
 use crate::backup::{
-    BackupError, Manifest, PullRequest, PushRequest, start_pull_export, start_push_backup,
-    stop_pull_export,
+    BackupError, FileScope, Manifest, PullRequest, PushRequest, cleanup_leftovers,
+    start_pull_export, start_push_backup, stop_pull_export,
 };
 use crate::identity::OperationId;
 use crate::inventory::VmRef;
@@ -66,6 +66,15 @@ fn uid(b: &VirtualMachineBackup) -> Result<String, ControllerError> {
 
 fn scratch_dir(ctx: &Context, uid: &str) -> PathBuf {
     ctx.config.runtime_dir.join("scratch").join(uid)
+}
+
+/// The resolved target directory of a push backup, when it is allowed.
+fn push_dir(b: &VirtualMachineBackup, ctx: &Context) -> Option<PathBuf> {
+    if b.spec.mode != BackupMode::Push {
+        return None;
+    }
+    let dir = b.spec.target.as_ref()?.directory.as_ref()?;
+    ctx.targets.resolve_dir(Path::new(&dir.path)).ok()
 }
 
 fn selected_disks(b: &VirtualMachineBackup) -> Option<Vec<String>> {
@@ -248,6 +257,7 @@ async fn start(
                     let dir = running.target_dir().to_path_buf();
                     info!(backup = %name, vm = %vmref, jobs = ?job_ids, "push backup running");
                     let api = api.clone();
+                    let base_checkpoint = b.spec.incremental.clone();
                     let task = tokio::spawn(async move {
                         let progress =
                             report_progress(&api, &name, status.clone(), &client, &job_ids);
@@ -256,7 +266,13 @@ async fn start(
                             () = progress => unreachable!("progress reporting never ends"),
                         };
                         let (reason, finish) = match result {
-                            Ok(outcome) => ("Completed", Ok(outcome.manifest)),
+                            Ok(mut outcome) => {
+                                name_base_checkpoint(
+                                    &mut outcome.manifest,
+                                    base_checkpoint.as_deref(),
+                                );
+                                ("Completed", Ok(outcome.manifest))
+                            }
                             Err(e) => (backup_reason(&e), Err(e)),
                         };
                         if let Err(e) =
@@ -350,7 +366,11 @@ async fn start(
                             export_name: Some(d.export_name.clone()),
                             target: Some(d.url.clone()),
                             bitmap_context: d.bitmap_context.clone(),
-                            incremental_from: d.incremental_from.clone(),
+                            // The data path speaks bitmaps; status names the checkpoint.
+                            incremental_from: d
+                                .incremental_from
+                                .as_ref()
+                                .and(b.spec.incremental.clone()),
                             fell_back_to_full: d.fell_back_to_full,
                             ..Default::default()
                         })
@@ -378,6 +398,17 @@ async fn start(
                     fail(api, &name, status, generation, reason, error_chain(&e)).await
                 }
             }
+        }
+    }
+}
+
+/// The data path records the base *bitmap* of each incremental disk; status
+/// reports the base *checkpoint*, whose bitmap may be named differently (a
+/// redefined checkpoint adopting `spec.disks[].bitmap`).
+fn name_base_checkpoint(manifest: &mut Manifest, checkpoint: Option<&str>) {
+    for d in &mut manifest.disks {
+        if d.incremental_from.is_some() {
+            d.incremental_from = checkpoint.map(str::to_string);
         }
     }
 }
@@ -577,13 +608,29 @@ async fn delete(
     }
     let msg = match (&session, phase) {
         (Some((_, client)), BackupPhase::Exporting | BackupPhase::Running) => {
-            if let Err(e) =
-                stop_pull_export(client, &OperationId::new(uid), &scratch_dir(ctx, uid)).await
+            let op = OperationId::new(uid);
+            // No task of ours watches the job (the agent restarted since it
+            // started): cancel it here and remove the partial push files, as
+            // the task would have.
+            if let Some(dir) = push_dir(b, ctx)
+                && let Err(e) = cleanup_leftovers(
+                    client,
+                    &op,
+                    Some(FileScope {
+                        dir: &dir,
+                        backup_name: &name,
+                    }),
+                )
+                .await
             {
+                warn!(backup = %name, error = %error_chain(&e), "cleanup failed; retrying");
+                return Ok(Action::requeue(Duration::from_secs(5)));
+            }
+            if let Err(e) = stop_pull_export(client, &op, &scratch_dir(ctx, uid)).await {
                 warn!(backup = %name, error = %error_chain(&e), "teardown failed; retrying");
                 return Ok(Action::requeue(Duration::from_secs(5)));
             }
-            "jobs cancelled and exports torn down; backup files are kept"
+            "jobs cancelled, exports torn down and partial files removed; completed backup files are kept"
         }
         _ => "nothing running; backup files are kept",
     };
