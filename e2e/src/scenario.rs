@@ -317,3 +317,27 @@ pub fn kubectl(env: &TestEnv, args: &[&str]) -> Result<String> {
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// Waits until the VM's QemuInstance satisfies `pred` (e.g. shows a bitmap
+/// state only the QEMU started last can have).
+pub async fn wait_instance_until<F>(
+    env: &TestEnv,
+    vm: &str,
+    what: &str,
+    pred: F,
+) -> Result<QemuInstance>
+where
+    F: Fn(&QemuInstance) -> bool,
+{
+    let api: Api<QemuInstance> = Api::namespaced(env.client.clone(), &env.namespace);
+    wait::until(&api, vm, T, what, pred).await
+}
+
+/// Whether the QemuInstance reports bitmap `name` on some disk with `inconsistent`.
+pub fn instance_bitmap_inconsistent(qi: &QemuInstance, name: &str) -> bool {
+    qi.status.as_ref().is_some_and(|s| {
+        s.disks
+            .iter()
+            .any(|d| d.bitmaps.iter().any(|b| b.name == name && b.inconsistent))
+    })
+}
