@@ -395,6 +395,19 @@ impl ControlPlane {
     /// Clients see their connections and watches break and must recover.
     pub fn restart_apiserver(&self) -> Result<()> {
         kill_recorded(&self.dir, "kube-apiserver")?;
+        // The watchdog dies first; the server's socket closes a moment later.
+        let addr = self
+            .server
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_string();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpListener::bind(&addr).is_err() {
+            if Instant::now() > deadline {
+                bail!("{addr} still in use 30 s after kube-apiserver was killed");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         spawn_service(
             &self.dir,
             "kube-apiserver",
