@@ -42,7 +42,7 @@ pub fn facts(work_dir: &Path) -> String {
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0);
     let df = Command::new("df")
-        .args(["-hT", "--output=source,fstype,size,avail"])
+        .args(["-h", "--output=source,fstype,size,avail"])
         .arg(work_dir)
         .output()
         .map(|o| {
