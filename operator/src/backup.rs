@@ -7,7 +7,7 @@
 //!   3. ttl       ttl_decision: delete a finished backup once ttlSecondsAfterFinished passed
 //!   4. validate  validate_backup: VM, incremental base, checkpoint name
 //!   5. plan      plan_backup (+ checkpoint_for_backup): labels, finalizer, status, checkpoint to create
-//!   6. apply     create the checkpoint, patch metadata, apply status (server-side apply)
+//!   6. apply     create the checkpoint, apply status (server-side apply), then routing metadata
 //!   7. report    events (Routed, VirtualMachineNotFound, CheckpointCreated, Deleted, Expired)
 //! ```
 //!
@@ -454,13 +454,13 @@ pub async fn reconcile(backup: Arc<VirtualMachineBackup>, ctx: Arc<Context>) -> 
             }
         }
     }
-    let mut version = backup.resource_version();
-    if let Some(patch) = &plan.metadata {
-        version = routing::patch_metadata(&api, backup.as_ref(), patch).await?;
-    }
+    let mut version = None;
     if let Some(status) = &plan.status {
-        routing::apply_status(&api, &name, version, status).await?;
+        version = routing::apply_status(&api, &name, backup.resource_version(), status).await?;
         tracing::info!(phase = ?status.phase, node = ?status.node_name, "status written");
+    }
+    if let Some(patch) = &plan.metadata {
+        routing::patch_metadata(&api, backup.as_ref(), patch, version).await?;
     }
 
     // 7. report

@@ -6,7 +6,7 @@
 //!   2. deletion  plan_deletion: remove the finalizer once the agent cleaned up, or wait
 //!   3. validate  validate_checkpoint: route to the VM's node, reject, or wait for a node
 //!   4. plan      plan_checkpoint: labels + finalizer, status (phase, nodeName, parent, Accepted)
-//!   5. apply     metadata merge patch, then status by server-side apply
+//!   5. apply     status by server-side apply, then the routing metadata (labels, finalizer)
 //!   6. report    events (Routed, VirtualMachineNotFound, Deleted) and the next requeue
 //! ```
 //!
@@ -314,13 +314,13 @@ pub async fn reconcile(cp: Arc<VirtualMachineCheckpoint>, ctx: Arc<Context>) -> 
     let plan = plan_checkpoint(&cp, &verdict, parent, Timestamp::now());
 
     // 5. apply
-    let mut version = cp.resource_version();
-    if let Some(patch) = &plan.metadata {
-        version = routing::patch_metadata(&api, cp.as_ref(), patch).await?;
-    }
+    let mut version = None;
     if let Some(status) = &plan.status {
-        routing::apply_status(&api, &name, version, status).await?;
+        version = routing::apply_status(&api, &name, cp.resource_version(), status).await?;
         tracing::info!(phase = ?status.phase, node = ?status.node_name, parent = ?status.parent, "status written");
+    }
+    if let Some(patch) = &plan.metadata {
+        routing::patch_metadata(&api, cp.as_ref(), patch, version).await?;
     }
 
     // 6. report

@@ -220,38 +220,46 @@ pub fn namespace_of<K: Resource>(obj: &K) -> Result<String> {
         .ok_or_else(|| Error::MissingNamespace(obj.name_any()))
 }
 
-/// Applies the metadata merge patch `patch` to `obj`; returns the new resourceVersion.
+/// Applies the metadata merge patch `patch` to `obj`. `resource_version` (when
+/// given) replaces the one in the patch: the version after the operator's own
+/// status write, which happens first.
 pub async fn patch_metadata<K>(
     api: &Api<K>,
     obj: &K,
     patch: &serde_json::Value,
-) -> Result<Option<String>>
+    resource_version: Option<String>,
+) -> Result<()>
 where
     K: Resource + Clone + DeserializeOwned + Debug,
 {
-    let updated = api
-        .patch(
-            &obj.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(patch),
-        )
-        .await
-        .map_err(Error::kube(format!("labelling {}", obj.name_any())))?;
-    Ok(updated.resource_version())
+    let mut patch = patch.clone();
+    if let Some(rv) = resource_version {
+        patch["metadata"]["resourceVersion"] = json!(rv);
+    }
+    api.patch(
+        &obj.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(Error::kube(format!("labelling {}", obj.name_any())))?;
+    Ok(())
 }
 
 /// Writes the operator's status fields with server-side apply (manager `cairn-operator`, forced).
 ///
+/// The status is written before the routing label, so the agent (which only sees
+/// labelled objects) always finds `nodeName`, `parent` and `Accepted` in place.
 /// The body carries `resource_version`, the version the plan was made from: if the
-/// agent wrote status in between (it starts as soon as the routing label lands),
-/// the API server answers Conflict and the next reconcile plans from fresh state,
-/// instead of this write forcing `phase` back to Pending over the agent's Running.
+/// agent wrote status in between, the API server answers Conflict and the next
+/// reconcile plans from fresh state, instead of this write forcing `phase` back to
+/// Pending over the agent's Running. Returns the new resourceVersion.
 pub async fn apply_status<K, S>(
     api: &Api<K>,
     name: &str,
     resource_version: Option<String>,
     status: &S,
-) -> Result<()>
+) -> Result<Option<String>>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     S: Serialize,
@@ -262,14 +270,15 @@ where
         "metadata": {"resourceVersion": resource_version},
         "status": status,
     });
-    api.patch_status(
-        name,
-        &PatchParams::apply(OPERATOR_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await
-    .map_err(Error::kube(format!("writing the status of {name}")))?;
-    Ok(())
+    let updated = api
+        .patch_status(
+            name,
+            &PatchParams::apply(OPERATOR_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(Error::kube(format!("writing the status of {name}")))?;
+    Ok(updated.resource_version())
 }
 
 /// Removes `finalizer` from `obj`. The merge patch carries the

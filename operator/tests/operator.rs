@@ -163,13 +163,13 @@ async fn checkpoints_are_routed_chained_and_cleaned_up() -> Result<()> {
     let a = eventually("cp-a routed", || async {
         let c = cps.get("cp-a").await?;
         let s = c.status.clone().unwrap_or_default();
-        Ok((condition(&s.conditions, "Accepted") == Some(("True", "Routed"))).then_some(c))
+        let routed = c.labels().get(NODE_LABEL).map(String::as_str) == Some("node-1");
+        Ok(
+            (condition(&s.conditions, "Accepted") == Some(("True", "Routed")) && routed)
+                .then_some(c),
+        )
     })
     .await?;
-    assert_eq!(
-        a.labels().get(NODE_LABEL).map(String::as_str),
-        Some("node-1")
-    );
     assert_eq!(a.labels().get(VM_LABEL).map(String::as_str), Some("vm1"));
     assert!(a.finalizers().contains(&CHECKPOINT_FINALIZER.to_string()));
     let s = a.status.unwrap();
@@ -211,13 +211,11 @@ async fn checkpoints_are_routed_chained_and_cleaned_up() -> Result<()> {
     let x = eventually("cp-x recovered", || async {
         let c = cps.get("cp-x").await?;
         let s = c.status.clone().unwrap_or_default();
-        Ok((s.phase == Some(cairn_api::CheckpointPhase::Pending)).then_some(c))
+        // Status is written first, the routing label right after it.
+        let routed = c.labels().get(NODE_LABEL).map(String::as_str) == Some("node-2");
+        Ok((s.phase == Some(cairn_api::CheckpointPhase::Pending) && routed).then_some(c))
     })
     .await?;
-    assert_eq!(
-        x.labels().get(NODE_LABEL).map(String::as_str),
-        Some("node-2")
-    );
     let s = x.status.unwrap();
     assert_eq!(
         condition(&s.conditions, "Accepted"),
@@ -375,8 +373,10 @@ async fn backups_are_validated_create_checkpoints_and_expire() -> Result<()> {
         )
         .await?;
     eventually("b-ttl routed", || async {
-        let s = backups.get("b-ttl").await?.status.unwrap_or_default();
-        Ok((s.phase == Some(cairn_api::BackupPhase::Pending)).then_some(()))
+        let b = backups.get("b-ttl").await?;
+        let routed = b.labels().contains_key(NODE_LABEL);
+        let s = b.status.unwrap_or_default();
+        Ok((s.phase == Some(cairn_api::BackupPhase::Pending) && routed).then_some(()))
     })
     .await?;
     let now = k8s_openapi::jiff::Timestamp::now().to_string();
