@@ -103,6 +103,17 @@ impl BenchVm {
         image: &Path,
         memory_mib: u32,
     ) -> Result<Self> {
+        Self::launch(socket, namespace, name, image, memory_mib, true).await
+    }
+
+    async fn launch(
+        socket: &Path,
+        namespace: &str,
+        name: &str,
+        image: &Path,
+        memory_mib: u32,
+        connect_main: bool,
+    ) -> Result<Self> {
         std::fs::create_dir_all(socket.parent().context("socket dir")?)?;
         // Not `*.sock`: an agent watching the directory must not take this monitor.
         let private = socket.with_extension("writer");
@@ -143,7 +154,11 @@ impl BenchVm {
             ensure!(Instant::now() < deadline, "QEMU did not create its sockets");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let client = QmpClient::connect(socket, qmp_options()).await?;
+        let client = if connect_main {
+            QmpClient::connect(socket, qmp_options()).await?
+        } else {
+            QmpClient::spawn("/nonexistent", qmp_options())
+        };
         let writer = QmpClient::connect(&private, qmp_options()).await?;
         Ok(Self {
             vm: VmRef {
@@ -166,10 +181,8 @@ impl BenchVm {
         image: &Path,
         memory_mib: u32,
     ) -> Result<Self> {
-        let mut vm = Self::start(socket, namespace, name, image, memory_mib).await?;
-        // QEMU serves one client per monitor: release the main one.
-        vm.client = QmpClient::spawn("/nonexistent", qmp_options());
-        Ok(vm)
+        // QEMU serves one client per monitor: leave the main one to the agent.
+        Self::launch(socket, namespace, name, image, memory_mib, false).await
     }
 
     /// Clean shutdown.
