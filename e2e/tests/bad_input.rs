@@ -287,6 +287,18 @@ async fn inconsistent_base_without_fallback() -> Result<()> {
         &env,
         &backup_yaml("inc", "vm1", &push_extra(&dir, Some("c1"), Some("c2"))),
     )?;
+    // Right after a QEMU restart the operator may briefly not see the VM and
+    // reject with VirtualMachineNotFound, which it revises once the VM is back.
+    let api: Api<VirtualMachineBackup> = Api::namespaced(env.client.clone(), &env.namespace);
+    wait::until(&api, "inc", T, "a verdict on the base", |b| {
+        b.status
+            .as_ref()
+            .and_then(|s| condition(&s.conditions, "Ready"))
+            .is_some_and(|c| {
+                c.reason != "VirtualMachineNotFound" && c.status == "False" && c.reason != "Running"
+            })
+    })
+    .await?;
     let got = backup_failure(&env, "inc").await?;
     assert_failure(
         &got,
