@@ -149,27 +149,27 @@ impl BenchVm {
             .stderr(log)
             .spawn()
             .context("starting qemu-system-x86_64")?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !(socket.exists() && private.exists()) {
-            ensure!(Instant::now() < deadline, "QEMU did not create its sockets");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let client = if connect_main {
-            QmpClient::connect(socket, qmp_options()).await?
-        } else {
-            QmpClient::spawn("/nonexistent", qmp_options())
-        };
-        let writer = QmpClient::connect(&private, qmp_options()).await?;
-        Ok(Self {
+        // From here on a failure must not leave QEMU running.
+        let mut vm = Self {
             vm: VmRef {
                 namespace: namespace.into(),
                 name: name.into(),
                 socket: socket.to_path_buf(),
             },
-            client,
-            writer,
+            client: QmpClient::spawn("/nonexistent", qmp_options()),
+            writer: QmpClient::spawn("/nonexistent", qmp_options()),
             child: Some(child),
-        })
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(socket.exists() && private.exists()) {
+            ensure!(Instant::now() < deadline, "QEMU did not create its sockets");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if connect_main {
+            vm.client = QmpClient::connect(socket, qmp_options()).await?;
+        }
+        vm.writer = QmpClient::connect(&private, qmp_options()).await?;
+        Ok(vm)
     }
 
     /// Starts QEMU with only the private monitor connected: the main socket is
