@@ -63,6 +63,14 @@ struct Cli {
     /// Seconds between refreshes of QemuInstance status.
     #[arg(long, env = "CAIRN_RESYNC_SECONDS", default_value_t = 5, global = true)]
     resync_seconds: u64,
+    /// Seconds a VM's QemuInstance stays (run state `stopped`) after its socket vanished.
+    #[arg(
+        long,
+        env = "CAIRN_STOPPED_GRACE_SECONDS",
+        default_value_t = 600,
+        global = true
+    )]
+    stopped_grace_seconds: u64,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(
         long,
@@ -127,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
                 qmp_timeout: Duration::from_secs(cli.qmp_timeout_seconds.max(1)),
                 resync_interval: Duration::from_secs(cli.resync_seconds.max(1)),
                 metrics_addr: cli.metrics_addr,
+                stopped_grace: Duration::from_secs(cli.stopped_grace_seconds),
             };
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;

@@ -57,7 +57,9 @@ impl LocalCluster {
             fs::create_dir_all(cluster.backup_dir(node))?;
         }
         if binary("cairn-operator").exists() {
+            // Two replicas, as the chart runs them: the Lease picks the active one.
             cluster.start_operator("operator-0")?;
+            cluster.start_operator("operator-1")?;
         }
         if binary("cairn-agent").exists() {
             for node in &cluster.nodes {

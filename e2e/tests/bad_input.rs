@@ -275,6 +275,12 @@ async fn inconsistent_base_without_fallback() -> Result<()> {
     // Persist c1, then crash QEMU: c1 loads inconsistent.
     vm.quit()?;
     vm.launch()?;
+    // Kill only once QEMU has loaded (and marked in use) the persisted bitmap.
+    wait::condition(T, "QEMU to load bitmap c1", || {
+        vm.bitmaps("disk0")
+            .is_ok_and(|b| b.contains(&"c1".to_string()))
+    })
+    .await?;
     vm.kill();
     vm.launch()?;
     wait_checkpoint_ready_condition(&env, "c1", "False", "BitmapInconsistent").await?;

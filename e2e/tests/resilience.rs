@@ -507,7 +507,8 @@ async fn deleting_a_running_backup_cancels_it() -> Result<()> {
     assert_clean(&vm)?;
     assert_eq!(files_in(&dir), files_before, "partial files left");
     assert_eq!(vm.bitmaps("disk0")?, vec!["c1".to_string()]);
-    wait_checkpoint_ready_condition(&env, "c1", "True", "Verified").await?;
+    // Its bitmap is intact, so it stays Ready with the reason it was made with.
+    wait_checkpoint_ready_condition(&env, "c1", "True", "CreatedByBackup").await?;
     Ok(())
 }
 
@@ -552,9 +553,9 @@ async fn gitops_apply_twice_changes_nothing() -> Result<()> {
     );
     apply(&env, &manifests)?;
     wait_backup(&env, "nightly-full", BackupPhase::Succeeded).await?;
-    // Settled: both checkpoints verified against QEMU at least once.
-    wait_checkpoint_ready_condition(&env, "nightly-cp", "True", "Verified").await?;
-    wait_checkpoint_ready_condition(&env, "nightly-bc", "True", "Verified").await?;
+    // Settled: both checkpoints Ready (verification keeps the reason they were made with).
+    wait_checkpoint_ready_condition(&env, "nightly-cp", "True", "Created").await?;
+    wait_checkpoint_ready_condition(&env, "nightly-bc", "True", "CreatedByBackup").await?;
     let settled = resource_versions(&env)?;
     assert_eq!(settled.len(), 3, "{settled:?}");
 

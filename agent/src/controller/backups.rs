@@ -11,12 +11,10 @@ use std::time::Duration;
 
 use cairn_api::{
     BACKUP_FINALIZER, BackupDiskStatus, BackupExport, BackupMode, BackupPhase, BackupProgress,
-    NODE_LABEL, VirtualMachineBackup, VirtualMachineBackupStatus, VirtualMachineCheckpoint,
+    VirtualMachineBackup, VirtualMachineBackupStatus, VirtualMachineCheckpoint,
 };
-use futures::StreamExt;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use tracing::{info, warn};
 
@@ -32,29 +30,7 @@ use crate::qmp::QmpClient;
 
 /// Runs the controller until the process stops.
 pub async fn run(ctx: Arc<Context>) {
-    let api: Api<VirtualMachineBackup> = Api::all(ctx.client.clone());
-    let selector = format!("{NODE_LABEL}={}", ctx.config.node_name);
-    let health = ctx.health.clone();
-    Controller::new(api, watcher::Config::default().labels(&selector))
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|r| {
-            let outcome = if r.is_ok() { "ok" } else { "error" };
-            health
-                .reconciles
-                .get_or_create(&super::health::OutcomeLabel {
-                    controller: "backup",
-                    outcome,
-                })
-                .inc();
-            async {}
-        })
-        .await;
-}
-
-fn error_policy(_: Arc<VirtualMachineBackup>, e: &ControllerError, _: Arc<Context>) -> Action {
-    warn!(error = %error_chain(e), "backup reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+    super::run_routed::<VirtualMachineBackup, _, _>(ctx, "backup", reconcile).await;
 }
 
 fn uid(b: &VirtualMachineBackup) -> Result<String, ControllerError> {

@@ -10,12 +10,10 @@ use std::time::Duration;
 
 use cairn_api::{
     BackupPhase, CHECKPOINT_FINALIZER, CREATED_BY_BACKUP_LABEL, CheckpointDiskStatus,
-    CheckpointPhase, DomainDisk, DomainSnapshot, NODE_LABEL, VirtualMachineBackup,
-    VirtualMachineCheckpoint, VirtualMachineCheckpointStatus,
+    CheckpointPhase, DomainDisk, DomainSnapshot, VirtualMachineBackup, VirtualMachineCheckpoint,
+    VirtualMachineCheckpointStatus,
 };
-use futures::StreamExt;
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::watcher;
+use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use tracing::{info, warn};
 
@@ -28,29 +26,7 @@ use crate::checkpoint::{
 
 /// Runs the controller until the process stops.
 pub async fn run(ctx: Arc<Context>) {
-    let api: Api<VirtualMachineCheckpoint> = Api::all(ctx.client.clone());
-    let selector = format!("{NODE_LABEL}={}", ctx.config.node_name);
-    let health = ctx.health.clone();
-    Controller::new(api, watcher::Config::default().labels(&selector))
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
-        .for_each(|r| {
-            let outcome = if r.is_ok() { "ok" } else { "error" };
-            health
-                .reconciles
-                .get_or_create(&super::health::OutcomeLabel {
-                    controller: "checkpoint",
-                    outcome,
-                })
-                .inc();
-            async {}
-        })
-        .await;
-}
-
-fn error_policy(_: Arc<VirtualMachineCheckpoint>, e: &ControllerError, _: Arc<Context>) -> Action {
-    warn!(error = %error_chain(e), "checkpoint reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+    super::run_routed::<VirtualMachineCheckpoint, _, _>(ctx, "checkpoint", reconcile).await;
 }
 
 /// What the user asked for, in the data path's terms. The data path names a
@@ -210,7 +186,13 @@ async fn reconcile(
         CheckpointPhase::Pending | CheckpointPhase::Creating => {
             create(&cp, &ctx, &api, status, request, session).await
         }
-        CheckpointPhase::Ready => verify(&api, &name, status, generation, &request, session).await,
+        CheckpointPhase::Ready => {
+            let created_by = cp.labels().get(CREATED_BY_BACKUP_LABEL).cloned();
+            verify(
+                &ctx, &api, &name, status, generation, &request, session, created_by,
+            )
+            .await
+        }
         CheckpointPhase::Failed | CheckpointPhase::Deleting => Ok(Action::await_change()),
     }
 }
@@ -427,13 +409,16 @@ async fn ready(
     Ok(Action::requeue(Duration::from_secs(30)))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn verify(
+    ctx: &Context,
     api: &Api<VirtualMachineCheckpoint>,
     name: &str,
     mut status: VirtualMachineCheckpointStatus,
     generation: Option<i64>,
     request: &CheckpointRequest,
     session: Option<(crate::inventory::VmRef, crate::qmp::QmpClient)>,
+    created_by: Option<String>,
 ) -> Result<Action, ControllerError> {
     let Some((vmref, client)) = session else {
         // Stopped VM: bitmaps live on in the images; nothing to refresh.
@@ -464,20 +449,43 @@ async fn verify(
                             request.name
                         ),
                     ),
-                    None => cond(
-                        "Ready",
-                        true,
-                        "Verified",
-                        format!(
-                            "bitmap {} present on {} disk(s)",
-                            request.name,
-                            info.disks.len()
+                    // Already Ready: keep the reason it was made with, so an
+                    // unchanged checkpoint is never rewritten.
+                    None => match cairn_api::conditions::find(&before.conditions, "Ready")
+                        .filter(|c| c.status == "True")
+                    {
+                        Some(c) => cond("Ready", true, &c.reason, c.message.clone()),
+                        None => cond(
+                            "Ready",
+                            true,
+                            "Verified",
+                            format!(
+                                "bitmap {} present on {} disk(s)",
+                                request.name,
+                                info.disks.len()
+                            ),
                         ),
-                    ),
+                    },
                 },
             }
         }
         Err(CheckpointError::NotFound { .. }) => {
+            // A backup that fails or is cancelled after its transaction removes the
+            // checkpoint it created: that checkpoint can never be a gapless base.
+            if let Some(backup) = created_by {
+                let backups: Api<VirtualMachineBackup> =
+                    Api::namespaced(ctx.client.clone(), &vmref.namespace);
+                let phase = backups
+                    .get_opt(&backup)
+                    .await?
+                    .and_then(|b| b.status)
+                    .and_then(|s| s.phase);
+                if matches!(phase, Some(BackupPhase::Failed | BackupPhase::Cancelled)) {
+                    return fail(api, name, status, generation, "BackupFailed", format!(
+                        "backup {backup} that created this checkpoint did not complete, and its bitmaps were removed with it; this checkpoint cannot be an incremental base"
+                    )).await;
+                }
+            }
             status.disks.iter_mut().for_each(|d| d.present = false);
             cond(
                 "Ready",

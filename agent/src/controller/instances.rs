@@ -1,8 +1,13 @@
 //! Publishes every VM discovery found as a `QemuInstance` in the namespace its
-//! socket path names, and removes the ones whose socket vanished.
+//! socket path names. When a socket vanishes the instance turns `stopped`
+//! (QEMU restarts and short outages keep routing stable and checkpoints of a
+//! stopped VM deletable offline) and is deleted after the stopped grace.
+//! Unchanged status is re-sent only every [`HEARTBEAT`], so idle VMs cost the
+//! API server almost nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use cairn_api::{
     AGENT_MANAGER, InstanceBitmap, InstanceDisk, NODE_LABEL, QemuInstance, QemuInstanceStatus,
@@ -15,12 +20,25 @@ use super::Context;
 use super::status::{apply_status, now};
 use crate::inventory::{VmInventory, VmRef};
 
+/// How often an unchanged status is re-sent (it refreshes `lastSeen`).
+pub const HEARTBEAT: Duration = Duration::from_secs(60);
+
+/// What the loop remembers between passes.
+#[derive(Default)]
+pub struct Published {
+    /// Last status sent per VM (without `lastSeen`) and when.
+    sent: HashMap<(String, String), (QemuInstanceStatus, Instant)>,
+    /// Since when a VM's socket has been gone.
+    gone: HashMap<(String, String), Instant>,
+}
+
 /// Keeps QemuInstances in step with discovery until the process stops.
 pub async fn run(ctx: Arc<Context>) {
     let mut events = ctx.discovery.subscribe();
     let mut tick = tokio::time::interval(ctx.config.resync_interval);
+    let mut published = Published::default();
     loop {
-        publish_all(&ctx).await;
+        publish_all(&ctx, &mut published).await;
         tokio::select! {
             _ = tick.tick() => {}
             _ = events.recv() => {
@@ -31,22 +49,37 @@ pub async fn run(ctx: Arc<Context>) {
     }
 }
 
-/// One pass: publish present VMs, delete QemuInstances of vanished ones.
-pub async fn publish_all(ctx: &Context) {
+/// One pass: publish present VMs; mark vanished ones stopped, delete them after the grace.
+pub async fn publish_all(ctx: &Context, published: &mut Published) {
     let vms = ctx.discovery.vms();
     ctx.health.vms.set(vms.len() as i64);
     let mut present = BTreeSet::new();
     for vm in &vms {
-        present.insert((vm.namespace.clone(), vm.name.clone()));
-        let status = match ctx.discovery.inventory(&vm.namespace, &vm.name).await {
+        let key = (vm.namespace.clone(), vm.name.clone());
+        present.insert(key.clone());
+        published.gone.remove(&key);
+        let mut status = match ctx.discovery.inventory(&vm.namespace, &vm.name).await {
             Ok(inv) => instance_status(&ctx.config.node_name, &inv),
             Err(e) => {
                 debug!(vm = %vm, error = %e, "VM not answering");
                 disconnected_status(&ctx.config.node_name, vm)
             }
         };
-        if let Err(e) = publish(ctx, vm, &status).await {
-            warn!(vm = %vm, error = %e, "cannot publish QemuInstance");
+        let seen = status.last_seen.take();
+        if published
+            .sent
+            .get(&key)
+            .is_some_and(|(last, at)| *last == status && at.elapsed() < HEARTBEAT)
+        {
+            continue;
+        }
+        let mut full = status.clone();
+        full.last_seen = seen;
+        match publish(ctx, vm, &full).await {
+            Ok(()) => {
+                published.sent.insert(key, (status, Instant::now()));
+            }
+            Err(e) => warn!(vm = %vm, error = %e, "cannot publish QemuInstance"),
         }
     }
     // Remove instances of this node whose socket is gone.
@@ -59,10 +92,32 @@ pub async fn publish_all(ctx: &Context) {
         Ok(list) => {
             for qi in list.items {
                 let ns = qi.namespace().unwrap_or_default();
-                if !present.contains(&(ns.clone(), qi.name_any())) {
-                    info!(namespace = %ns, vm = %qi.name_any(), "QMP socket gone; deleting QemuInstance");
-                    let api: Api<QemuInstance> = Api::namespaced(ctx.client.clone(), &ns);
-                    let _ = api.delete(&qi.name_any(), &DeleteParams::default()).await;
+                let key = (ns.clone(), qi.name_any());
+                if present.contains(&key) {
+                    continue;
+                }
+                let api: Api<QemuInstance> = Api::namespaced(ctx.client.clone(), &ns);
+                let since = *published
+                    .gone
+                    .entry(key.clone())
+                    .or_insert_with(Instant::now);
+                if since.elapsed() >= ctx.config.stopped_grace {
+                    info!(namespace = %ns, vm = %key.1, "QMP socket gone for the stopped grace; deleting QemuInstance");
+                    let _ = api.delete(&key.1, &DeleteParams::default()).await;
+                    published.gone.remove(&key);
+                    published.sent.remove(&key);
+                } else if published.sent.remove(&key).is_some()
+                    || since.elapsed() < ctx.config.resync_interval
+                {
+                    info!(namespace = %ns, vm = %key.1, "QMP socket gone; QemuInstance marked stopped");
+                    let patch = serde_json::json!({"status": {"runState": "stopped"}});
+                    let pp = PatchParams {
+                        field_manager: Some(AGENT_MANAGER.into()),
+                        ..Default::default()
+                    };
+                    if let Err(e) = api.patch_status(&key.1, &pp, &Patch::Merge(&patch)).await {
+                        warn!(namespace = %ns, vm = %key.1, error = %e, "cannot mark QemuInstance stopped");
+                    }
                 }
             }
         }

@@ -20,7 +20,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kube::Client;
+use cairn_api::NODE_LABEL;
+use futures::StreamExt;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Api, Client};
 use tokio::task::JoinHandle;
 
 use crate::backup::TargetPolicy;
@@ -44,6 +48,8 @@ pub struct NodeAgentConfig {
     pub qmp_timeout: Duration,
     /// How often QemuInstance status and Ready checkpoints are refreshed.
     pub resync_interval: Duration,
+    /// How long a QemuInstance whose socket vanished stays (`stopped`) before deletion.
+    pub stopped_grace: Duration,
     /// Address of `/healthz`, `/readyz` and `/metrics` (`127.0.0.1:0` picks a port).
     pub metrics_addr: String,
 }
@@ -87,6 +93,44 @@ pub enum ControllerError {
     /// An object lacks a field the API server always sets.
     #[error("object lacks {0}")]
     MissingField(&'static str),
+}
+
+/// Runs a controller over the `K` objects routed to this node (label
+/// `cairn.dev/node=<node>`), counting outcomes; errors requeue after 5 s.
+async fn run_routed<K, F, Fut>(ctx: Arc<Context>, name: &'static str, reconcile: F)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    F: FnMut(Arc<K>, Arc<Context>) -> Fut,
+    Fut: std::future::Future<Output = Result<Action, ControllerError>> + Send + 'static,
+{
+    let api: Api<K> = Api::all(ctx.client.clone());
+    let selector = format!("{NODE_LABEL}={}", ctx.config.node_name);
+    let health = ctx.health.clone();
+    Controller::new(api, watcher::Config::default().labels(&selector))
+        .shutdown_on_signal()
+        .run(
+            reconcile,
+            move |_, e: &ControllerError, _| {
+                tracing::warn!(controller = name, error = %status::error_chain(e), "reconcile failed; retrying");
+                Action::requeue(Duration::from_secs(5))
+            },
+            ctx,
+        )
+        .for_each(|r| {
+            let outcome = if r.is_ok() { "ok" } else { "error" };
+            health
+                .reconciles
+                .get_or_create(&health::OutcomeLabel { controller: name, outcome })
+                .inc();
+            async {}
+        })
+        .await;
 }
 
 /// Runs the agent until `shutdown` resolves.
