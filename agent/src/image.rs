@@ -1,6 +1,7 @@
 //! Offline image work through QEMU's own tools: `qemu-img` (create, info,
-//! bitmap, convert) and `nbdcopy` + `qemu-nbd` (stream a whole image chain to
-//! compute its checksum without a temporary copy).
+//! bitmap, convert), checksums of backup files ([`file_sha256_and_size`]),
+//! and `nbdcopy` + `qemu-nbd` (stream a whole image chain to compute its
+//! content checksum without a temporary copy; used by tools, not the data path).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -219,14 +220,32 @@ impl OutputFormat {
     }
 }
 
+/// How [`convert`] reads its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceCache {
+    /// `-T none`: bypass the page cache (the files were not just read).
+    Bypass,
+    /// `-T writeback`: read through the page cache (the files were just read
+    /// for verification, so their pages are cached).
+    PageCache,
+}
+
 /// `qemu-img convert` of a qcow2 chain (newest file) into one standalone
-/// image, bypassing the page cache (`-t none -T none`) where the filesystems
-/// allow it and falling back to buffered I/O otherwise.
-pub async fn convert(source: &Path, output: &Path, format: OutputFormat) -> Result<(), ImageError> {
+/// image. The output bypasses the page cache (`-t none`) where the
+/// filesystem allows it, falling back to buffered I/O otherwise; the source
+/// is read as `source_cache` says.
+pub async fn convert(
+    source: &Path,
+    output: &Path,
+    format: OutputFormat,
+    source_cache: SourceCache,
+) -> Result<(), ImageError> {
     let base = |direct: bool| {
         let mut a = os(&[&"convert", &"-q", &"-f", &"qcow2", &"-O", &format.as_str()]);
-        if direct {
-            a.extend(os(&[&"-t", &"none", &"-T", &"none"]));
+        match (direct, source_cache) {
+            (true, SourceCache::Bypass) => a.extend(os(&[&"-t", &"none", &"-T", &"none"])),
+            (true, SourceCache::PageCache) => a.extend(os(&[&"-t", &"none", &"-T", &"writeback"])),
+            (false, _) => a.extend(os(&[&"-t", &"writeback", &"-T", &"writeback"])),
         }
         a.extend(os(&[&source, &output]));
         a
@@ -284,15 +303,52 @@ pub async fn content_sha256(path: &Path, format: &str) -> Result<String, ImageEr
     Ok(hash)
 }
 
-/// SHA-256 (hex) of a plain file.
-pub async fn file_sha256(path: &Path) -> Result<String, ImageError> {
-    let mut f = tokio::fs::File::open(path)
+/// SHA-256 (hex) and size of a plain file, read sequentially in large
+/// buffered chunks (the pages stay cached for a reader that follows, such as
+/// `qemu-img convert -T writeback`). ring uses SHA-NI where the CPU has it.
+pub async fn file_sha256_and_size(path: &Path) -> Result<(String, u64), ImageError> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || hash_file_blocking(&path))
         .await
-        .map_err(|source| ImageError::Io {
+        .map_err(|e| ImageError::Io {
             tool: "sha256".into(),
-            source,
-        })?;
-    hash_reader(&mut f, "sha256").await
+            source: std::io::Error::other(e),
+        })?
+}
+
+/// SHA-256 (hex) of a plain file (see [`file_sha256_and_size`]).
+pub async fn file_sha256(path: &Path) -> Result<String, ImageError> {
+    file_sha256_and_size(path).await.map(|(h, _)| h)
+}
+
+fn hash_file_blocking(path: &Path) -> Result<(String, u64), ImageError> {
+    use std::io::Read;
+    let io = |source| ImageError::Io {
+        tool: "sha256".into(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    // Sequential hint: larger kernel readahead.
+    let _ = nix::fcntl::posix_fadvise(
+        &f,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL,
+    );
+    let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 4 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io(e)),
+        };
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((hex::encode(hasher.finish()), total))
 }
 
 async fn hash_reader<R: tokio::io::AsyncRead + Unpin>(

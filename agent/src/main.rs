@@ -90,7 +90,9 @@ struct Cli {
 enum Command {
     /// Run the agent (default).
     Run,
-    /// Turn a backup chain into a standalone image and verify its checksum.
+    /// Verify a backup chain's files against their recorded checksums and turn
+    /// the chain into a standalone image. Prints `<disk>\t<output>\tverified`
+    /// (or `unverified` with --no-verify) per disk.
     Restore {
         /// Manifest file, or a backup directory (its newest manifest).
         #[arg(long, env = "CAIRN_RESTORE_MANIFEST")]
@@ -104,6 +106,9 @@ enum Command {
         /// Only this disk.
         #[arg(long, env = "CAIRN_RESTORE_DISK")]
         disk: Option<String>,
+        /// Skip checking the chain files against their recorded checksums.
+        #[arg(long, env = "CAIRN_RESTORE_NO_VERIFY")]
+        no_verify: bool,
     },
 }
 
@@ -162,6 +167,7 @@ async fn main() -> anyhow::Result<()> {
             output,
             format,
             disk,
+            no_verify,
         } => {
             let format = match format {
                 Format::Qcow2 => OutputFormat::Qcow2,
@@ -172,11 +178,13 @@ async fn main() -> anyhow::Result<()> {
                 output,
                 format,
                 disk,
+                verify: !no_verify,
             })
             .await
             .context("restore failed")?;
             for d in restored {
-                println!("{}\t{}\tsha256:{}", d.disk, d.output.display(), d.sha256);
+                let verdict = if d.verified { "verified" } else { "unverified" };
+                println!("{}\t{}\t{verdict}", d.disk, d.output.display());
             }
         }
     }

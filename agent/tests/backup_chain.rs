@@ -69,15 +69,10 @@ async fn twenty_round_incremental_chain_restores_every_point() {
         )
         .await
         .unwrap_or_else(|e| panic!("round {round}: {e}"));
-        let m = &out.manifest;
+        // The backup returns unverified; verification records the file checksums.
+        let m = &verify_and_check(&out.manifest_path).await;
         assert_eq!(m.disks.len(), 2);
-        for (i, d) in m.disks.iter().enumerate() {
-            assert_eq!(
-                d.sha256,
-                models[i].sha256(),
-                "round {round} disk {} checksum",
-                d.disk
-            );
+        for d in &m.disks {
             let want = if round == 0 {
                 BackupKind::Full
             } else {
@@ -119,10 +114,12 @@ async fn twenty_round_incremental_chain_restores_every_point() {
                 output: out.clone(),
                 format: OutputFormat::Raw,
                 disk: Some(disk.into()),
+                verify: true,
             })
             .await
             .unwrap();
             assert_eq!(r.len(), 1);
+            assert!(r[0].verified);
             assert!(
                 read_raw(&out) == *want,
                 "{name} {disk} differs from the disk at backup time"
@@ -133,19 +130,27 @@ async fn twenty_round_incremental_chain_restores_every_point() {
 
     // The binary's restore subcommand on the directory (newest manifest), qcow2 output.
     let out = restored.join("latest");
-    let st = std::process::Command::new(env!("CARGO_BIN_EXE_cairn-agent"))
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_cairn-agent"))
         .args(["restore", "--format", "qcow2", "--manifest"])
         .arg(&target)
         .arg("--output")
         .arg(&out)
-        .status()
+        .output()
         .unwrap();
-    assert!(st.success());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let printed = String::from_utf8_lossy(&o.stdout);
+    for disk in ["disk0", "disk1"] {
+        let line = format!(
+            "{disk}\t{}\tverified",
+            out.join(format!("{disk}.qcow2")).display()
+        );
+        assert!(printed.lines().any(|l| l == line), "{printed}");
+    }
     let last = expected.last().unwrap();
     assert!(image_bytes(&out.join("disk0.qcow2")) == last.1);
     assert!(image_bytes(&out.join("disk1.qcow2")) == last.2);
 
-    // A damaged chain is detected by the checksum.
+    // A damaged newest file is detected by its checksum.
     let newest = target.join("b20.disk0.qcow2");
     let st = std::process::Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", "write -P 0x01 0 4096"])
@@ -153,15 +158,66 @@ async fn twenty_round_incremental_chain_restores_every_point() {
         .status()
         .unwrap();
     assert!(st.success());
-    let err = restore(&RestoreRequest {
-        manifest: target.join("b20.manifest.json"),
-        output: restored.join("bad.raw"),
-        format: OutputFormat::Raw,
-        disk: Some("disk0".into()),
-    })
-    .await
-    .unwrap_err();
-    assert!(err.to_string().contains("damaged"), "{err}");
+    let restore_one = |name: &str, disk: &str, verify: bool| {
+        let request = RestoreRequest {
+            manifest: target.join(format!("{name}.manifest.json")),
+            output: restored.join("one.raw"),
+            format: OutputFormat::Raw,
+            disk: Some(disk.into()),
+            verify,
+        };
+        async move { restore(&request).await }
+    };
+    let err = restore_one("b20", "disk0", true).await.unwrap_err();
+    assert!(
+        err.to_string().contains("damaged") && err.to_string().contains("b20.disk0.qcow2"),
+        "{err}"
+    );
+    assert!(
+        !restored.join("one.raw").exists(),
+        "nothing written on refusal"
+    );
+
+    // One flipped byte in an older member of a chain: every later point of
+    // that disk is refused, earlier points and the other disk still restore.
+    let older = target.join("b05.disk1.qcow2");
+    let mut bytes = std::fs::read(&older).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&older, &bytes).unwrap();
+    for later in ["b05", "b12", "b20"] {
+        let err = restore_one(later, "disk1", true).await.unwrap_err();
+        assert!(
+            err.to_string().contains("damaged") && err.to_string().contains("b05.disk1.qcow2"),
+            "{later}: {err}"
+        );
+    }
+    restore_one("b04", "disk1", true).await.unwrap();
+    assert!(read_raw(&restored.join("one.raw")) == expected[4].2);
+    restore_one("b20", "disk1", false).await.unwrap();
+    // --no-verify restores whatever the files hold, and says so.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_cairn-agent"))
+        .args(["restore", "--no-verify", "--disk", "disk1", "--manifest"])
+        .arg(target.join("b20.manifest.json"))
+        .arg("--output")
+        .arg(restored.join("nv.qcow2"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stdout)
+            .trim_end()
+            .ends_with("\tunverified")
+    );
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_cairn-agent"))
+        .args(["restore", "--disk", "disk1", "--manifest"])
+        .arg(target.join("b20.manifest.json"))
+        .arg("--output")
+        .arg(restored.join("v.qcow2"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("damaged"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,7 +232,7 @@ async fn incremental_from_older_checkpoint_after_newer_backups() {
 
     vm.write("disk0", 0x11, 0, MIB).await;
     model.write(0x11, 0, MIB);
-    run_push_backup(
+    let out = run_push_backup(
         &vm.client,
         &vm.vm,
         &policy,
@@ -184,6 +240,7 @@ async fn incremental_from_older_checkpoint_after_newer_backups() {
     )
     .await
     .unwrap();
+    verify_and_check(&out.manifest_path).await;
     for (i, cp) in ["b", "c", "d"].iter().enumerate() {
         let off = (i as u64 + 2) * MIB;
         vm.write("disk0", 0x20 + i as u8, off, MIB / 2).await;
@@ -193,7 +250,7 @@ async fn incremental_from_older_checkpoint_after_newer_backups() {
         } else {
             ["b", "c", "d"][i - 1].to_string()
         };
-        run_push_backup(
+        let out = run_push_backup(
             &vm.client,
             &vm.vm,
             &policy,
@@ -201,6 +258,7 @@ async fn incremental_from_older_checkpoint_after_newer_backups() {
         )
         .await
         .unwrap();
+        verify_and_check(&out.manifest_path).await;
     }
     vm.write("disk0", 0x77, 10 * MIB, 4096).await;
     model.write(0x77, 10 * MIB, 4096);
@@ -223,21 +281,30 @@ async fn incremental_from_older_checkpoint_after_newer_backups() {
             "full.disk0.qcow2".to_string()
         ]
     );
-    assert_eq!(d.sha256, model.sha256());
     assert!(
         d.bytes_copied >= 3 * MIB / 2 && d.bytes_copied < 4 * MIB,
         "copied {}",
         d.bytes_copied
     );
     let raw = vm.path().join("branch.raw");
-    restore(&RestoreRequest {
+    let restore_branch = RestoreRequest {
         manifest: out.manifest_path.clone(),
         output: raw.clone(),
         format: OutputFormat::Raw,
         disk: None,
-    })
-    .await
-    .unwrap();
+        verify: true,
+    };
+    // Not verified yet: restore refuses a file without a recorded checksum.
+    let err = restore(&restore_branch).await.unwrap_err();
+    assert!(
+        err.to_string().contains("no recorded checksum")
+            && err.to_string().contains("branch.disk0.qcow2"),
+        "{err}"
+    );
+    let m = verify_and_check(&out.manifest_path).await;
+    // The incremental's file holds only what changed: far smaller than the disk.
+    assert!(m.disks[0].file_size < 8 * MIB, "{}", m.disks[0].file_size);
+    restore(&restore_branch).await.unwrap();
     assert!(read_raw(&raw) == model.bytes);
 
     // The newer chain continues to work as well.
@@ -250,7 +317,18 @@ async fn incremental_from_older_checkpoint_after_newer_backups() {
     .await
     .unwrap();
     assert_eq!(out.manifest.disks[0].backing_chain.len(), 5);
-    assert_eq!(out.manifest.disks[0].sha256, model.sha256());
+    verify_and_check(&out.manifest_path).await;
+    let raw = vm.path().join("inc-e.raw");
+    restore(&RestoreRequest {
+        manifest: out.manifest_path.clone(),
+        output: raw.clone(),
+        format: OutputFormat::Raw,
+        disk: None,
+        verify: true,
+    })
+    .await
+    .unwrap();
+    assert!(read_raw(&raw) == model.bytes);
     // Same request again: idempotent, reports the finished backup.
     let again = run_push_backup(
         &vm.client,

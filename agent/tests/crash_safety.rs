@@ -65,7 +65,8 @@ async fn agent_dropped_mid_backup_reattaches_or_cleans_up() {
     // The restarted agent re-attaches with the same request and finishes.
     let agent = vm.client.clone();
     let out = run_push_backup(&agent, &vm.vm, &policy, &r).await.unwrap();
-    assert_eq!(out.manifest.disks[0].sha256, model.sha256());
+    verify_and_check(&out.manifest_path).await;
+    assert!(image_bytes(&target.join(&out.manifest.disks[0].file)) == model.bytes);
     assert_no_leftovers(&agent).await;
 
     // Second case: the restarted agent decides to abandon the operation.

@@ -246,7 +246,8 @@ pub struct VirtualMachineBackupStatus {
     /// Lifecycle phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<BackupPhase>,
-    /// Conditions: `Ready` (finished successfully or export ready), `Failed`.
+    /// Conditions: `Ready` (finished successfully or export ready), `Failed`,
+    /// `Verified` (push: the backup files' checksums were recorded after the job).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
@@ -317,7 +318,9 @@ pub struct BackupDiskStatus {
     /// True when an incremental was asked for but this disk was backed up full (fallbackToFull).
     #[serde(default)]
     pub fell_back_to_full: bool,
-    /// sha256 of the disk content at the backup point, when recorded.
+    /// Push: SHA-256 (hex) of this disk's backup file (the qcow2 file this backup
+    /// wrote, not its backing files, which their own backups cover). Recorded
+    /// after the job by a verification step; see the `Verified` condition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
 }

@@ -55,4 +55,7 @@ pub mod condition_types {
     pub const FAILED: &str = "Failed";
     /// Work is in progress.
     pub const PROGRESSING: &str = "Progressing";
+    /// A push backup's file checksums were computed after the job and recorded
+    /// (`status.disks[].sha256` and the manifest), or why not.
+    pub const VERIFIED: &str = "Verified";
 }

@@ -181,6 +181,26 @@ fn demo(cluster: &LocalCluster, started: Instant) -> Result<()> {
     ])?;
     println!();
 
+    step("The agent verifies each backup after it succeeded: file checksums recorded");
+    for name in ["full-1", "inc-1"] {
+        k.run(&[
+            "wait",
+            "--for=condition=Verified",
+            &format!("vmbackup/{name}"),
+            "-n",
+            "demo",
+            "--timeout=120s",
+        ])?;
+    }
+    k.run(&[
+        "get",
+        "vmbackup",
+        "-n",
+        "demo",
+        "-o",
+        "custom-columns=NAME:.metadata.name,FILE:.status.disks[0].target,SHA256:.status.disks[0].sha256",
+    ])?;
+
     step("Restore both points and verify them against what the guest wrote");
     let restore_dir = cluster.state_dir.join("restored");
     std::fs::create_dir_all(&restore_dir)?;
@@ -205,7 +225,12 @@ fn demo(cluster: &LocalCluster, started: Instant) -> Result<()> {
             "restore of {name} failed: {}",
             String::from_utf8_lossy(&o.stderr)
         );
-        print!("{}", String::from_utf8_lossy(&o.stdout));
+        let printed = String::from_utf8_lossy(&o.stdout).to_string();
+        print!("{printed}");
+        ensure!(
+            printed.trim_end().ends_with("\tverified"),
+            "restore of {name} did not verify its backup files: {printed}"
+        );
         let took = t.elapsed();
         let actual = hex(&Sha256::digest(std::fs::read(&out)?));
         ensure!(
@@ -227,7 +252,7 @@ fn demo(cluster: &LocalCluster, started: Instant) -> Result<()> {
     );
     for (name, time, sha) in rows {
         println!(
-            "restore {name:<7} verified sha256 {}…  {:>7.2} s",
+            "restore {name:<7} backup files verified; output sha256 {}… matches  {:>7.2} s",
             &sha[..16],
             time.as_secs_f64()
         );

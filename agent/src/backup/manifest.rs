@@ -1,5 +1,6 @@
 //! The JSON manifest written next to a push backup's qcow2 files.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -39,8 +40,12 @@ pub struct ManifestDisk {
     pub virtual_size: u64,
     /// Bytes QEMU copied.
     pub bytes_copied: u64,
-    /// SHA-256 of the whole disk content at the backup point (the restored image).
-    pub sha256: String,
+    /// Size in bytes of this backup's own qcow2 file ([`Self::file`]).
+    pub file_size: u64,
+    /// SHA-256 (hex) of the bytes of this backup's own qcow2 file (not of its
+    /// backing files: each is covered by the manifest of the backup that
+    /// wrote it). `None` until [`super::verify_backup`] recorded it.
+    pub file_sha256: Option<String>,
 }
 
 /// A finished push backup.
@@ -64,6 +69,9 @@ pub struct Manifest {
     pub disks: Vec<ManifestDisk>,
     /// The VM's disk layout at backup time.
     pub domain: Domain,
+    /// True once every disk's `fileSha256` is recorded ([`super::verify_backup`]).
+    #[serde(default)]
+    pub verified: bool,
 }
 
 impl Manifest {
@@ -123,6 +131,18 @@ impl Manifest {
             .rev()
             .find(|(_, m)| m.checkpoint.as_deref() == Some(checkpoint))
             .map(|(_, m)| m)
+    }
+
+    /// Every backup file named by a manifest in `dir` (as its own `file`),
+    /// with its recorded checksum (if verified) and size.
+    pub fn file_checksums(dir: &Path) -> HashMap<String, (Option<String>, u64)> {
+        let mut out = HashMap::new();
+        for (_, m) in Self::list(dir) {
+            for d in m.disks {
+                out.insert(d.file, (d.file_sha256, d.file_size));
+            }
+        }
+        out
     }
 
     /// The disk entry called `disk`.

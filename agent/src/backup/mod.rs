@@ -6,7 +6,8 @@
 //! incremental, which backing file) → check free space → create target files
 //! and nodes → one `transaction` that starts every `blockdev-backup` job (and
 //! adds the new checkpoint's bitmaps) → [`push::RunningBackup::wait`] → write
-//! the [`manifest::Manifest`]. Every QEMU-side name comes from the caller's
+//! the [`manifest::Manifest`] (unverified) → later, off the critical path,
+//! [`verify_backup`] records each new file's SHA-256 in it. Every QEMU-side name comes from the caller's
 //! [`crate::identity::OperationId`], so calling [`push::start_push_backup`]
 //! again after an agent restart re-attaches to the running jobs, and
 //! [`cleanup_leftovers`] removes anything a crashed attempt left.
@@ -15,6 +16,7 @@ pub mod manifest;
 pub mod pull;
 pub mod push;
 pub mod target;
+pub mod verify;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -33,6 +35,7 @@ pub use push::{
     BackupOutcome, BackupProgress, PushRequest, RunningBackup, run_push_backup, start_push_backup,
 };
 pub use target::TargetPolicy;
+pub use verify::verify_backup;
 
 /// Failures of backup operations. Whatever the variant, the operation has
 /// cleaned up what it created (nodes, jobs, files, the new checkpoint's bitmaps)
@@ -167,6 +170,14 @@ pub enum BackupError {
         /// The OS error.
         #[source]
         source: std::io::Error,
+    },
+    /// A backup file no longer is what the backup wrote (found while verifying).
+    #[error("backup file {path} cannot be verified: {reason}")]
+    FileChanged {
+        /// The file.
+        path: PathBuf,
+        /// What differs.
+        reason: String,
     },
     /// A manifest is unreadable.
     #[error("manifest {path} is not valid")]

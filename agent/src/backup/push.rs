@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 
 use super::manifest::{BackupKind, MANIFEST_VERSION, Manifest, ManifestDisk};
@@ -16,7 +17,9 @@ use crate::checkpoint::{Domain, plan_checkpoint};
 use crate::identity::{NodeRole, OperationId};
 use crate::image;
 use crate::inventory::{Disk, VmInventory, VmRef, read_inventory, select_disks};
-use crate::qmp::{BackingChoice, BackupSpec, BackupSync, QmpClient, QmpError, TransactionStep};
+use crate::qmp::{
+    BackingChoice, BackupSpec, BackupSync, QmpClient, QmpError, QmpEvent, TransactionStep,
+};
 
 /// A push backup to run.
 #[derive(Debug, Clone)]
@@ -416,10 +419,7 @@ impl RunningBackup {
                 // One disk failed: stop the others now rather than copying on.
                 let _ = self.cancel().await;
             }
-            tokio::select! {
-                _ = events.recv() => {}
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            }
+            self.wait_for_job_event(&mut events).await;
         };
         if !failures.is_empty() {
             self.abort().await;
@@ -451,6 +451,41 @@ impl RunningBackup {
         }
     }
 
+    /// Returns once one of our jobs reports a state change that may mean it
+    /// concluded (`JOB_STATUS_CHANGE`, `BLOCK_JOB_COMPLETED`/`CANCELLED`/`ERROR`),
+    /// or after a short fallback poll interval (events can be missed).
+    async fn wait_for_job_event(&self, events: &mut broadcast::Receiver<QmpEvent>) {
+        let ours = |e: &QmpEvent| {
+            let id = e.data.get("id").or_else(|| e.data.get("device"));
+            let id = id.and_then(|v| v.as_str()).unwrap_or_default();
+            let relevant = match e.name.as_str() {
+                "JOB_STATUS_CHANGE" => matches!(
+                    e.data.get("status").and_then(|v| v.as_str()),
+                    Some("concluded" | "aborting" | "null")
+                ),
+                "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" | "BLOCK_JOB_ERROR" => true,
+                _ => false,
+            };
+            relevant && self.plan.iter().any(|p| p.job_id == id)
+        };
+        let wait_event = async {
+            loop {
+                match events.recv().await {
+                    Ok(e) if ours(&e) => return,
+                    Ok(_) => {}
+                    // Missed some: re-check now.
+                    Err(broadcast::error::RecvError::Lagged(_)) => return,
+                    // No more events (session gone): the poll below takes over.
+                    Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+                }
+            }
+        };
+        tokio::select! {
+            () = wait_event => {}
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+
     async fn finish(&self, bytes: &HashMap<String, u64>) -> Result<BackupOutcome, BackupError> {
         let vm = self.vm_name();
         for p in &self.plan {
@@ -466,12 +501,13 @@ impl RunningBackup {
         let mut disks = Vec::new();
         for p in &self.plan {
             let path = self.dir.join(&p.file);
-            let sha256 = image::content_sha256(&path, "qcow2")
-                .await
-                .map_err(|source| BackupError::Image {
-                    step: format!("checksum {}", path.display()),
+            // QEMU flushed and closed the file at blockdev-del.
+            let file_size = std::fs::metadata(&path)
+                .map_err(|source| BackupError::TargetIo {
+                    path: path.clone(),
                     source,
-                })?;
+                })?
+                .len();
             let mut chain = vec![p.file.clone()];
             chain.extend(p.backing_chain.iter().cloned());
             disks.push(ManifestDisk {
@@ -483,7 +519,8 @@ impl RunningBackup {
                 fell_back_to_full: p.fell_back_to_full,
                 virtual_size: p.virtual_size,
                 bytes_copied: bytes.get(&p.disk).copied().unwrap_or(0),
-                sha256,
+                file_size,
+                file_sha256: None,
             });
         }
         let manifest = Manifest {
@@ -495,6 +532,7 @@ impl RunningBackup {
             checkpoint: self.request.new_checkpoint.clone(),
             disks,
             domain: self.domain.clone(),
+            verified: false,
         };
         let manifest_path = manifest.store(&self.dir)?;
         info!(vm = %vm, backup = %self.request.name, manifest = %manifest_path.display(), "push backup complete");

@@ -22,11 +22,14 @@ use super::status::{agent_conditions, apply_status, backup_reason, cond, error_c
 use super::{Context, ControllerError};
 use crate::backup::{
     BackupError, FileScope, Manifest, PullRequest, PushRequest, cleanup_leftovers,
-    start_pull_export, start_push_backup, stop_pull_export,
+    start_pull_export, start_push_backup, stop_pull_export, verify_backup,
 };
 use crate::identity::OperationId;
 use crate::inventory::VmRef;
 use crate::qmp::QmpClient;
+
+/// Condition type of the post-job verification of a push backup.
+const VERIFIED: &str = cairn_api::condition_types::VERIFIED;
 
 /// Runs the controller until the process stops.
 pub async fn run(ctx: Arc<Context>) {
@@ -94,6 +97,15 @@ async fn reconcile(
             start(&b, &ctx, &api, status, session, &uid).await
         }
         BackupPhase::Exporting => watch_export(&b, &ctx, &api, status, session, &uid).await,
+        BackupPhase::Succeeded
+            if b.spec.mode == BackupMode::Push
+                && cairn_api::conditions::find(&status.conditions, VERIFIED).is_none()
+                && !task_alive(&ctx, &uid) =>
+        {
+            // Succeeded but not verified: the agent restarted in between.
+            resume_verification(&b, &ctx, &api, status, &uid);
+            Ok(Action::await_change())
+        }
         BackupPhase::Succeeded | BackupPhase::Failed | BackupPhase::Cancelled => {
             Ok(Action::await_change())
         }
@@ -241,20 +253,34 @@ async fn start(
                             r = running.wait() => r,
                             () = progress => unreachable!("progress reporting never ends"),
                         };
-                        let (reason, finish) = match result {
+                        let (reason, manifest_path, finish) = match result {
                             Ok(mut outcome) => {
                                 name_base_checkpoint(
                                     &mut outcome.manifest,
                                     base_checkpoint.as_deref(),
                                 );
-                                ("Completed", Ok(outcome.manifest))
+                                (
+                                    "Completed",
+                                    Some(outcome.manifest_path),
+                                    Ok(outcome.manifest),
+                                )
                             }
-                            Err(e) => (backup_reason(&e), Err(e)),
+                            Err(e) => (backup_reason(&e), None, Err(e)),
                         };
-                        if let Err(e) =
-                            finish_push(&api, &name, status, generation, &dir, reason, finish).await
+                        let status = match finish_push(
+                            &api, &name, status, generation, &dir, reason, finish,
+                        )
+                        .await
                         {
-                            warn!(backup = %name, error = %error_chain(&e), "cannot report the backup result");
+                            Ok(status) => status,
+                            Err(e) => {
+                                warn!(backup = %name, error = %error_chain(&e), "cannot report the backup result");
+                                return;
+                            }
+                        };
+                        // Off the critical path: the result is already reported.
+                        if let Some(path) = manifest_path {
+                            report_verification(&api, &name, status, generation, &path).await;
                         }
                     });
                     ctx.jobs
@@ -420,6 +446,82 @@ async fn report_progress(
     }
 }
 
+/// Runs [`verify_backup`] on a Succeeded push backup whose status has no
+/// `Verified` condition (the agent restarted after the job), in a task.
+fn resume_verification(
+    b: &VirtualMachineBackup,
+    ctx: &Arc<Context>,
+    api: &Api<VirtualMachineBackup>,
+    status: VirtualMachineBackupStatus,
+    uid: &str,
+) {
+    let name = b.name_any();
+    let generation = b.metadata.generation;
+    let api = api.clone();
+    let path = push_dir(b, ctx).map(|d| d.join(Manifest::file_name(&name)));
+    info!(backup = %name, "backup succeeded but is not verified yet; verifying");
+    let task = tokio::spawn(async move {
+        match path {
+            Some(path) => report_verification(&api, &name, status, generation, &path).await,
+            None => {
+                let mut status = status;
+                status.conditions = agent_conditions(
+                    &status.conditions,
+                    &[cond(
+                        VERIFIED,
+                        false,
+                        "ManifestMissing",
+                        "the backup's target directory is not usable; its files cannot be verified",
+                    )],
+                    generation,
+                );
+                if let Err(e) = apply_status(&api, &name, &status).await {
+                    warn!(backup = %name, error = %error_chain(&e), "cannot report the verification");
+                }
+            }
+        }
+    });
+    ctx.jobs
+        .lock()
+        .expect("jobs lock")
+        .insert(uid.to_string(), task);
+}
+
+/// Computes the backup files' checksums ([`verify_backup`]) and reports them:
+/// `status.disks[].sha256` and `Verified=True`, or `Verified=False` with the
+/// reason. The phase stays Succeeded either way.
+async fn report_verification(
+    api: &Api<VirtualMachineBackup>,
+    name: &str,
+    mut status: VirtualMachineBackupStatus,
+    generation: Option<i64>,
+    manifest_path: &Path,
+) {
+    let update = match verify_backup(manifest_path).await {
+        Ok(m) => {
+            for d in &mut status.disks {
+                d.sha256 = m.disk(&d.name).and_then(|md| md.file_sha256.clone());
+            }
+            let msg = format!(
+                "SHA-256 of {} backup file(s) recorded in status.disks[].sha256 and the manifest",
+                m.disks.len()
+            );
+            info!(backup = %name, "{msg}");
+            cond(VERIFIED, true, "ChecksumsRecorded", msg)
+        }
+        Err(e) => {
+            let msg = error_chain(&e);
+            warn!(backup = %name, "verification failed: {msg}");
+            cond(VERIFIED, false, "ChecksumFailed", msg)
+        }
+    };
+    status.conditions = agent_conditions(&status.conditions, &[update], generation);
+    if let Err(e) = apply_status(api, name, &status).await {
+        warn!(backup = %name, error = %error_chain(&e), "cannot report the verification");
+    }
+}
+
+/// Reports the job's result; returns the status written.
 async fn finish_push(
     api: &Api<VirtualMachineBackup>,
     name: &str,
@@ -428,7 +530,7 @@ async fn finish_push(
     dir: &Path,
     reason: &str,
     result: Result<Manifest, BackupError>,
-) -> Result<(), kube::Error> {
+) -> Result<VirtualMachineBackupStatus, kube::Error> {
     status.completion_time = Some(now());
     match result {
         Ok(m) => {
@@ -451,7 +553,7 @@ async fn finish_push(
                         .map(|f| dir.join(f).display().to_string()),
                     incremental_from: d.incremental_from.clone(),
                     fell_back_to_full: d.fell_back_to_full,
-                    sha256: Some(d.sha256.clone()),
+                    sha256: d.file_sha256.clone(),
                     ..Default::default()
                 })
                 .collect();
@@ -493,7 +595,8 @@ async fn finish_push(
             );
         }
     }
-    apply_status(api, name, &status).await
+    apply_status(api, name, &status).await?;
+    Ok(status)
 }
 
 fn requeue_until_expiry(status: &VirtualMachineBackupStatus) -> Action {

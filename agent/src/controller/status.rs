@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// Condition types the agent owns.
-pub const AGENT_CONDITIONS: &[&str] = &["Ready", "DomainRecorded", "CleanedUp"];
+pub const AGENT_CONDITIONS: &[&str] = &["Ready", "DomainRecorded", "CleanedUp", "Verified"];
 
 /// Applies `status` (the agent's whole share of it) to object `name`.
 pub async fn apply_status<K, S>(api: &Api<K>, name: &str, status: &S) -> Result<(), kube::Error>
@@ -127,6 +127,7 @@ pub fn backup_reason(e: &crate::backup::BackupError) -> &'static str {
         E::Image { .. } => "ImageError",
         E::TargetIo { .. } => "TargetError",
         E::BadManifest { .. } => "BadManifest",
+        E::FileChanged { .. } => "ChecksumFailed",
     }
 }
 

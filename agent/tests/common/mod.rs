@@ -311,3 +311,44 @@ pub async fn bitmaps_on(client: &QmpClient, node: &str) -> Vec<String> {
         .flat_map(|n| n.dirty_bitmaps.into_iter().filter_map(|b| b.name))
         .collect()
 }
+
+/// SHA-256 (hex) of a file's bytes, computed independently of the agent.
+pub fn sha256_of_file(path: &Path) -> String {
+    hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        &std::fs::read(path).unwrap(),
+    ))
+}
+
+/// Runs `verify_backup` on a fresh (unverified) manifest and checks that it
+/// recorded each disk's file size and the SHA-256 of exactly that file.
+pub async fn verify_and_check(manifest_path: &Path) -> cairn_agent::backup::Manifest {
+    let before = cairn_agent::backup::Manifest::load(manifest_path).unwrap();
+    assert!(!before.verified, "a fresh manifest is not verified yet");
+    assert!(before.disks.iter().all(|d| d.file_sha256.is_none()));
+    let m = cairn_agent::backup::verify_backup(manifest_path)
+        .await
+        .unwrap();
+    assert!(m.verified);
+    assert_eq!(
+        m,
+        cairn_agent::backup::Manifest::load(manifest_path).unwrap()
+    );
+    let dir = manifest_path.parent().unwrap();
+    for d in &m.disks {
+        let file = dir.join(&d.file);
+        assert_eq!(d.file_size, std::fs::metadata(&file).unwrap().len());
+        assert_eq!(
+            d.file_sha256.as_deref(),
+            Some(sha256_of_file(&file).as_str())
+        );
+    }
+    // Idempotent.
+    assert_eq!(
+        cairn_agent::backup::verify_backup(manifest_path)
+            .await
+            .unwrap(),
+        m
+    );
+    m
+}

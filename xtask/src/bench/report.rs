@@ -138,7 +138,7 @@ pub fn render(cfg: &Config, r: &Results) -> String {
     );
     row(
         &mut o,
-        "  of which: manifest checksum (whole-disk SHA-256, measured separately)",
+        "  then, separately: verification `verify_backup` (SHA-256 of the new file; not in the time above)",
         &d.full_checksum,
         Some(size),
         &[],
@@ -186,7 +186,9 @@ pub fn render(cfg: &Config, r: &Results) -> String {
         );
         row(
             &mut o,
-            &format!("{pct:.0} %:   of which: manifest checksum (measured separately)"),
+            &format!(
+                "{pct:.0} %:   then, separately: verification `verify_backup` (not in the time above)"
+            ),
             &d.inc_checksum[i],
             None,
             &[],
@@ -269,7 +271,7 @@ pub fn render(cfg: &Config, r: &Results) -> String {
     o.pop();
     row(
         &mut o,
-        "`cairn-agent restore` (convert + SHA-256 verification)",
+        "`cairn-agent restore` (SHA-256 of the chain files, then convert from the page cache)",
         &d.restore_cairn,
         Some(size),
         &[("convert", &d.restore_convert)],
