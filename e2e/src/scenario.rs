@@ -154,6 +154,47 @@ pub async fn wait_backup(
     })
 }
 
+/// Waits until a Succeeded push backup is verified (`Verified=True`, failing
+/// early on `Verified=False`) and checks that each `status.disks[].sha256` is
+/// the SHA-256 of that disk's backup file (`status.disks[].target`).
+pub async fn wait_verified(env: &TestEnv, name: &str) -> Result<VirtualMachineBackup> {
+    let api: Api<VirtualMachineBackup> = Api::namespaced(env.client.clone(), &env.namespace);
+    let b = wait::until(
+        &api,
+        name,
+        Duration::from_secs(120),
+        "backup Verified",
+        |b| {
+            b.status
+                .as_ref()
+                .and_then(|s| condition(&s.conditions, "Verified"))
+                .is_some()
+        },
+    )
+    .await?;
+    let status = b.status.as_ref().context("no status")?;
+    let verified = condition(&status.conditions, "Verified").context("no Verified")?;
+    ensure!(
+        verified.status == "True" && verified.reason == "ChecksumsRecorded",
+        "backup {name} not verified: {verified:?}"
+    );
+    ensure!(
+        status.phase == Some(BackupPhase::Succeeded),
+        "backup {name} left Succeeded: {status:?}"
+    );
+    for d in &status.disks {
+        let file = d.target.as_deref().context("disk without target")?;
+        let actual = hex(&Sha256::digest(std::fs::read(file)?));
+        ensure!(
+            d.sha256.as_deref() == Some(actual.as_str()),
+            "status sha256 {:?} of disk {} is not the sha256 {actual} of {file}",
+            d.sha256,
+            d.name
+        );
+    }
+    Ok(b)
+}
+
 /// The condition of type `t`.
 pub fn condition<'a>(conds: &'a [Condition], t: &str) -> Option<&'a Condition> {
     conds.iter().find(|c| c.type_ == t)

@@ -92,6 +92,7 @@ async fn full_and_incremental_chain_restores_byte_for_byte() -> Result<()> {
         &backup_yaml("full-1", "vm1", &push_extra(&dir, None, Some("c1"))),
     )?;
     let b = wait_backup(&env, "full-1", BackupPhase::Succeeded).await?;
+    wait_verified(&env, "full-1").await?;
     expected.push(("full-1", model.sha256()));
     assert_eq!(b.status.as_ref().unwrap().checkpoint.as_deref(), Some("c1"));
     wait_checkpoint(&env, "c1", CheckpointPhase::Ready).await?;
@@ -122,6 +123,7 @@ async fn full_and_incremental_chain_restores_byte_for_byte() -> Result<()> {
             disk.bytes_copied.unwrap_or(0) < size as i64 / 4,
             "incremental copied too much: {disk:?}"
         );
+        wait_verified(&env, &name).await?;
         expected.push((Box::leak(name.into_boxed_str()), model.sha256()));
         wait_checkpoint(&env, &next, CheckpointPhase::Ready).await?;
         base = next;
