@@ -246,6 +246,7 @@ async fn start(
                     info!(backup = %name, vm = %vmref, jobs = ?job_ids, "push backup running");
                     let api = api.clone();
                     let base_checkpoint = b.spec.incremental.clone();
+                    let health = ctx.health.clone();
                     let task = tokio::spawn(async move {
                         let progress =
                             report_progress(&api, &name, status.clone(), &client, &job_ids);
@@ -267,6 +268,14 @@ async fn start(
                             }
                             Err(e) => (backup_reason(&e), None, Err(e)),
                         };
+                        let outcome = if finish.is_ok() { "ok" } else { "error" };
+                        health
+                            .backups_finished
+                            .get_or_create(&super::health::OutcomeLabel {
+                                controller: "backup",
+                                outcome,
+                            })
+                            .inc();
                         let status = match finish_push(
                             &api, &name, status, generation, &dir, reason, finish,
                         )
