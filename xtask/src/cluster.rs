@@ -1,9 +1,8 @@
 //! `cargo xtask cluster up|down` and the demo built on it.
 
 use std::path::PathBuf;
-use std::process::Command;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use cairn_e2e::local_cluster::LocalCluster;
 use clap::Subcommand;
 
@@ -47,21 +46,7 @@ pub fn run(action: Action) -> Result<()> {
     }
 }
 
+/// Builds the operator and agent binaries the cluster runs.
 pub fn build_binaries() -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "cairn-operator",
-            "-p",
-            "cairn-agent",
-        ])
-        .current_dir(cairn_e2e::tools::repo_root())
-        .status()?;
-    if !status.success() {
-        bail!("building cairn-operator and cairn-agent failed");
-    }
-    Ok(())
+    cairn_e2e::harness::build_binaries()
 }
