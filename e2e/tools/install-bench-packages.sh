@@ -12,14 +12,7 @@ if ! have; then
     echo "install-bench-packages: need root to apt-get install libvirt and virtnbdbackup" >&2
     exit 1
   fi
-  # install-packages.sh enables bookworm-backports; do it here too when run alone.
-  src=/etc/apt/sources.list.d/debian.sources
-  if [ -f "$src" ] && ! grep -q bookworm-backports "$src"; then
-    sed -i '0,/^Suites: bookworm bookworm-updates$/s//Suites: bookworm bookworm-updates bookworm-backports/' "$src"
-  fi
-  if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    echo "deb http://deb.debian.org/debian bookworm-backports main" > /etc/apt/sources.list.d/cairn-backports.list
-  fi
+  . "$(dirname "$0")/enable-backports.sh"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q >&2
   # A temporary policy-rc.d keeps the package scripts from starting services.

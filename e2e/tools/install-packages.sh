@@ -18,13 +18,7 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-src=/etc/apt/sources.list.d/debian.sources
-if [ -f "$src" ] && ! grep -q bookworm-backports "$src"; then
-  sed -i '0,/^Suites: bookworm bookworm-updates$/s//Suites: bookworm bookworm-updates bookworm-backports/' "$src"
-fi
-if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
-  echo "deb http://deb.debian.org/debian bookworm-backports main" > /etc/apt/sources.list.d/cairn-backports.list
-fi
+. "$(dirname "$0")/enable-backports.sh"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q >&2
 apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils >&2
