@@ -57,9 +57,15 @@ impl LocalCluster {
             fs::create_dir_all(cluster.backup_dir(node))?;
         }
         if binary("cairn-operator").exists() {
-            // Two replicas, as the chart runs them: the Lease picks the active one.
-            cluster.start_operator("operator-0")?;
-            cluster.start_operator("operator-1")?;
+            // Two replicas by default, as the chart runs them: the Lease picks the
+            // active one. `CAIRN_OPERATOR_REPLICAS` changes it (the bench uses 1).
+            let replicas: usize = std::env::var("CAIRN_OPERATOR_REPLICAS")
+                .ok()
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(2);
+            for i in 0..replicas {
+                cluster.start_operator(&format!("operator-{i}"))?;
+            }
         }
         if binary("cairn-agent").exists() {
             for node in &cluster.nodes {

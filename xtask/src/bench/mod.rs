@@ -117,6 +117,8 @@ pub fn run(quick: bool) -> Result<()> {
         let status = Command::new("/proc/self/exe")
             .args(std::env::args_os().skip(1))
             .env("CAIRN_BIN_DIR", target.join("release"))
+            // One operator: the control-plane section measures that process.
+            .env("CAIRN_OPERATOR_REPLICAS", "1")
             .status()?;
         if !status.success() {
             bail!("benchmark failed");
