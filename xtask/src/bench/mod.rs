@@ -137,6 +137,7 @@ pub fn run(quick: bool) -> Result<()> {
         idle_secs: if quick { 10 } else { 30 },
         work: work.canonicalize()?,
     };
+    let control_only = std::env::var_os("CAIRN_BENCH_CONTROL_ONLY").is_some();
     let started = std::time::Instant::now();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -148,6 +149,12 @@ pub fn run(quick: bool) -> Result<()> {
             cfg.disk_size >> 20
         );
         let base = qemu::random_base_image(&cfg.work, cfg.disk_size)?;
+        if control_only {
+            if let Err(e) = control::run_all(&cfg, &base, &mut results.control).await {
+                results.errors.push(format!("cluster: {e:#}"));
+            }
+            return anyhow::Ok(());
+        }
         if let Err(e) = data::run_all(&cfg, &base, &mut results.data).await {
             eprintln!("bench: data path failed: {e:#}");
             results.errors.push(format!("data path: {e:#}"));
@@ -164,7 +171,14 @@ pub fn run(quick: bool) -> Result<()> {
     })?;
     results.elapsed = started.elapsed().as_secs_f64();
     let text = report::render(&cfg, &results);
-    std::fs::write(root.join("BENCHMARKS.md"), &text)?;
+    // `CAIRN_BENCH_CONTROL_ONLY=1` re-measures just the control plane, into
+    // target/bench/control-only.md, leaving BENCHMARKS.md alone.
+    let out = if control_only {
+        cfg.work.join("control-only.md")
+    } else {
+        root.join("BENCHMARKS.md")
+    };
+    std::fs::write(out, &text)?;
     print!("{text}");
     Ok(())
 }
