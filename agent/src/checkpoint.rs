@@ -294,6 +294,22 @@ pub fn plan_checkpoint(
         .collect()
 }
 
+/// Checks that `request` could be created now (disks exist, no selected disk
+/// has the bitmap yet) without changing anything, returning the inventory
+/// and the transaction steps. A caller that records "creating" only after
+/// this succeeds knows that a bitmap found later is its own.
+pub async fn plan_create(
+    client: &QmpClient,
+    vm: &VmRef,
+    request: &CheckpointRequest,
+) -> Result<(VmInventory, Vec<TransactionStep>), CheckpointError> {
+    let inv = read_inventory(client, vm).await?;
+    let vm_name = vm.to_string();
+    let disks = select_disks(&vm_name, &inv.disks, request.disks.as_deref())?;
+    let steps = plan_checkpoint(&vm_name, &disks, &request.name)?;
+    Ok((inv, steps))
+}
+
 /// Creates a checkpoint: one `transaction` adding a persistent bitmap to
 /// every selected disk (all or nothing). Records the observed domain.
 pub async fn create_checkpoint(
@@ -301,10 +317,9 @@ pub async fn create_checkpoint(
     vm: &VmRef,
     request: &CheckpointRequest,
 ) -> Result<CheckpointInfo, CheckpointError> {
-    let inv = read_inventory(client, vm).await?;
+    let (inv, steps) = plan_create(client, vm, request).await?;
     let vm_name = vm.to_string();
     let disks = select_disks(&vm_name, &inv.disks, request.disks.as_deref())?;
-    let steps = plan_checkpoint(&vm_name, &disks, &request.name)?;
     let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
     client
         .transaction(&steps)

@@ -18,7 +18,9 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use tracing::{info, warn};
 
-use super::status::{agent_conditions, apply_status, backup_reason, cond, error_chain, now};
+use super::status::{
+    agent_conditions, apply_status, backup_reason, cache_is_current, cond, error_chain, now,
+};
 use super::{Context, ControllerError};
 use crate::backup::{
     BackupError, FileScope, Manifest, PullRequest, PushRequest, cleanup_leftovers,
@@ -162,6 +164,11 @@ async fn start(
     let name = b.name_any();
     let ns = b.namespace().unwrap_or_default();
     let generation = b.metadata.generation;
+    if !cache_is_current(api, b).await? {
+        // A stale `Pending` or `Running` must not start or re-judge a job whose
+        // outcome this agent already wrote: wait for the cache to catch up.
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
     let Some((vmref, client)) = session else {
         return fail(
             api,

@@ -17,11 +17,13 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use tracing::{info, warn};
 
-use super::status::{agent_conditions, apply_status, checkpoint_reason, cond, error_chain, now};
+use super::status::{
+    agent_conditions, apply_status, cache_is_current, checkpoint_reason, cond, error_chain, now,
+};
 use super::{Context, ControllerError};
 use crate::checkpoint::{
     self, CheckpointError, CheckpointInfo, CheckpointRequest, Domain, create_checkpoint,
-    delete_checkpoint, inspect_checkpoint, redefine_checkpoint,
+    delete_checkpoint, inspect_checkpoint, plan_create, redefine_checkpoint,
 };
 
 /// Runs the controller until the process stops.
@@ -208,6 +210,10 @@ async fn create(
     let name = cp.name_any();
     let generation = cp.metadata.generation;
     let ns = cp.namespace().unwrap_or_default();
+    if !cache_is_current(api, cp).await? {
+        // Our last status write has not reached the cache yet: act on it once it has.
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
 
     // Made by a backup's transaction: adopt once the bitmaps exist.
     if let Some(backup) = cp.labels().get(CREATED_BY_BACKUP_LABEL) {
@@ -290,6 +296,21 @@ async fn create(
     }
 
     let was_creating = status.phase == Some(CheckpointPhase::Creating);
+    if !was_creating && !cp.spec.redefine {
+        // Refuse before recording `Creating`, so that a bitmap found while
+        // `Creating` can only be the one this agent's transaction made.
+        if let Err(e) = plan_create(&client, &vmref, &request).await {
+            return fail(
+                api,
+                &name,
+                status,
+                generation,
+                checkpoint_reason(&e),
+                error_chain(&e),
+            )
+            .await;
+        }
+    }
     if !was_creating {
         status.phase = Some(CheckpointPhase::Creating);
         apply_status(api, &name, &status).await?;

@@ -32,6 +32,20 @@ where
     Ok(())
 }
 
+/// Whether `cached` (from the watch cache) is the object as the API server has
+/// it now. The cache trails the agent's own status writes by a watch event,
+/// so a reconcile that would act on QEMU from the phase checks this first: a
+/// stale `Pending` must not start a second job, and a stale `Creating` must
+/// not adopt a bitmap whose creation this agent already reported as failed.
+pub async fn cache_is_current<K>(api: &Api<K>, cached: &K) -> Result<bool, kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let name = cached.meta().name.clone().unwrap_or_default();
+    let fresh = api.get_opt(&name).await?;
+    Ok(fresh.is_some_and(|f| f.meta().resource_version == cached.meta().resource_version))
+}
+
 /// The agent's conditions out of `existing`, with `updates` set on top.
 pub fn agent_conditions(
     existing: &[Condition],
