@@ -80,6 +80,7 @@ async fn run(tool: &str, args: &[OsString]) -> Result<Vec<u8>, ImageError> {
     let out = Command::new(tool)
         .args(args)
         .stdin(Stdio::null())
+        .kill_on_drop(true)
         .output()
         .await
         .map_err(|source| ImageError::Spawn {

@@ -4,8 +4,11 @@
 //! The inputs are verified, not the output: each file of the chain (the
 //! requested backup's file and its backing files) is hashed with buffered
 //! reads and compared with the `fileSha256` the manifest of the backup that
-//! wrote it records. `qemu-img convert` then reads the same files from the
-//! page cache (`-T writeback`) and writes the output bypassing it (`-t none`).
+//! wrote it records. `qemu-img convert` runs at the same time, reading the
+//! same files through the page cache (`-T writeback`) and writing the output
+//! bypassing it (`-t none`) under a hidden name beside the output; the output
+//! is renamed into place only when every file checked out, and the partial
+//! file is removed (and the convert killed) when one did not.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -189,6 +192,17 @@ async fn verify_chain(
     Ok(())
 }
 
+/// Where a regular-file `output` is written before it is known good: a hidden
+/// name beside it, so the rename is atomic. `None` for an existing non-file
+/// output (a block device), which is written in place.
+fn staging_path(output: &Path) -> Option<PathBuf> {
+    if std::fs::metadata(output).is_ok_and(|m| !m.is_file()) {
+        return None;
+    }
+    let name = output.file_name()?.to_string_lossy();
+    Some(output.with_file_name(format!(".{name}.cairn-restore")))
+}
+
 /// Verifies each selected disk's chain files (unless `request.verify` is
 /// false) and converts its newest backup file, with its backing chain, into
 /// a standalone image.
@@ -243,18 +257,37 @@ pub async fn restore(request: &RestoreRequest) -> Result<Vec<RestoredDisk>, Rest
                 .output
                 .join(format!("{}.{}", d.disk, request.format.as_str()))
         };
-        let source_cache = if request.verify {
-            verify_chain(&dir, &d.disk, &d.backing_chain, &recorded).await?;
-            SourceCache::PageCache
-        } else {
-            SourceCache::Bypass
+        let source = dir.join(&d.file);
+        let convert = |to: PathBuf, cache: SourceCache| {
+            let (source, disk) = (source.clone(), d.disk.clone());
+            async move {
+                image::convert(&source, &to, request.format, cache)
+                    .await
+                    .map_err(|source| RestoreError::Image { disk, source })
+            }
         };
-        image::convert(&dir.join(&d.file), &output, request.format, source_cache)
-            .await
-            .map_err(|source| RestoreError::Image {
-                disk: d.disk.clone(),
-                source,
-            })?;
+        if !request.verify {
+            convert(output.clone(), SourceCache::Bypass).await?;
+        } else if let Some(staging) = staging_path(&output) {
+            // Hash and convert at once, both reading the chain through the page
+            // cache; the output takes its name only when every file checked out.
+            let verified = verify_chain(&dir, &d.disk, &d.backing_chain, &recorded);
+            let converted = convert(staging.clone(), SourceCache::PageCache);
+            if let Err(e) = tokio::try_join!(verified, converted) {
+                let _ = tokio::fs::remove_file(&staging).await;
+                return Err(e);
+            }
+            tokio::fs::rename(&staging, &output)
+                .await
+                .map_err(|source| RestoreError::Output {
+                    path: output.clone(),
+                    source,
+                })?;
+        } else {
+            // A device (or other non-file) output is only written once verified.
+            verify_chain(&dir, &d.disk, &d.backing_chain, &recorded).await?;
+            convert(output.clone(), SourceCache::PageCache).await?;
+        }
         info!(disk = %d.disk, output = %output.display(), verified = request.verify, "disk restored");
         out.push(RestoredDisk {
             disk: d.disk.clone(),

@@ -194,6 +194,17 @@ async fn twenty_round_incremental_chain_restores_every_point() {
     }
     restore_one("b04", "disk1", true).await.unwrap();
     assert!(read_raw(&restored.join("one.raw")) == expected[4].2);
+    // A refused restore leaves an existing output as it was, and no partial file.
+    restore_one("b12", "disk1", true).await.unwrap_err();
+    assert!(read_raw(&restored.join("one.raw")) == expected[4].2);
+    let names: Vec<String> = std::fs::read_dir(&restored)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with('.')),
+        "partial restore left behind: {names:?}"
+    );
     restore_one("b20", "disk1", false).await.unwrap();
     // --no-verify restores whatever the files hold, and says so.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_cairn-agent"))

@@ -137,7 +137,15 @@ pub fn run(quick: bool) -> Result<()> {
         idle_secs: if quick { 10 } else { 30 },
         work: work.canonicalize()?,
     };
-    let control_only = std::env::var_os("CAIRN_BENCH_CONTROL_ONLY").is_some();
+    // `CAIRN_BENCH_ONLY=data|peer|control` re-measures one section, into
+    // target/bench/<section>-only.md, leaving BENCHMARKS.md alone
+    // (`CAIRN_BENCH_CONTROL_ONLY=1` is the older spelling of `control`).
+    let only = match std::env::var("CAIRN_BENCH_ONLY") {
+        Ok(s) if ["data", "peer", "control"].contains(&s.as_str()) => Some(s),
+        Ok(s) => bail!("CAIRN_BENCH_ONLY={s}: expected data, peer or control"),
+        Err(_) => std::env::var_os("CAIRN_BENCH_CONTROL_ONLY").map(|_| "control".to_string()),
+    };
+    let section = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let started = std::time::Instant::now();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -149,21 +157,21 @@ pub fn run(quick: bool) -> Result<()> {
             cfg.disk_size >> 20
         );
         let base = qemu::random_base_image(&cfg.work, cfg.disk_size)?;
-        if control_only {
-            if let Err(e) = control::run_all(&cfg, &base, &mut results.control).await {
-                results.errors.push(format!("cluster: {e:#}"));
-            }
-            return anyhow::Ok(());
-        }
-        if let Err(e) = data::run_all(&cfg, &base, &mut results.data).await {
+        if section("data")
+            && let Err(e) = data::run_all(&cfg, &base, &mut results.data).await
+        {
             eprintln!("bench: data path failed: {e:#}");
             results.errors.push(format!("data path: {e:#}"));
         }
-        if let Err(e) = peer::run_all(&cfg, &base, &mut results.peer).await {
+        if section("peer")
+            && let Err(e) = peer::run_all(&cfg, &base, &mut results.peer).await
+        {
             eprintln!("bench: virtnbdbackup failed: {e:#}");
             results.peer.unavailable = Some(format!("{e:#}"));
         }
-        if let Err(e) = control::run_all(&cfg, &base, &mut results.control).await {
+        if section("control")
+            && let Err(e) = control::run_all(&cfg, &base, &mut results.control).await
+        {
             eprintln!("bench: cluster part failed: {e:#}");
             results.errors.push(format!("cluster: {e:#}"));
         }
@@ -171,12 +179,9 @@ pub fn run(quick: bool) -> Result<()> {
     })?;
     results.elapsed = started.elapsed().as_secs_f64();
     let text = report::render(&cfg, &results);
-    // `CAIRN_BENCH_CONTROL_ONLY=1` re-measures just the control plane, into
-    // target/bench/control-only.md, leaving BENCHMARKS.md alone.
-    let out = if control_only {
-        cfg.work.join("control-only.md")
-    } else {
-        root.join("BENCHMARKS.md")
+    let out = match &only {
+        Some(o) => cfg.work.join(format!("{o}-only.md")),
+        None => root.join("BENCHMARKS.md"),
     };
     std::fs::write(out, &text)?;
     print!("{text}");
