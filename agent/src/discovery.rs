@@ -109,6 +109,7 @@ struct Inner {
     options: DiscoveryOptions,
     sessions: Mutex<BTreeMap<(String, String), (VmRef, QmpClient)>>,
     events: broadcast::Sender<DiscoveryEvent>,
+    changes: broadcast::Sender<VmRef>,
 }
 
 /// The set of discovered VMs and their sessions. Cheap to clone; the
@@ -132,6 +133,7 @@ impl Discovery {
             options,
             sessions: Mutex::new(BTreeMap::new()),
             events: ev_tx,
+            changes: broadcast::channel(1024).0,
         });
         let (tx, mut rx) = mpsc::channel::<()>(16);
         let mut watcher =
@@ -191,6 +193,7 @@ impl Discovery {
             }
             info!(vm = %vm, socket = %vm.socket.display(), "QMP socket discovered");
             let client = QmpClient::spawn(&vm.socket, self.inner.options.qmp.clone());
+            forward_changes(&client, &vm, self.inner.changes.clone());
             sessions.insert(key, (vm.clone(), client));
             let _ = self.inner.events.send(DiscoveryEvent::Appeared(vm));
         }
@@ -252,4 +255,33 @@ impl Discovery {
     pub fn subscribe(&self) -> broadcast::Receiver<DiscoveryEvent> {
         self.inner.events.subscribe()
     }
+
+    /// Subscribes to VMs whose state may have changed: a QMP event, a
+    /// connection that came or went, or a state-changing command sent through
+    /// the session. Bursts repeat a VM; a lagging receiver should look at all.
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<VmRef> {
+        self.inner.changes.subscribe()
+    }
+}
+
+/// Announces `vm` on `changes` whenever its session reports an event, a
+/// connection change or a state-changing command; ends with the session.
+fn forward_changes(client: &QmpClient, vm: &VmRef, changes: broadcast::Sender<VmRef>) {
+    let mut events = client.subscribe();
+    let mut state = client.state();
+    let mut commands = client.changes();
+    let vm = vm.clone();
+    tokio::spawn(async move {
+        loop {
+            let open = tokio::select! {
+                e = events.recv() => !matches!(e, Err(broadcast::error::RecvError::Closed)),
+                r = state.changed() => r.is_ok(),
+                r = commands.changed() => r.is_ok(),
+            };
+            if !open {
+                break;
+            }
+            let _ = changes.send(vm.clone());
+        }
+    });
 }

@@ -60,8 +60,16 @@ struct Cli {
         global = true
     )]
     runtime_dir: PathBuf,
-    /// Seconds between refreshes of QemuInstance status.
-    #[arg(long, env = "CAIRN_RESYNC_SECONDS", default_value_t = 5, global = true)]
+    /// Seconds between full refreshes of QemuInstance status. A VM is also
+    /// re-read as soon as its QEMU reports a change (QMP event, reconnect, or
+    /// a state-changing command from the agent); the periodic pass catches
+    /// what QEMU does not announce (dirty-byte counts, other QMP clients).
+    #[arg(
+        long,
+        env = "CAIRN_RESYNC_SECONDS",
+        default_value_t = 30,
+        global = true
+    )]
     resync_seconds: u64,
     /// Seconds a VM's QemuInstance stays (run state `stopped`) after its socket vanished.
     #[arg(

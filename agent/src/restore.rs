@@ -68,6 +68,18 @@ pub enum RestoreError {
         /// Disks in the backup.
         known: String,
     },
+    /// The chain starts with an incremental whose base image Cairn never wrote.
+    #[error(
+        "the chain of disk {disk} starts with {oldest}, which holds only the changes since bitmap {bitmap} began (a redefined checkpoint: Cairn never wrote the image of that point); rebase it onto a full image of that point with `qemu-img rebase -u -b <image> -F <format> {oldest}` and convert the newest file with `qemu-img convert`"
+    )]
+    MissingBase {
+        /// Disk name.
+        disk: String,
+        /// The base bitmap.
+        bitmap: String,
+        /// The chain's oldest file.
+        oldest: PathBuf,
+    },
     /// A file of the chain is missing.
     #[error("backup file {path} of disk {disk} is missing; the chain is broken")]
     MissingFile {
@@ -227,6 +239,15 @@ pub async fn restore(request: &RestoreRequest) -> Result<Vec<RestoredDisk>, Rest
         })?],
         None => manifest.disks.iter().collect(),
     };
+    for d in &disks {
+        if let Some(bitmap) = &d.missing_base {
+            return Err(RestoreError::MissingBase {
+                disk: d.disk.clone(),
+                bitmap: bitmap.clone(),
+                oldest: dir.join(d.backing_chain.last().unwrap_or(&d.file)),
+            });
+        }
+    }
     let single = disks.len() == 1;
     if !single {
         std::fs::create_dir_all(&request.output).map_err(|source| RestoreError::Output {

@@ -25,6 +25,7 @@ fn request(
         new_checkpoint: new_cp.map(str::to_string),
         target_dir: dir.to_path_buf(),
         fallback_to_full: false,
+        standalone_incremental: false,
         speed_limit: None,
     }
 }

@@ -180,6 +180,7 @@ fn push(uid: &str, dir: &std::path::Path) -> PushRequest {
         new_checkpoint: Some("newcp".into()),
         target_dir: dir.to_path_buf(),
         fallback_to_full: false,
+        standalone_incremental: false,
         speed_limit: None,
     }
 }

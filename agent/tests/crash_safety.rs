@@ -28,6 +28,7 @@ fn req(
         new_checkpoint: cp.map(str::to_string),
         target_dir: dir.to_path_buf(),
         fallback_to_full: false,
+        standalone_incremental: false,
         speed_limit: None,
     }
 }

@@ -116,6 +116,7 @@ async fn discovery_follows_sockets() {
     })
     .unwrap();
     let mut events = disc.subscribe();
+    let mut changes = disc.subscribe_changes();
     let vms = disc.vms();
     assert_eq!(vms.len(), 1);
     assert_eq!(
@@ -125,6 +126,36 @@ async fn discovery_follows_sockets() {
     let inv = disc.inventory("default", "found").await.unwrap();
     assert_eq!(inv.disks[0].name, "vda");
     assert_eq!(inv.qemu_version.split('.').count(), 3);
+
+    // Changes: queries announce nothing; a bitmap added through the session
+    // (QEMU sends no event for it) is announced.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    changes = changes.resubscribe(); // forget the connection's announcement
+    disc.inventory("default", "found").await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), changes.recv())
+            .await
+            .is_err(),
+        "a query announced a change"
+    );
+    let (_, client) = disc.session("default", "found").unwrap();
+    client
+        .add_bitmap(&cairn_agent::qmp::BitmapSpec {
+            node: inv.disks[0].node_name.clone(),
+            name: "seen".into(),
+            persistent: false,
+            disabled: false,
+        })
+        .await
+        .unwrap();
+    let changed = tokio::time::timeout(Duration::from_secs(5), changes.recv())
+        .await
+        .expect("the bitmap change is announced")
+        .unwrap();
+    assert_eq!(
+        (changed.namespace.as_str(), changed.name.as_str()),
+        ("default", "found")
+    );
 
     // A second VM in another namespace appears by its socket.
     std::fs::create_dir_all(vm.root.join("team-b")).unwrap();

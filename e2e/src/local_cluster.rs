@@ -120,7 +120,6 @@ impl LocalCluster {
                     self.backup_dir(node).display().to_string(),
                 ),
                 ("CAIRN_RESCAN_SECONDS", "2".into()),
-                ("CAIRN_RESYNC_SECONDS", "3".into()),
                 (
                     "CAIRN_RUNTIME_DIR",
                     node_dir.join("run").display().to_string(),

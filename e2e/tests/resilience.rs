@@ -134,6 +134,8 @@ async fn redefine_without_domain() -> Result<()> {
     let size = 64 * MIB;
     let mut vm = start_vm(cluster, &env, "node-1", "vm1", &[("disk0", "qcow2", size)])?;
     wait_instance(&env, "vm1", "node-1").await?;
+    let mut model = DiskModel::new(size);
+    model.write(&vm, "disk0", 0x30, 0, MIB)?;
     vm.quit()?;
     let out = Command::new("qemu-img")
         .args(["bitmap", "--add"])
@@ -145,6 +147,10 @@ async fn redefine_without_domain() -> Result<()> {
         "qemu-img bitmap --add: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The user's own tools keep a full image of the point the bitmap starts at.
+    let own = tempfile::tempdir()?;
+    let user_full = own.path().join("user-full.qcow2");
+    std::fs::copy(&vm.disk("disk0").image, &user_full)?;
     vm.launch()?;
     let qis: Api<QemuInstance> = Api::namespaced(env.client.clone(), &env.namespace);
     wait::until(&qis, "vm1", T, "offline bitmap to show", |qi| {
@@ -177,27 +183,71 @@ async fn redefine_without_domain() -> Result<()> {
     assert_eq!(status.disks[0].bitmap, "offline-1");
     assert_eq!(vm.bitmaps("disk0")?, vec!["offline-1".to_string()]);
 
-    let mut model = DiskModel::new(size);
     model.write(&vm, "disk0", 0x31, 2 * MIB, MIB)?;
     let dir = target(cluster, "node-1", &env, "vm1");
 
-    // Gap: a push incremental needs an earlier backup file to back onto, and
-    // no backup of this directory created the redefined checkpoint.
+    // A push incremental from it: Cairn never wrote the image of that point,
+    // so the file stands alone (no backing file) and holds only the changes.
     apply(
         &env,
         &backup_yaml("inc-redef", "vm1", &push_extra(&dir, Some("redef"), None)),
     )?;
-    let b = wait_backup(&env, "inc-redef", BackupPhase::Failed).await?;
-    let ready = condition(&b.status.as_ref().unwrap().conditions, "Ready")
+    let b = wait_backup(&env, "inc-redef", BackupPhase::Succeeded).await?;
+    let bs = b.status.unwrap();
+    let ready = condition(&bs.conditions, "Ready")
         .cloned()
         .context("Ready")?;
-    assert_eq!(ready.reason, "IncrementalBaseUnusable", "{}", ready.message);
     assert!(
-        ready.message.contains("redef") && ready.message.contains("no earlier backup"),
+        ready
+            .message
+            .contains("only the changes since checkpoint redef")
+            && ready.message.contains("qemu-img rebase"),
         "{}",
         ready.message
     );
-    assert!(files_in(&dir).is_empty(), "{:?}", files_in(&dir));
+    assert_eq!(bs.disks[0].incremental_from.as_deref(), Some("redef"));
+    assert_eq!(bs.disks[0].backing_file, None);
+    let file = dir.join("inc-redef.disk0.qcow2");
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&file)
+        .output()?;
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout)?;
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    // Cairn's restore refuses the chain and says how to complete it...
+    let refused = restore(&dir, "inc-redef", &own.path().join("refused.raw"))
+        .expect_err("a chain without its base must not restore");
+    assert!(
+        format!("{refused:#}").contains("qemu-img rebase"),
+        "{refused:#}"
+    );
+    assert!(!own.path().join("refused.raw").exists());
+    // ...and following that advice gives the disk as it was at the backup.
+    let copy = own.path().join("inc.qcow2");
+    std::fs::copy(&file, &copy)?;
+    for args in [
+        vec!["rebase", "-u", "-F", "qcow2", "-b"],
+        vec!["convert", "-O", "raw"],
+    ] {
+        let mut c = Command::new("qemu-img");
+        c.args(&args);
+        if args[0] == "rebase" {
+            c.arg(&user_full).arg(&copy);
+        } else {
+            c.arg(&copy).arg(own.path().join("rebased.raw"));
+        }
+        let o = c.output()?;
+        ensure!(
+            o.status.success(),
+            "qemu-img {}: {}",
+            args[0],
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    assert!(
+        std::fs::read(own.path().join("rebased.raw"))? == model.0,
+        "the standalone incremental rebased onto the user's image differs from the disk"
+    );
 
     // A push chain of its own...
     apply(

@@ -46,6 +46,13 @@ pub struct ManifestDisk {
     /// backing files: each is covered by the manifest of the backup that
     /// wrote it). `None` until [`super::verify_backup`] recorded it.
     pub file_sha256: Option<String>,
+    /// Set when the oldest file of [`Self::backing_chain`] is an incremental
+    /// with no backing file: the image of this checkpoint, which it would back
+    /// onto, was never written by Cairn here (a redefined checkpoint). The
+    /// chain holds only changes since then and restores only after its oldest
+    /// file is rebased onto a full image of that point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing_base: Option<String>,
 }
 
 /// A finished push backup.

@@ -38,6 +38,11 @@ pub struct PushRequest {
     pub target_dir: PathBuf,
     /// Back up a disk fully when its base bitmap is missing or inconsistent.
     pub fallback_to_full: bool,
+    /// When no backup in `target_dir` created the base checkpoint, write the
+    /// incremental without a backing file instead of failing: for a base whose
+    /// point-in-time image Cairn never wrote (a redefined checkpoint). The
+    /// manifest records the missing base, and restore refuses such a chain.
+    pub standalone_incremental: bool,
     /// Optional rate limit per disk, bytes per second.
     pub speed_limit: Option<u64>,
 }
@@ -67,6 +72,9 @@ pub struct DiskPlan {
     pub job_id: String,
     /// Target node name.
     pub target_node: String,
+    /// The checkpoint whose image the chain's oldest file would back onto,
+    /// when that image is not in the target (see [`PushRequest::standalone_incremental`]).
+    pub missing_base: Option<String>,
 }
 
 /// Decides, per disk, full or incremental and the backing file: pure.
@@ -103,6 +111,7 @@ fn plan_disk(
         estimate: qcow2_estimate(d.virtual_size, d.virtual_size),
         job_id: op.job_id(&d.name),
         target_node: op.node_name(&d.name, NodeRole::Target),
+        missing_base: None,
     };
     let Some(cp) = &request.incremental else {
         return Ok(plan);
@@ -118,6 +127,13 @@ fn plan_disk(
         (Some(b), _) if b.inconsistent => {
             Some("its bitmap is inconsistent after an unclean QEMU exit".to_string())
         }
+        (Some(b), None) if request.standalone_incremental => {
+            plan.kind = BackupKind::Incremental;
+            plan.base_bitmap = Some(cp.clone());
+            plan.missing_base = Some(cp.clone());
+            plan.estimate = qcow2_estimate(b.dirty_bytes, d.virtual_size);
+            None
+        }
         (Some(_), None) => Some(format!(
             "no earlier backup in {} created that checkpoint for this disk",
             request.target_dir.display()
@@ -126,6 +142,7 @@ fn plan_disk(
             plan.kind = BackupKind::Incremental;
             plan.base_bitmap = Some(cp.clone());
             plan.backing_chain = prev.backing_chain.clone();
+            plan.missing_base = prev.missing_base.clone();
             plan.estimate = qcow2_estimate(b.dirty_bytes, d.virtual_size);
             None
         }
@@ -521,6 +538,7 @@ impl RunningBackup {
                 bytes_copied: bytes.get(&p.disk).copied().unwrap_or(0),
                 file_size,
                 file_sha256: None,
+                missing_base: p.missing_base.clone(),
             });
         }
         let manifest = Manifest {

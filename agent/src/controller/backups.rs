@@ -122,12 +122,14 @@ fn task_alive(ctx: &Context, uid: &str) -> bool {
         .is_some_and(|h| !h.is_finished())
 }
 
-/// Resolves the incremental base to its bitmap name, checking it belongs to the same VM.
+/// Resolves the incremental base to its bitmap name, checking it belongs to
+/// the same VM, and whether it was redefined (its point-in-time image is
+/// outside Cairn, so a push incremental from it may stand alone).
 async fn base_bitmap(
     b: &VirtualMachineBackup,
     ctx: &Context,
     ns: &str,
-) -> Result<Option<String>, (String, String)> {
+) -> Result<Option<(String, bool)>, (String, String)> {
     let Some(base) = b.spec.incremental.as_deref() else {
         return Ok(None);
     };
@@ -141,7 +143,7 @@ async fn base_bitmap(
             ),
         )),
         Ok(Some(cp)) => super::checkpoints::plan_request(&cp)
-            .map(|r| Some(r.name))
+            .map(|r| Some((r.name, cp.spec.redefine)))
             .map_err(|m| ("InvalidIncrementalBase".into(), m)),
         Ok(None) => Err((
             "UnknownIncrementalBase".into(),
@@ -183,8 +185,11 @@ async fn start(
         )
         .await;
     };
-    let incremental = match base_bitmap(b, ctx, &ns).await {
-        Ok(x) => x,
+    let (incremental, base_redefined) = match base_bitmap(b, ctx, &ns).await {
+        Ok(x) => (
+            x.as_ref().map(|(n, _)| n.clone()),
+            x.is_some_and(|(_, r)| r),
+        ),
         Err((reason, msg)) => return fail(api, &name, status, generation, &reason, msg).await,
     };
     let operation = OperationId::new(uid);
@@ -229,6 +234,7 @@ async fn start(
                 new_checkpoint,
                 target_dir: dir,
                 fallback_to_full: b.spec.fallback_to_full,
+                standalone_incremental: base_redefined,
                 speed_limit: None,
             };
             if status.phase != Some(BackupPhase::Running) {
@@ -425,7 +431,10 @@ async fn start(
 /// redefined checkpoint adopting `spec.disks[].bitmap`).
 fn name_base_checkpoint(manifest: &mut Manifest, checkpoint: Option<&str>) {
     for d in &mut manifest.disks {
-        if d.incremental_from.is_some() {
+        if let Some(bitmap) = &d.incremental_from {
+            if d.missing_base.as_ref() == Some(bitmap) {
+                d.missing_base = checkpoint.map(str::to_string);
+            }
             d.incremental_from = checkpoint.map(str::to_string);
         }
     }
@@ -579,7 +588,7 @@ async fn finish_push(
                 .filter(|d| d.fell_back_to_full)
                 .map(|d| d.disk.as_str())
                 .collect();
-            let msg = if fell.is_empty() {
+            let mut msg = if fell.is_empty() {
                 format!("backed up {} disk(s), {total} bytes copied", m.disks.len())
             } else {
                 format!(
@@ -587,6 +596,17 @@ async fn finish_push(
                     m.disks.len()
                 )
             };
+            for d in &m.disks {
+                if let Some(base) = &d.missing_base {
+                    let oldest = d.backing_chain.last().unwrap_or(&d.file);
+                    msg.push_str(&format!(
+                        "; disk {} holds only the changes since checkpoint {base}, whose image Cairn never wrote: rebase {} onto a full image of that point (`qemu-img rebase -u -b <image> -F <format> {}`) before restoring",
+                        d.disk,
+                        dir.join(oldest).display(),
+                        dir.join(oldest).display()
+                    ));
+                }
+            }
             info!(backup = %name, "{msg}");
             status.conditions = agent_conditions(
                 &status.conditions,

@@ -32,20 +32,75 @@ pub struct Published {
     gone: HashMap<(String, String), Instant>,
 }
 
-/// Keeps QemuInstances in step with discovery until the process stops.
+/// Keeps QemuInstances in step with discovery until the process stops: a
+/// VM is re-read when its QEMU reports a change (an event, a reconnect, a
+/// command that changes state), every VM on each resync tick.
 pub async fn run(ctx: Arc<Context>) {
     let mut events = ctx.discovery.subscribe();
+    let mut changes = ctx.discovery.subscribe_changes();
     let mut tick = tokio::time::interval(ctx.config.resync_interval);
     let mut published = Published::default();
+    // Let a burst of changes settle into one pass.
+    let settle = || tokio::time::sleep(Duration::from_millis(100));
     loop {
-        publish_all(&ctx, &mut published).await;
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tick.tick() => publish_all(&ctx, &mut published).await,
             _ = events.recv() => {
-                // Let a burst of changes settle into one pass.
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                settle().await;
+                publish_all(&ctx, &mut published).await;
+            }
+            first = changes.recv() => {
+                settle().await;
+                let mut vms = BTreeSet::new();
+                let mut lagged = first.is_err();
+                vms.extend(first.ok());
+                loop {
+                    match changes.try_recv() {
+                        Ok(vm) => {
+                            vms.insert(vm);
+                        }
+                        Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => lagged = true,
+                        Err(_) => break,
+                    }
+                }
+                if lagged {
+                    publish_all(&ctx, &mut published).await;
+                } else {
+                    for vm in &vms {
+                        publish_vm(&ctx, &mut published, vm).await;
+                    }
+                }
             }
         }
+    }
+}
+
+/// Reads one VM's inventory and publishes it when it changed (or the heartbeat is due).
+async fn publish_vm(ctx: &Context, published: &mut Published, vm: &VmRef) {
+    let key = (vm.namespace.clone(), vm.name.clone());
+    published.gone.remove(&key);
+    let mut status = match ctx.discovery.inventory(&vm.namespace, &vm.name).await {
+        Ok(inv) => instance_status(&ctx.config.node_name, &inv),
+        Err(e) => {
+            debug!(vm = %vm, error = %e, "VM not answering");
+            disconnected_status(&ctx.config.node_name, vm)
+        }
+    };
+    let seen = status.last_seen.take();
+    if published
+        .sent
+        .get(&key)
+        .is_some_and(|(last, at)| *last == status && at.elapsed() < HEARTBEAT)
+    {
+        return;
+    }
+    let mut full = status.clone();
+    full.last_seen = seen;
+    match publish(ctx, vm, &full).await {
+        Ok(()) => {
+            published.sent.insert(key, (status, Instant::now()));
+        }
+        Err(e) => warn!(vm = %vm, error = %e, "cannot publish QemuInstance"),
     }
 }
 
@@ -55,32 +110,8 @@ pub async fn publish_all(ctx: &Context, published: &mut Published) {
     ctx.health.vms.set(vms.len() as i64);
     let mut present = BTreeSet::new();
     for vm in &vms {
-        let key = (vm.namespace.clone(), vm.name.clone());
-        present.insert(key.clone());
-        published.gone.remove(&key);
-        let mut status = match ctx.discovery.inventory(&vm.namespace, &vm.name).await {
-            Ok(inv) => instance_status(&ctx.config.node_name, &inv),
-            Err(e) => {
-                debug!(vm = %vm, error = %e, "VM not answering");
-                disconnected_status(&ctx.config.node_name, vm)
-            }
-        };
-        let seen = status.last_seen.take();
-        if published
-            .sent
-            .get(&key)
-            .is_some_and(|(last, at)| *last == status && at.elapsed() < HEARTBEAT)
-        {
-            continue;
-        }
-        let mut full = status.clone();
-        full.last_seen = seen;
-        match publish(ctx, vm, &full).await {
-            Ok(()) => {
-                published.sent.insert(key, (status, Instant::now()));
-            }
-            Err(e) => warn!(vm = %vm, error = %e, "cannot publish QemuInstance"),
-        }
+        present.insert((vm.namespace.clone(), vm.name.clone()));
+        publish_vm(ctx, published, vm).await;
     }
     // Remove instances of this node whose socket is gone.
     let all: Api<QemuInstance> = Api::all(ctx.client.clone());

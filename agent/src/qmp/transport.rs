@@ -171,6 +171,8 @@ struct Shared {
     requests: mpsc::Sender<Request>,
     events: broadcast::Sender<QmpEvent>,
     state: watch::Receiver<ConnectionState>,
+    /// Counts successful commands that may have changed QEMU's state.
+    changes: watch::Sender<u64>,
     next_id: AtomicU64,
 }
 
@@ -224,6 +226,7 @@ impl QmpClient {
             requests: req_tx,
             events: ev_tx.clone(),
             state: state_rx,
+            changes: watch::Sender::new(0),
             next_id: AtomicU64::new(1),
         });
         let span = info_span!("qmp_session", socket = %socket.display());
@@ -260,6 +263,13 @@ impl QmpClient {
             ConnectionState::Connected { version, .. } => Some(version.clone()),
             _ => None,
         }
+    }
+
+    /// A counter that moves after every successful command through this
+    /// handle (or a clone) other than a `query-*`: QEMU emits no event when a
+    /// bitmap is added or removed, so watchers of its state look here too.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.shared.changes.subscribe()
     }
 
     /// Subscribes to events; every subscriber sees every event from now on.
@@ -342,7 +352,12 @@ impl QmpClient {
                 socket: socket.clone(),
                 reason: "session ended before the reply".into(),
             }),
-            Ok(Ok(r)) => r,
+            Ok(Ok(r)) => {
+                if r.is_ok() && !command.starts_with("query-") {
+                    self.shared.changes.send_modify(|n| *n += 1);
+                }
+                r
+            }
         }
     }
 }

@@ -235,6 +235,7 @@ fn push_request(
         new_checkpoint: checkpoint,
         target_dir: dir.to_path_buf(),
         fallback_to_full: false,
+        standalone_incremental: false,
         speed_limit: None,
     }
 }

@@ -150,7 +150,12 @@ pub fn run(quick: bool) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let mut results = report::Results::default();
+    let mut results = report::Results {
+        load_at_start: std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok()),
+        ..Default::default()
+    };
     rt.block_on(async {
         eprintln!(
             "bench: preparing a {} MiB random image",

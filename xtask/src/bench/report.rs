@@ -21,6 +21,8 @@ pub struct Results {
     pub errors: Vec<String>,
     /// Wall time of the bench.
     pub elapsed: f64,
+    /// 1-minute load average when the bench started (other work on the machine).
+    pub load_at_start: Option<f64>,
 }
 
 fn f(v: Option<f64>, scale: f64, digits: usize) -> String {
@@ -95,13 +97,15 @@ pub fn render(cfg: &Config, r: &Results) -> String {
     let _ = writeln!(
         o,
         "- Page cache dropped before each timed step: {}\n\
-         - Noise: 2 cores shared with another engineer's test runs during this bench; \
-         min/max show the spread.\n",
+         - 1-minute load average when the bench started: {} (other work on the \
+         {} cores moves the figures; min/max show the spread)\n",
         if d.cold_cache {
             "yes"
         } else {
             "no (not permitted)"
-        }
+        },
+        f(r.load_at_start, 1.0, 2),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
     );
     if !r.errors.is_empty() {
         let _ = writeln!(o, "**Sections that failed:**\n");
@@ -271,7 +275,7 @@ pub fn render(cfg: &Config, r: &Results) -> String {
     o.pop();
     row(
         &mut o,
-        "`cairn-agent restore` (SHA-256 of the chain files, then convert from the page cache)",
+        "`cairn-agent restore` (SHA-256 of the chain files while converting, both through the page cache)",
         &d.restore_cairn,
         Some(size),
         &[("convert", &d.restore_convert)],
@@ -436,7 +440,7 @@ pub fn render(cfg: &Config, r: &Results) -> String {
     line(
         &mut o,
         "incremental 1 % adds ≤ 0.3 s over QEMU's own job",
-        format!("+{} s", f(extra, 1.0, 2)),
+        format!("{} s", extra.map_or("–".into(), |v| format!("{v:+.2}"))),
         extra.map(|v| v <= 0.3),
     );
     let p50 = lat.percentile(50.0);
