@@ -305,8 +305,13 @@ pub fn plan_backup(backup: &VirtualMachineBackup, verdict: &Verdict, now: Timest
                     ..Default::default()
                 }),
                 event: changed.then(|| (EventType::Warning, r.reason, r.message.clone())),
-                // A missing VM is noticed through the QemuInstance watch; a missing base is polled.
-                requeue: (r.reason != routing::REASON_VM_NOT_FOUND).then_some(REVALIDATE_AFTER),
+                // A missing VM is noticed through the QemuInstance watch (and
+                // re-checked rarely); a missing base is polled.
+                requeue: Some(if r.reason == routing::REASON_VM_NOT_FOUND {
+                    routing::RECHECK_MISSING_VM
+                } else {
+                    REVALIDATE_AFTER
+                }),
                 ..Default::default()
             }
         }

@@ -211,7 +211,7 @@ pub fn plan_checkpoint(
                     ..Default::default()
                 }),
                 event: changed.then(|| (EventType::Warning, r.reason, r.message.clone())),
-                requeue: None,
+                requeue: Some(routing::RECHECK_MISSING_VM),
             }
         }
         Verdict::WaitForNode => Plan {
@@ -439,10 +439,13 @@ mod tests {
         let mut c = cp("a", "vm1", "2026-01-01T00:00:00Z");
         let r = Rejection::vm_not_found("vm1", "ns");
         c.status = plan_checkpoint(&c, &Verdict::Reject(r.clone()), None, T).status;
-        // Same rejection again: nothing to write, no event.
+        // Same rejection again: nothing to write, no event; only the rare re-check.
         assert_eq!(
             plan_checkpoint(&c, &Verdict::Reject(r), None, T),
-            Plan::default()
+            Plan {
+                requeue: Some(routing::RECHECK_MISSING_VM),
+                ..Plan::default()
+            }
         );
         let plan = plan_checkpoint(
             &c,

@@ -30,7 +30,7 @@ pub mod leader;
 pub mod metrics;
 pub mod routing;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -275,24 +275,56 @@ pub async fn run_controllers(
     let (vm_tx_b, vm_rx_b) = mpsc::unbounded::<(String, String)>();
     let vm_forwarder = async move {
         let mut nodes: HashMap<(String, String), Option<String>> = HashMap::new();
+        // After the first list, a re-list (the watch expired, e.g. across an
+        // API server restart) is diffed like any change: VMs that appeared or
+        // vanished during the gap must revive or re-judge their objects.
+        let mut listed_once = false;
+        let mut relisted: HashSet<(String, String)> = HashSet::new();
         let mut events = std::pin::pin!(vm_events);
+        let key_of = |o: &QemuInstance| (o.namespace().unwrap_or_default(), o.name_any());
+        let trigger = |key: (String, String)| {
+            let _ = vm_tx_cp.unbounded_send(key.clone());
+            let _ = vm_tx_b.unbounded_send(key);
+        };
         while let Some(event) = events.next().await {
             let (obj, gone) = match event {
                 Ok(watcher::Event::Apply(o)) => (o, false),
+                Ok(watcher::Event::Init) => {
+                    relisted.clear();
+                    continue;
+                }
                 Ok(watcher::Event::InitApply(o)) => {
-                    // Controllers reconcile everything at start; only remember the node.
-                    let node = o.status.as_ref().and_then(|s| s.node_name.clone());
-                    nodes.insert((o.namespace().unwrap_or_default(), o.name_any()), node);
+                    relisted.insert(key_of(&o));
+                    if !listed_once {
+                        // Controllers reconcile everything at start; only remember the node.
+                        let node = o.status.as_ref().and_then(|s| s.node_name.clone());
+                        nodes.insert(key_of(&o), node);
+                        continue;
+                    }
+                    (o, false)
+                }
+                Ok(watcher::Event::InitDone) => {
+                    if listed_once {
+                        let vanished: Vec<_> = nodes
+                            .keys()
+                            .filter(|k| !relisted.contains(*k))
+                            .cloned()
+                            .collect();
+                        for key in vanished {
+                            nodes.remove(&key);
+                            trigger(key);
+                        }
+                    }
+                    listed_once = true;
                     continue;
                 }
                 Ok(watcher::Event::Delete(o)) => (o, true),
-                Ok(_) => continue,
                 Err(error) => {
                     tracing::warn!(%error, "QemuInstance watch failed; retrying");
                     continue;
                 }
             };
-            let key = (obj.namespace().unwrap_or_default(), obj.name_any());
+            let key = key_of(&obj);
             let node = obj.status.as_ref().and_then(|s| s.node_name.clone());
             let changed = if gone {
                 nodes.remove(&key).is_some()
@@ -300,8 +332,7 @@ pub async fn run_controllers(
                 nodes.insert(key.clone(), node.clone()) != Some(node)
             };
             if changed {
-                let _ = vm_tx_cp.unbounded_send(key.clone());
-                let _ = vm_tx_b.unbounded_send(key);
+                trigger(key);
             }
         }
     };

@@ -27,6 +27,10 @@ pub const ACCEPTED: &str = "Accepted";
 pub const CLEANED_UP: &str = "CleanedUp";
 /// Reason of a rejection because the QemuInstance does not exist.
 pub const REASON_VM_NOT_FOUND: &str = "VirtualMachineNotFound";
+
+/// A VM's arrival revives the objects rejected for its absence through the
+/// QemuInstance watch; this re-check is the safety net for a missed event.
+pub const RECHECK_MISSING_VM: std::time::Duration = std::time::Duration::from_secs(300);
 /// Reason of `Accepted=True`.
 pub const REASON_ROUTED: &str = "Routed";
 
