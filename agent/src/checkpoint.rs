@@ -365,12 +365,21 @@ pub async fn inspect_checkpoint(
     name: &str,
 ) -> Result<CheckpointInfo, CheckpointError> {
     let inv = read_inventory(client, vm).await?;
-    let disks: Vec<CheckpointDisk> = inv
-        .disks
+    found_in(&vm.to_string(), &inv.disks, name, None)
+}
+
+/// The checkpoint `name` as found on `disks`; `NotFound` when no disk has it.
+fn found_in(
+    vm: &str,
+    disks: &[Disk],
+    name: &str,
+    domain: Option<&Domain>,
+) -> Result<CheckpointInfo, CheckpointError> {
+    let found: Vec<CheckpointDisk> = disks
         .iter()
         .filter_map(|d| Some(checkpoint_disk(d, d.bitmap(name)?)))
         .collect();
-    if disks.is_empty() {
+    if found.is_empty() {
         return Err(CheckpointError::NotFound {
             vm: vm.to_string(),
             name: name.to_string(),
@@ -378,8 +387,8 @@ pub async fn inspect_checkpoint(
     }
     Ok(CheckpointInfo {
         name: name.to_string(),
-        disks,
-        domain: None,
+        disks: found,
+        domain: domain.cloned(),
     })
 }
 
@@ -494,6 +503,28 @@ pub async fn create_checkpoint_offline(
             .collect(),
         domain: Some(domain.clone()),
     })
+}
+
+/// Checks that `request` could be created offline now (disks exist, no
+/// selected image has the bitmap yet) without changing anything.
+pub async fn plan_create_offline(
+    vm: &str,
+    domain: &Domain,
+    request: &CheckpointRequest,
+) -> Result<(), CheckpointError> {
+    let all = offline_disks(domain).await?;
+    let disks = select_disks(vm, &all, request.disks.as_deref())?;
+    plan_checkpoint(vm, &disks, &request.name).map(drop)
+}
+
+/// Reports a checkpoint's bitmaps in a stopped VM's images (no dirty counts:
+/// only a running QEMU knows them).
+pub async fn inspect_checkpoint_offline(
+    vm: &str,
+    domain: &Domain,
+    name: &str,
+) -> Result<CheckpointInfo, CheckpointError> {
+    found_in(vm, &offline_disks(domain).await?, name, Some(domain))
 }
 
 /// Removes a checkpoint's bitmaps from a stopped VM's images; idempotent.

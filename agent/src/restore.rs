@@ -70,7 +70,7 @@ pub enum RestoreError {
     },
     /// The chain starts with an incremental whose base image Cairn never wrote.
     #[error(
-        "the chain of disk {disk} starts with {oldest}, which holds only the changes since bitmap {bitmap} began (a redefined checkpoint: Cairn never wrote the image of that point); rebase it onto a full image of that point with `qemu-img rebase -u -b <image> -F <format> {oldest}` and convert the newest file with `qemu-img convert`"
+        "the chain of disk {disk} starts with {oldest}, which holds only the changes since bitmap {bitmap} began (its checkpoint was not created by a Cairn backup, so Cairn never wrote the image of that point); rebase it onto a full image of that point with `qemu-img rebase -u -b <image> -F <format> {oldest}` and convert the newest file with `qemu-img convert`"
     )]
     MissingBase {
         /// Disk name.

@@ -101,6 +101,14 @@ pub fn start_vm(
     TestVm::start(&cluster.qmp_dir(node), &env.namespace, name, &dir, disks)
 }
 
+/// The common fixture: VM `vm1` with one qcow2 disk `disk0` of `size` bytes on
+/// `node-1`, once its agent published it.
+pub async fn start_vm1(cluster: &LocalCluster, env: &TestEnv, size: u64) -> Result<TestVm> {
+    let vm = start_vm(cluster, env, "node-1", "vm1", &[("disk0", "qcow2", size)])?;
+    wait_instance(env, "vm1", "node-1").await?;
+    Ok(vm)
+}
+
 /// Waits until the agent of `node` published the VM.
 pub async fn wait_instance(env: &TestEnv, vm: &str, node: &str) -> Result<QemuInstance> {
     let api: Api<QemuInstance> = Api::namespaced(env.client.clone(), &env.namespace);

@@ -97,14 +97,7 @@ async fn delete_and_wait(env: &TestEnv, kind: &str, name: &str) -> Result<()> {
 async fn unknown_vm() -> Result<()> {
     let (env, cluster) = TestEnv::with_cluster("bad-vm").await?;
     // A real VM in the namespace, so "nothing happened" can be checked on it.
-    let vm = start_vm(
-        cluster,
-        &env,
-        "node-1",
-        "vm1",
-        &[("disk0", "qcow2", 16 * MIB)],
-    )?;
-    wait_instance(&env, "vm1", "node-1").await?;
+    let vm = start_vm1(cluster, &env, 16 * MIB).await?;
     let dir = target(cluster, &env, "ghost");
     apply(&env, &checkpoint_yaml("cp", "ghost", ""))?;
     apply(
@@ -125,14 +118,7 @@ async fn unknown_vm() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_disk() -> Result<()> {
     let (env, cluster) = TestEnv::with_cluster("bad-disk").await?;
-    let vm = start_vm(
-        cluster,
-        &env,
-        "node-1",
-        "vm1",
-        &[("disk0", "qcow2", 16 * MIB)],
-    )?;
-    wait_instance(&env, "vm1", "node-1").await?;
+    let vm = start_vm1(cluster, &env, 16 * MIB).await?;
     let dir = target(cluster, &env, "vm1");
     apply(
         &env,
@@ -188,14 +174,7 @@ async fn raw_disk_selected_explicitly() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_incremental_base() -> Result<()> {
     let (env, cluster) = TestEnv::with_cluster("bad-base").await?;
-    let vm = start_vm(
-        cluster,
-        &env,
-        "node-1",
-        "vm1",
-        &[("disk0", "qcow2", 16 * MIB)],
-    )?;
-    wait_instance(&env, "vm1", "node-1").await?;
+    let vm = start_vm1(cluster, &env, 16 * MIB).await?;
     let dir = target(cluster, &env, "vm1");
     apply(
         &env,
@@ -256,14 +235,7 @@ async fn incremental_base_of_another_vm() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn inconsistent_base_without_fallback() -> Result<()> {
     let (env, cluster) = TestEnv::with_cluster("bad-inconsistent").await?;
-    let mut vm = start_vm(
-        cluster,
-        &env,
-        "node-1",
-        "vm1",
-        &[("disk0", "qcow2", 16 * MIB)],
-    )?;
-    wait_instance(&env, "vm1", "node-1").await?;
+    let mut vm = start_vm1(cluster, &env, 16 * MIB).await?;
     let dir = target(cluster, &env, "vm1");
     apply(
         &env,
@@ -322,14 +294,7 @@ async fn inconsistent_base_without_fallback() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn target_outside_allowed_roots() -> Result<()> {
     let (env, cluster) = TestEnv::with_cluster("bad-target").await?;
-    let vm = start_vm(
-        cluster,
-        &env,
-        "node-1",
-        "vm1",
-        &[("disk0", "qcow2", 16 * MIB)],
-    )?;
-    wait_instance(&env, "vm1", "node-1").await?;
+    let vm = start_vm1(cluster, &env, 16 * MIB).await?;
     let outside = std::env::temp_dir().join(format!("elsewhere-{}", env.namespace));
     // Inside the root by prefix, outside by path: the schema refuses `..` at admission.
     let escape = cluster.backup_dir("node-1").join("..").join("escaped");
@@ -390,14 +355,7 @@ async fn duplicate_bitmap() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn redefine_of_missing_bitmap() -> Result<()> {
     let (env, cluster) = TestEnv::with_cluster("bad-redefine").await?;
-    let vm = start_vm(
-        cluster,
-        &env,
-        "node-1",
-        "vm1",
-        &[("disk0", "qcow2", 16 * MIB)],
-    )?;
-    wait_instance(&env, "vm1", "node-1").await?;
+    let vm = start_vm1(cluster, &env, 16 * MIB).await?;
     apply(
         &env,
         &checkpoint_yaml(
@@ -417,8 +375,7 @@ async fn redefine_of_missing_bitmap() -> Result<()> {
 async fn vm_killed_mid_backup() -> Result<()> {
     let (env, cluster) = TestEnv::with_cluster("bad-vm-gone").await?;
     let size = 256 * MIB;
-    let mut vm = start_vm(cluster, &env, "node-1", "vm1", &[("disk0", "qcow2", size)])?;
-    wait_instance(&env, "vm1", "node-1").await?;
+    let mut vm = start_vm1(cluster, &env, size).await?;
     vm.write("disk0", 0x5a, 0, size)?;
     let dir = target(cluster, &env, "vm1");
     let (job, ()) = std::thread::scope(|s| -> Result<(String, ())> {
@@ -465,14 +422,7 @@ async fn vm_killed_mid_backup() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn quiesce_without_guest_agent() -> Result<()> {
     let (env, cluster) = TestEnv::with_cluster("bad-quiesce").await?;
-    let vm = start_vm(
-        cluster,
-        &env,
-        "node-1",
-        "vm1",
-        &[("disk0", "qcow2", 16 * MIB)],
-    )?;
-    wait_instance(&env, "vm1", "node-1").await?;
+    let vm = start_vm1(cluster, &env, 16 * MIB).await?;
     apply(&env, &checkpoint_yaml("q", "vm1", "  quiesce: true\n"))?;
     let got = checkpoint_failure(&env, "q").await?;
     assert_failure(&got, "QuiesceUnavailable", &["vm1", "guest agent"]);

@@ -77,8 +77,7 @@ async fn checkpoint_create_and_delete() -> Result<()> {
 async fn full_and_incremental_chain_restores_byte_for_byte() -> Result<()> {
     let (env, cluster) = TestEnv::with_cluster("chain").await?;
     let size = 64 * MIB;
-    let vm = start_vm(cluster, &env, "node-1", "vm1", &[("disk0", "qcow2", size)])?;
-    wait_instance(&env, "vm1", "node-1").await?;
+    let vm = start_vm1(cluster, &env, size).await?;
     let dir: PathBuf = cluster
         .backup_dir("node-1")
         .join(&env.namespace)
@@ -151,14 +150,7 @@ async fn full_and_incremental_chain_restores_byte_for_byte() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn pull_export_is_readable_and_torn_down() -> Result<()> {
     let (env, cluster) = TestEnv::with_cluster("pull").await?;
-    let vm = start_vm(
-        cluster,
-        &env,
-        "node-1",
-        "vm1",
-        &[("disk0", "qcow2", 64 * MIB)],
-    )?;
-    wait_instance(&env, "vm1", "node-1").await?;
+    let vm = start_vm1(cluster, &env, 64 * MIB).await?;
     apply(&env, &checkpoint_yaml("base", "vm1", ""))?;
     wait_checkpoint(&env, "base", CheckpointPhase::Ready).await?;
     vm.write("disk0", 0x42, 4 * MIB, MIB)?;

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use cairn_api::{
-    BackupPhase, CheckpointPhase, QemuInstance, VirtualMachineBackup, VirtualMachineCheckpoint,
+    BackupDiskStatus, BackupPhase, CheckpointPhase, QemuInstance, VirtualMachineBackup,
+    VirtualMachineCheckpoint,
 };
 use cairn_e2e::harness::TestEnv;
 use cairn_e2e::local_cluster::LocalCluster;
@@ -121,9 +122,132 @@ async fn wait_progress(env: &TestEnv, name: &str, beyond: i64) -> Result<i64> {
     Ok(b.status.unwrap().progress.unwrap().bytes_done)
 }
 
+/// Applies a pull backup `name` of the changes since checkpoint `base`, waits
+/// for its export and returns the first disk's status with its dirty extents.
+async fn pull_since(
+    env: &TestEnv,
+    name: &str,
+    base: &str,
+) -> Result<(BackupDiskStatus, Vec<(u64, u64)>)> {
+    apply(
+        env,
+        &backup_yaml(
+            name,
+            "vm1",
+            &format!("  mode: Pull\n  incremental: {base}\n"),
+        ),
+    )?;
+    let b = wait_backup(env, name, BackupPhase::Exporting).await?;
+    let disk = b.status.unwrap().disks[0].clone();
+    let url = disk.target.clone().context("export URL")?;
+    let ctx = disk.bitmap_context.clone().context("bitmap context")?;
+    let extents = dirty_extents(&url, &ctx)?;
+    Ok((disk, extents))
+}
+
 fn assert_clean(vm: &TestVm) -> Result<()> {
     let left = leftovers(vm)?;
     assert!(left.is_empty(), "left behind in QEMU: {left:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checkpoint_of_a_stopped_vm_is_created_offline() -> Result<()> {
+    let _use = shared().await;
+    let (env, cluster) = TestEnv::with_cluster("offline-create").await?;
+    let size = 32 * MIB;
+    let mut vm = start_vm1(cluster, &env, size).await?;
+    vm.quit()?;
+    let run_state = |qi: &QemuInstance| {
+        qi.status
+            .as_ref()
+            .and_then(|s| s.run_state.clone())
+            .unwrap_or_default()
+    };
+    wait_instance_until(&env, "vm1", "the VM to be stopped", |qi| {
+        run_state(qi) == "stopped"
+    })
+    .await?;
+
+    apply(&env, &checkpoint_yaml("cp-off", "vm1", ""))?;
+    let cp = wait_checkpoint(&env, "cp-off", CheckpointPhase::Ready).await?;
+    let status = cp.status.unwrap();
+    let ready = condition(&status.conditions, "Ready").context("Ready")?;
+    assert_eq!(ready.reason, "CreatedOffline", "{}", ready.message);
+    let recorded = condition(&status.conditions, "DomainRecorded").context("DomainRecorded")?;
+    assert_eq!(recorded.status, "True", "{recorded:?}");
+    let domain = status.domain.context("domain")?;
+    assert_eq!(domain.disks.len(), 1);
+    assert_eq!(
+        Path::new(&domain.disks[0].file),
+        vm.disk("disk0").image.as_path()
+    );
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(&vm.disk("disk0").image)
+        .output()?;
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout)?;
+    let in_image: Vec<&str> = info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| b["name"].as_str())
+        .collect();
+    assert_eq!(in_image, ["cp-off"], "{info}");
+
+    // Once the VM runs, the bitmap records its writes: an incremental from it
+    // holds exactly what was written after it was made.
+    vm.launch()?;
+    wait_instance_until(&env, "vm1", "the VM to run again", |qi| {
+        run_state(qi) == "running"
+    })
+    .await?;
+    vm.write("disk0", 0x51, 4 * MIB, MIB)?;
+    let (_, extents) = pull_since(&env, "pull-off", "cp-off").await?;
+    assert_eq!(extents, vec![(4 * MIB, MIB)]);
+    kubectl(&env, &["delete", "vmb", "pull-off", "--timeout=60s"])?;
+    kubectl(&env, &["delete", "vmcp", "cp-off", "--timeout=60s"])?;
+    assert_clean(&vm)?;
+    assert!(vm.bitmaps("disk0")?.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pull_export_of_a_restarted_qemu_fails_clearly() -> Result<()> {
+    let _use = shared().await;
+    let (env, cluster) = TestEnv::with_cluster("export-lost").await?;
+    let mut vm = start_vm1(cluster, &env, 16 * MIB).await?;
+    apply(&env, &backup_yaml("p", "vm1", "  mode: Pull\n"))?;
+    let b = wait_backup(&env, "p", BackupPhase::Exporting).await?;
+    let uid = b.uid().context("uid")?;
+    let scratch = cluster
+        .state_dir
+        .join("nodes/node-1/run/scratch")
+        .join(&uid);
+    assert!(scratch.exists(), "no scratch dir {}", scratch.display());
+
+    vm.kill();
+    vm.launch()?;
+    let failed = wait_backup(&env, "p", BackupPhase::Failed).await?;
+    let ready = condition(&failed.status.as_ref().unwrap().conditions, "Ready")
+        .cloned()
+        .context("Ready")?;
+    let (reason, message) = (ready.reason, ready.message);
+    assert!(
+        reason == "ExportLost" || reason == "VirtualMachineGone",
+        "{reason}: {message}"
+    );
+    assert!(
+        message.contains("vm1") && message.contains("export"),
+        "{message}"
+    );
+    assert!(
+        !scratch.exists(),
+        "scratch files left in {}",
+        scratch.display()
+    );
+    assert_clean(&vm)?;
+    kubectl(&env, &["delete", "vmb", "p", "--timeout=60s"])?;
     Ok(())
 }
 
@@ -132,8 +256,7 @@ async fn redefine_without_domain() -> Result<()> {
     let _use = shared().await;
     let (env, cluster) = TestEnv::with_cluster("redefine").await?;
     let size = 64 * MIB;
-    let mut vm = start_vm(cluster, &env, "node-1", "vm1", &[("disk0", "qcow2", size)])?;
-    wait_instance(&env, "vm1", "node-1").await?;
+    let mut vm = start_vm1(cluster, &env, size).await?;
     let mut model = DiskModel::new(size);
     model.write(&vm, "disk0", 0x30, 0, MIB)?;
     vm.quit()?;
@@ -265,17 +388,10 @@ async fn redefine_without_domain() -> Result<()> {
     assert_restores(&dir, "inc-1", &model)?;
 
     // ...and the redefined checkpoint as an independent chain, pulled.
-    apply(
-        &env,
-        &backup_yaml("pull-redef", "vm1", "  mode: Pull\n  incremental: redef\n"),
-    )?;
-    let b = wait_backup(&env, "pull-redef", BackupPhase::Exporting).await?;
-    let disk = b.status.unwrap().disks[0].clone();
-    let url = disk.target.context("export URL")?;
-    let ctx = disk.bitmap_context.context("bitmap context")?;
+    let (disk, extents) = pull_since(&env, "pull-redef", "redef").await?;
     assert_eq!(disk.incremental_from.as_deref(), Some("redef"));
     assert_eq!(
-        dirty_extents(&url, &ctx)?,
+        extents,
         vec![(2 * MIB, MIB), (10 * MIB, MIB)],
         "the redefined bitmap must hold every write since it was added offline"
     );
@@ -394,8 +510,7 @@ async fn agent_restart_mid_backup() -> Result<()> {
     let _use = exclusive().await;
     let (env, cluster) = TestEnv::with_cluster("agent-restart").await?;
     let size = 256 * MIB;
-    let vm = start_vm(cluster, &env, "node-1", "vm1", &[("disk0", "qcow2", size)])?;
-    wait_instance(&env, "vm1", "node-1").await?;
+    let vm = start_vm1(cluster, &env, size).await?;
     let mut model = DiskModel::new(size);
     model.write(&vm, "disk0", 0x5a, 0, size)?;
     let dir = target(cluster, "node-1", &env, "vm1");
@@ -425,8 +540,7 @@ async fn backup_deleted_while_its_agent_is_down() -> Result<()> {
     let _use = exclusive().await;
     let (env, cluster) = TestEnv::with_cluster("agent-down-delete").await?;
     let size = 256 * MIB;
-    let vm = start_vm(cluster, &env, "node-1", "vm1", &[("disk0", "qcow2", size)])?;
-    wait_instance(&env, "vm1", "node-1").await?;
+    let vm = start_vm1(cluster, &env, size).await?;
     vm.write("disk0", 0x4d, 0, size)?;
     let dir = target(cluster, "node-1", &env, "vm1");
     apply_slow_backup(
@@ -460,8 +574,7 @@ async fn operator_restart_mid_backup() -> Result<()> {
     let _use = exclusive().await;
     let (env, cluster) = TestEnv::with_cluster("operator-restart").await?;
     let size = 256 * MIB;
-    let vm = start_vm(cluster, &env, "node-1", "vm1", &[("disk0", "qcow2", size)])?;
-    wait_instance(&env, "vm1", "node-1").await?;
+    let vm = start_vm1(cluster, &env, size).await?;
     let mut model = DiskModel::new(size);
     model.write(&vm, "disk0", 0x6b, 0, size)?;
     let dir = target(cluster, "node-1", &env, "vm1");
@@ -494,8 +607,7 @@ async fn apiserver_restart() -> Result<()> {
     let _use = exclusive().await;
     let (env, cluster) = TestEnv::with_cluster("apiserver-restart").await?;
     let size = 128 * MIB;
-    let vm = start_vm(cluster, &env, "node-1", "vm1", &[("disk0", "qcow2", size)])?;
-    wait_instance(&env, "vm1", "node-1").await?;
+    let vm = start_vm1(cluster, &env, size).await?;
     apply(&env, &checkpoint_yaml("before", "vm1", ""))?;
     wait_checkpoint(&env, "before", CheckpointPhase::Ready).await?;
     let mut model = DiskModel::new(size);
@@ -529,8 +641,7 @@ async fn deleting_a_running_backup_cancels_it() -> Result<()> {
     let _use = shared().await;
     let (env, cluster) = TestEnv::with_cluster("cancel").await?;
     let size = 256 * MIB;
-    let vm = start_vm(cluster, &env, "node-1", "vm1", &[("disk0", "qcow2", size)])?;
-    wait_instance(&env, "vm1", "node-1").await?;
+    let vm = start_vm1(cluster, &env, size).await?;
     let dir = target(cluster, "node-1", &env, "vm1");
     apply(
         &env,
@@ -583,14 +694,7 @@ fn resource_versions(env: &TestEnv) -> Result<BTreeMap<String, String>> {
 async fn gitops_apply_twice_changes_nothing() -> Result<()> {
     let _use = shared().await;
     let (env, cluster) = TestEnv::with_cluster("gitops").await?;
-    let vm = start_vm(
-        cluster,
-        &env,
-        "node-1",
-        "vm1",
-        &[("disk0", "qcow2", 16 * MIB)],
-    )?;
-    wait_instance(&env, "vm1", "node-1").await?;
+    let vm = start_vm1(cluster, &env, 16 * MIB).await?;
     let dir = target(cluster, "node-1", &env, "vm1");
     let manifests = format!(
         "{}\n---\n{}",
@@ -638,14 +742,7 @@ async fn gitops_apply_twice_changes_nothing() -> Result<()> {
 async fn fifty_checkpoints_on_one_vm() -> Result<()> {
     let _use = shared().await;
     let (env, cluster) = TestEnv::with_cluster("fifty").await?;
-    let vm = start_vm(
-        cluster,
-        &env,
-        "node-1",
-        "vm1",
-        &[("disk0", "qcow2", 16 * MIB)],
-    )?;
-    wait_instance(&env, "vm1", "node-1").await?;
+    let vm = start_vm1(cluster, &env, 16 * MIB).await?;
     let names: Vec<String> = (1..=50).map(|i| format!("cp-{i:02}")).collect();
     let yaml = names
         .iter()
@@ -681,8 +778,7 @@ async fn qemu_restarts_clean_and_killed() -> Result<()> {
     let _use = shared().await;
     let (env, cluster) = TestEnv::with_cluster("qemu-restart").await?;
     let size = 64 * MIB;
-    let mut vm = start_vm(cluster, &env, "node-1", "vm1", &[("disk0", "qcow2", size)])?;
-    wait_instance(&env, "vm1", "node-1").await?;
+    let mut vm = start_vm1(cluster, &env, size).await?;
     let dir = target(cluster, "node-1", &env, "vm1");
     let mut model = DiskModel::new(size);
     model.write(&vm, "disk0", 0x10, 0, MIB)?;

@@ -48,7 +48,7 @@ pub struct ManifestDisk {
     pub file_sha256: Option<String>,
     /// Set when the oldest file of [`Self::backing_chain`] is an incremental
     /// with no backing file: the image of this checkpoint, which it would back
-    /// onto, was never written by Cairn here (a redefined checkpoint). The
+    /// onto, was never written by Cairn (a checkpoint no backup created). The
     /// chain holds only changes since then and restores only after its oldest
     /// file is rebased onto a full image of that point.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -296,6 +296,8 @@ pub async fn stop_pull_export(
                 let _ = std::fs::remove_file(e.path());
             }
         }
+        // The per-backup directory goes too, once nothing else is in it.
+        let _ = std::fs::remove_dir(scratch_dir);
     }
     Ok(())
 }

@@ -40,8 +40,9 @@ pub struct PushRequest {
     pub fallback_to_full: bool,
     /// When no backup in `target_dir` created the base checkpoint, write the
     /// incremental without a backing file instead of failing: for a base whose
-    /// point-in-time image Cairn never wrote (a redefined checkpoint). The
-    /// manifest records the missing base, and restore refuses such a chain.
+    /// point-in-time image Cairn never wrote (a checkpoint made on its own, or
+    /// redefined). The manifest records the missing base, and restore refuses
+    /// such a chain.
     pub standalone_incremental: bool,
     /// Optional rate limit per disk, bytes per second.
     pub speed_limit: Option<u64>,

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use cairn_api::{
     BACKUP_FINALIZER, BackupDiskStatus, BackupExport, BackupMode, BackupPhase, BackupProgress,
-    VirtualMachineBackup, VirtualMachineBackupStatus, VirtualMachineCheckpoint,
+    CREATED_BY_BACKUP_LABEL, VirtualMachineBackup, VirtualMachineBackupStatus,
+    VirtualMachineCheckpoint,
 };
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::runtime::controller::Action;
@@ -123,8 +124,9 @@ fn task_alive(ctx: &Context, uid: &str) -> bool {
 }
 
 /// Resolves the incremental base to its bitmap name, checking it belongs to
-/// the same VM, and whether it was redefined (its point-in-time image is
-/// outside Cairn, so a push incremental from it may stand alone).
+/// the same VM, and whether a backup created it. A checkpoint made on its own
+/// (created, created offline or redefined) has no point-in-time image written
+/// by Cairn, so a push incremental from it stands alone, as in libvirt.
 async fn base_bitmap(
     b: &VirtualMachineBackup,
     ctx: &Context,
@@ -143,7 +145,7 @@ async fn base_bitmap(
             ),
         )),
         Ok(Some(cp)) => super::checkpoints::plan_request(&cp)
-            .map(|r| Some((r.name, cp.spec.redefine)))
+            .map(|r| Some((r.name, !cp.labels().contains_key(CREATED_BY_BACKUP_LABEL))))
             .map_err(|m| ("InvalidIncrementalBase".into(), m)),
         Ok(None) => Err((
             "UnknownIncrementalBase".into(),
@@ -185,7 +187,7 @@ async fn start(
         )
         .await;
     };
-    let (incremental, base_redefined) = match base_bitmap(b, ctx, &ns).await {
+    let (incremental, base_standalone) = match base_bitmap(b, ctx, &ns).await {
         Ok(x) => (
             x.as_ref().map(|(n, _)| n.clone()),
             x.is_some_and(|(_, r)| r),
@@ -234,7 +236,7 @@ async fn start(
                 new_checkpoint,
                 target_dir: dir,
                 fallback_to_full: b.spec.fallback_to_full,
-                standalone_incremental: base_redefined,
+                standalone_incremental: base_standalone,
                 speed_limit: None,
             };
             if status.phase != Some(BackupPhase::Running) {
@@ -600,7 +602,7 @@ async fn finish_push(
                 if let Some(base) = &d.missing_base {
                     let oldest = d.backing_chain.last().unwrap_or(&d.file);
                     msg.push_str(&format!(
-                        "; disk {} holds only the changes since checkpoint {base}, whose image Cairn never wrote: rebase {} onto a full image of that point (`qemu-img rebase -u -b <image> -F <format> {}`) before restoring",
+                        "; disk {} holds only the changes since checkpoint {base}, which no Cairn backup created: rebase {} onto a full image of that point (`qemu-img rebase -u -b <image> -F <format> {}`) before restoring",
                         d.disk,
                         dir.join(oldest).display(),
                         dir.join(oldest).display()
@@ -656,6 +658,8 @@ async fn watch_export(
     let name = b.name_any();
     let generation = b.metadata.generation;
     let Some((vmref, client)) = session else {
+        // QEMU is gone and its export with it; only the scratch files remain.
+        let _ = std::fs::remove_dir_all(scratch_dir(ctx, uid));
         return fail(
             api,
             &name,
@@ -675,6 +679,25 @@ async fn watch_export(
         .and_then(|e| e.expires_at.as_ref())
         .is_some_and(|t| t.0 <= Timestamp::now());
     if !expired {
+        let prefix = OperationId::new(uid).prefix();
+        if let Ok(exports) = client.query_block_exports().await
+            && !exports.iter().any(|e| e.id.starts_with(&prefix))
+        {
+            // A restarted QEMU (the socket came back before we looked) or a
+            // hand-removed export: the URL in status leads nowhere.
+            let _ = stop_pull_export(&client, &OperationId::new(uid), &scratch_dir(ctx, uid)).await;
+            return fail(
+                api,
+                &name,
+                status,
+                generation,
+                "ExportLost",
+                format!(
+                    "the NBD export of VM {vmref} is gone (QEMU restarted, or the export was removed by hand); delete this backup and create a new one"
+                ),
+            )
+            .await;
+        }
         return Ok(requeue_until_expiry(&status));
     }
     if let Err(e) = stop_pull_export(&client, &OperationId::new(uid), &scratch_dir(ctx, uid)).await

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use cairn_api::{
     BackupPhase, CHECKPOINT_FINALIZER, CREATED_BY_BACKUP_LABEL, CheckpointDiskStatus,
-    CheckpointPhase, DomainDisk, DomainSnapshot, VirtualMachineBackup, VirtualMachineCheckpoint,
-    VirtualMachineCheckpointStatus,
+    CheckpointPhase, DomainDisk, DomainSnapshot, QemuInstance, VirtualMachineBackup,
+    VirtualMachineCheckpoint, VirtualMachineCheckpointStatus,
 };
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
@@ -271,6 +271,16 @@ async fn create(
     }
 
     let Some((vmref, client)) = session else {
+        // A stopped VM whose disks this node knows: add the bitmaps to its
+        // images with `qemu-img bitmap`, as libvirt does for inactive domains.
+        // (A backup's checkpoint is made by the backup's transaction, a
+        // redefine needs the running VM to verify against.)
+        if !cp.spec.redefine
+            && !cp.labels().contains_key(CREATED_BY_BACKUP_LABEL)
+            && let Some(domain) = stopped_domain(ctx, &ns, &cp.spec.virtual_machine).await?
+        {
+            return create_offline(cp, api, status, request, domain).await;
+        }
         status.phase = Some(CheckpointPhase::Pending);
         status.conditions = agent_conditions(
             &status.conditions,
@@ -377,6 +387,123 @@ async fn create(
             fail(api, &name, status, generation, reason, error_chain(&e)).await
         }
     }
+}
+
+/// The last-known disk layout of `vm` when its QemuInstance says it is
+/// stopped on this node.
+async fn stopped_domain(
+    ctx: &Context,
+    ns: &str,
+    vm: &str,
+) -> Result<Option<Domain>, ControllerError> {
+    let qis: Api<QemuInstance> = Api::namespaced(ctx.client.clone(), ns);
+    let Some(status) = qis.get_opt(vm).await?.and_then(|qi| qi.status) else {
+        return Ok(None);
+    };
+    if status.run_state.as_deref() != Some("stopped")
+        || status.node_name.as_deref() != Some(ctx.config.node_name.as_str())
+        || status.disks.is_empty()
+    {
+        return Ok(None);
+    }
+    let disks: Option<Vec<checkpoint::DomainDisk>> = status
+        .disks
+        .iter()
+        .map(|d| {
+            Some(checkpoint::DomainDisk {
+                name: d.name.clone(),
+                node_name: d.node_name.clone()?,
+                file: d.file.clone()?.into(),
+                format: d.format.clone()?,
+                virtual_size: u64::try_from(d.virtual_size?).ok()?,
+            })
+        })
+        .collect();
+    Ok(disks.map(|disks| Domain { disks }))
+}
+
+/// Creates a checkpoint of a stopped VM in its images. `Creating` is recorded
+/// only after the name was found free, so a retry adopts what it finds.
+async fn create_offline(
+    cp: &VirtualMachineCheckpoint,
+    api: &Api<VirtualMachineCheckpoint>,
+    mut status: VirtualMachineCheckpointStatus,
+    request: CheckpointRequest,
+    domain: Domain,
+) -> Result<Action, ControllerError> {
+    let name = cp.name_any();
+    let generation = cp.metadata.generation;
+    let vm = format!(
+        "{}/{}",
+        cp.namespace().unwrap_or_default(),
+        cp.spec.virtual_machine
+    );
+    let was_creating = status.phase == Some(CheckpointPhase::Creating);
+    if !was_creating {
+        if let Err(e) = checkpoint::plan_create_offline(&vm, &domain, &request).await {
+            return offline_error(api, &name, status, generation, e).await;
+        }
+        status.phase = Some(CheckpointPhase::Creating);
+        apply_status(api, &name, &status).await?;
+    }
+    let result = match checkpoint::create_checkpoint_offline(&vm, &domain, &request).await {
+        Err(CheckpointError::AlreadyExists { .. }) if was_creating => {
+            checkpoint::inspect_checkpoint_offline(&vm, &domain, &request.name).await
+        }
+        r => r,
+    };
+    match result {
+        Ok(info) => {
+            let msg = format!(
+                "VM not running: bitmap {} added to the images of {} disk(s) with qemu-img",
+                request.name,
+                info.disks.len()
+            );
+            info!(checkpoint = %name, vm = %vm, "{msg}");
+            ready(
+                api,
+                &name,
+                status,
+                generation,
+                &info,
+                Some(&domain),
+                "CreatedOffline",
+                msg,
+            )
+            .await
+        }
+        Err(e) => offline_error(api, &name, status, generation, e).await,
+    }
+}
+
+/// An image tool failure (e.g. the VM is starting and holds the image lock)
+/// is retried; anything else fails the checkpoint.
+async fn offline_error(
+    api: &Api<VirtualMachineCheckpoint>,
+    name: &str,
+    mut status: VirtualMachineCheckpointStatus,
+    generation: Option<i64>,
+    e: CheckpointError,
+) -> Result<Action, ControllerError> {
+    if !matches!(e, CheckpointError::Image { .. }) {
+        return fail(
+            api,
+            name,
+            status,
+            generation,
+            checkpoint_reason(&e),
+            error_chain(&e),
+        )
+        .await;
+    }
+    warn!(checkpoint = %name, error = %error_chain(&e), "offline checkpoint failed; retrying");
+    status.conditions = agent_conditions(
+        &status.conditions,
+        &[cond("Ready", false, "OfflineRetry", error_chain(&e))],
+        generation,
+    );
+    apply_status(api, name, &status).await?;
+    Ok(Action::requeue(Duration::from_secs(10)))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -83,7 +83,11 @@ async fn publish_vm(ctx: &Context, published: &mut Published, vm: &VmRef) {
         Ok(inv) => instance_status(&ctx.config.node_name, &inv),
         Err(e) => {
             debug!(vm = %vm, error = %e, "VM not answering");
-            disconnected_status(&ctx.config.node_name, vm)
+            disconnected_status(
+                &ctx.config.node_name,
+                vm,
+                published.sent.get(&key).map(|(s, _)| s),
+            )
         }
     };
     let seen = status.last_seen.take();
@@ -216,11 +220,21 @@ pub fn instance_status(node: &str, inv: &VmInventory) -> QemuInstanceStatus {
     }
 }
 
-fn disconnected_status(node: &str, vm: &VmRef) -> QemuInstanceStatus {
+/// A VM whose QMP socket does not answer. The last disk layout seen stays
+/// published: it is what a checkpoint of the VM, once stopped, is made with
+/// offline.
+fn disconnected_status(
+    node: &str,
+    vm: &VmRef,
+    last: Option<&QemuInstanceStatus>,
+) -> QemuInstanceStatus {
     QemuInstanceStatus {
         node_name: Some(node.to_string()),
         qmp_socket: Some(vm.socket.display().to_string()),
         run_state: Some("disconnected".into()),
-        ..Default::default()
+        qemu_version: last.and_then(|s| s.qemu_version.clone()),
+        disk_count: last.and_then(|s| s.disk_count),
+        disks: last.map(|s| s.disks.clone()).unwrap_or_default(),
+        last_seen: None,
     }
 }
