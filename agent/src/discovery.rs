@@ -110,6 +110,7 @@ struct Inner {
     sessions: Mutex<BTreeMap<(String, String), (VmRef, QmpClient)>>,
     events: broadcast::Sender<DiscoveryEvent>,
     changes: broadcast::Sender<VmRef>,
+    rescans: std::sync::atomic::AtomicU64,
 }
 
 /// The set of discovered VMs and their sessions. Cheap to clone; the
@@ -134,13 +135,21 @@ impl Discovery {
             sessions: Mutex::new(BTreeMap::new()),
             events: ev_tx,
             changes: broadcast::channel(1024).0,
+            rescans: Default::default(),
         });
         let (tx, mut rx) = mpsc::channel::<()>(16);
-        let mut watcher =
-            notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
-                let _ = tx.try_send(());
-            })
-            .map_err(werr)?;
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            // Reading the directories (as a rescan does) is reported as access;
+            // reacting to it would rescan in a loop. Sockets come and go as
+            // create/remove/rename; errors and unknown kinds rescan to be safe.
+            if let Ok(event) = &res
+                && event.kind.is_access()
+            {
+                return;
+            }
+            let _ = tx.try_send(());
+        })
+        .map_err(werr)?;
         watcher
             .watch(&root, RecursiveMode::Recursive)
             .map_err(werr)?;
@@ -169,6 +178,9 @@ impl Discovery {
 
     /// Rescans the root now; starts and drops sessions as sockets come and go.
     pub fn rescan(&self) {
+        self.inner
+            .rescans
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let found = scan_socket_dir(&self.inner.options.root);
         let mut sessions = self.inner.sessions.lock().expect("discovery lock");
         let keys: Vec<(String, String)> = found
@@ -197,6 +209,13 @@ impl Discovery {
             sessions.insert(key, (vm.clone(), client));
             let _ = self.inner.events.send(DiscoveryEvent::Appeared(vm));
         }
+    }
+
+    /// How many times the socket directory was scanned.
+    pub fn rescans(&self) -> u64 {
+        self.inner
+            .rescans
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The VMs currently known.

@@ -157,6 +157,13 @@ async fn discovery_follows_sockets() {
         ("default", "found")
     );
 
+    // Idle means idle: the scans themselves (directory reads) must not
+    // trigger more scans; only the periodic one (every 500 ms here) runs.
+    let before = disc.rescans();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let scans = disc.rescans() - before;
+    assert!(scans <= 5, "{scans} rescans in 2 s of an idle directory");
+
     // A second VM in another namespace appears by its socket.
     std::fs::create_dir_all(vm.root.join("team-b")).unwrap();
     let other = std::os::unix::net::UnixListener::bind(vm.root.join("team-b/other.sock")).unwrap();
