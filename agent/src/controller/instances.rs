@@ -46,7 +46,13 @@ pub async fn run(ctx: Arc<Context>) {
         tokio::select! {
             _ = tick.tick() => publish_all(&ctx, &mut published).await,
             _ = events.recv() => {
+                // One pass for a burst of VMs appearing or vanishing, not one each.
                 settle().await;
+                while !matches!(
+                    events.try_recv(),
+                    Err(tokio::sync::broadcast::error::TryRecvError::Empty
+                        | tokio::sync::broadcast::error::TryRecvError::Closed)
+                ) {}
                 publish_all(&ctx, &mut published).await;
             }
             first = changes.recv() => {
