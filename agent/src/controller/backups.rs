@@ -637,13 +637,16 @@ async fn finish_push(
     Ok(status)
 }
 
+/// Next look at a served export: at its expiry, and every 10 s meanwhile to
+/// notice an export its QEMU lost.
 fn requeue_until_expiry(status: &VirtualMachineBackupStatus) -> Action {
+    const CHECK: u64 = 10;
     match status.export.as_ref().and_then(|e| e.expires_at.as_ref()) {
         Some(t) => {
             let left = t.0.duration_since(Timestamp::now()).as_secs().max(1) as u64;
-            Action::requeue(Duration::from_secs(left.min(30)))
+            Action::requeue(Duration::from_secs(left.min(CHECK)))
         }
-        None => Action::requeue(Duration::from_secs(30)),
+        None => Action::requeue(Duration::from_secs(CHECK)),
     }
 }
 

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use super::Context;
 use super::status::{apply_status, now};
+use crate::discovery::DiscoveryError;
 use crate::inventory::{VmInventory, VmRef};
 
 /// How often an unchanged status is re-sent (it refreshes `lastSeen`).
@@ -87,6 +88,9 @@ async fn publish_vm(ctx: &Context, published: &mut Published, vm: &VmRef) {
     published.gone.remove(&key);
     let mut status = match ctx.discovery.inventory(&vm.namespace, &vm.name).await {
         Ok(inv) => instance_status(&ctx.config.node_name, &inv),
+        // Its socket is gone: the pass that follows the discovery event marks
+        // it stopped, and a late change must not turn that back to disconnected.
+        Err(DiscoveryError::UnknownVm { .. }) => return,
         Err(e) => {
             debug!(vm = %vm, error = %e, "VM not answering");
             disconnected_status(
