@@ -165,6 +165,33 @@ pub enum CheckpointError {
         /// Bitmap name.
         bitmap: String,
     },
+    /// The bitmap is disabled: it stopped recording writes, so changes since
+    /// the checkpoint would be missed.
+    #[error(
+        "bitmap {bitmap} on disk {disk} of VM {vm} is disabled (not recording writes), so it cannot stand for every change since the checkpoint; enable it (`block-dirty-bitmap-enable`, or `qemu-img bitmap --enable` while stopped) or create a new checkpoint"
+    )]
+    Disabled {
+        /// Which VM.
+        vm: String,
+        /// Disk name.
+        disk: String,
+        /// Bitmap name.
+        bitmap: String,
+    },
+    /// A redefine's `domain` names disks or files the VM does not use.
+    #[error(
+        "the domain given for checkpoint {name} does not match VM {vm}: {problem}; give the VM's real disk layout (names and image files as `kubectl get qemuinstance {vm_name} -o yaml` shows them) or omit the domain"
+    )]
+    DomainMismatch {
+        /// Which VM.
+        vm: String,
+        /// The VM's name alone.
+        vm_name: String,
+        /// Checkpoint name.
+        name: String,
+        /// What does not match.
+        problem: String,
+    },
     /// A job or export uses the bitmap.
     #[error(
         "bitmap {bitmap} on disk {disk} of VM {vm} is in use by a backup or export; retry when it finished"
@@ -246,24 +273,121 @@ fn checkpoint_disk(disk: &Disk, bitmap: &Bitmap) -> CheckpointDisk {
     }
 }
 
-/// Checks that `bitmap` on each disk can be adopted (exists, persistent, consistent).
+/// Why a bitmap cannot stand for a checkpoint, if it cannot: a usable
+/// checkpoint bitmap exists, is persistent, consistent and recording.
+pub fn bitmap_problem(bitmap: Option<&Bitmap>) -> Option<BitmapProblem> {
+    match bitmap {
+        None => Some(BitmapProblem::Missing),
+        Some(b) if b.inconsistent => Some(BitmapProblem::Inconsistent),
+        Some(b) if !b.persistent => Some(BitmapProblem::NotPersistent),
+        Some(b) if !b.recording => Some(BitmapProblem::Disabled),
+        Some(_) => None,
+    }
+}
+
+/// What makes a bitmap unusable as a checkpoint ([`bitmap_problem`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BitmapProblem {
+    /// The disk has no bitmap of that name.
+    Missing,
+    /// Left inconsistent by an unclean QEMU exit.
+    Inconsistent,
+    /// Would be lost when QEMU stops.
+    NotPersistent,
+    /// Not recording writes.
+    Disabled,
+}
+
+impl BitmapProblem {
+    /// A short explanation for messages about an incremental base.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Missing => "the disk has no such bitmap",
+            Self::Inconsistent => "its bitmap is inconsistent after an unclean QEMU exit",
+            Self::NotPersistent => "its bitmap is not persistent",
+            Self::Disabled => {
+                "its bitmap is disabled (not recording), so it misses writes since the checkpoint"
+            }
+        }
+    }
+
+    fn into_error(self, vm: &str, disk: &str, bitmap: &str) -> CheckpointError {
+        let (vm, disk, bitmap) = (vm.to_string(), disk.to_string(), bitmap.to_string());
+        match self {
+            Self::Missing => CheckpointError::Missing { vm, disk, bitmap },
+            Self::Inconsistent => CheckpointError::Inconsistent { vm, disk, bitmap },
+            Self::NotPersistent => CheckpointError::NotPersistent { vm, disk, bitmap },
+            Self::Disabled => CheckpointError::Disabled { vm, disk, bitmap },
+        }
+    }
+}
+
+/// Checks that `bitmap` on each disk can be adopted (exists, persistent,
+/// consistent, recording).
 pub fn verify_adoptable(vm: &str, disks: &[&Disk], bitmap: &str) -> Result<(), CheckpointError> {
     for d in disks {
-        let err = |ctor: fn(String, String, String) -> CheckpointError| {
-            Err(ctor(vm.to_string(), d.name.clone(), bitmap.to_string()))
-        };
-        match d.bitmap(bitmap) {
-            None => return err(|vm, disk, bitmap| CheckpointError::Missing { vm, disk, bitmap }),
-            Some(b) if b.inconsistent => {
-                return err(|vm, disk, bitmap| CheckpointError::Inconsistent { vm, disk, bitmap });
-            }
-            Some(b) if !b.persistent => {
-                return err(|vm, disk, bitmap| CheckpointError::NotPersistent { vm, disk, bitmap });
-            }
-            Some(_) => {}
+        if let Some(problem) = bitmap_problem(d.bitmap(bitmap)) {
+            return Err(problem.into_error(vm, &d.name, bitmap));
         }
     }
     Ok(())
+}
+
+/// Checks a redefine's claimed domain against the VM's live disks and returns
+/// the domain as QEMU sees it for the claimed disks: a claim is not a fact,
+/// so only disks whose name and image file (and format, when given) match a
+/// disk the VM really uses are recorded, and a claim naming anything else is
+/// refused as a whole.
+pub fn verify_claimed_domain(
+    vm: &VmRef,
+    checkpoint: &str,
+    claimed: &Domain,
+    live: &VmInventory,
+) -> Result<Domain, CheckpointError> {
+    let mismatch = |problem: String| CheckpointError::DomainMismatch {
+        vm: vm.to_string(),
+        vm_name: vm.name.clone(),
+        name: checkpoint.to_string(),
+        problem,
+    };
+    let observed = Domain::observe(live);
+    let mut verified = Vec::new();
+    for c in &claimed.disks {
+        let Some(real) = observed.disks.iter().find(|d| d.name == c.name) else {
+            return Err(mismatch(format!("the VM has no disk {:?}", c.name)));
+        };
+        if !same_file(&c.file, &real.file) {
+            return Err(mismatch(format!(
+                "disk {} uses {}, not {}",
+                c.name,
+                real.file.display(),
+                c.file.display()
+            )));
+        }
+        if !c.format.is_empty() && c.format != real.format {
+            return Err(mismatch(format!(
+                "disk {} is {}, not {}",
+                c.name, real.format, c.format
+            )));
+        }
+        if verified.iter().any(|d: &DomainDisk| d.name == c.name) {
+            return Err(mismatch(format!("disk {} is listed twice", c.name)));
+        }
+        verified.push(real.clone());
+    }
+    Ok(Domain { disks: verified })
+}
+
+/// The same image file: equal paths, or the same inode once resolved.
+fn same_file(claimed: &std::path::Path, real: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if claimed == real {
+        return true;
+    }
+    match (std::fs::metadata(claimed), std::fs::metadata(real)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// The bitmap-add steps of a new checkpoint on `disks` (used alone, or inside
@@ -336,17 +460,23 @@ pub async fn create_checkpoint(
 }
 
 /// Adopts existing persistent bitmaps named `request.name` as a checkpoint,
-/// after verifying that each selected disk has one that is persistent and
-/// consistent. Changes nothing in QEMU.
+/// after verifying that each selected disk has one that is persistent,
+/// consistent and recording. A `claimed` domain is checked against the live
+/// VM ([`verify_claimed_domain`]) and only its verified form is returned.
+/// Changes nothing in QEMU.
 pub async fn redefine_checkpoint(
     client: &QmpClient,
     vm: &VmRef,
     request: &CheckpointRequest,
+    claimed: Option<&Domain>,
 ) -> Result<CheckpointInfo, CheckpointError> {
     let inv = read_inventory(client, vm).await?;
     let vm_name = vm.to_string();
     let disks = select_disks(&vm_name, &inv.disks, request.disks.as_deref())?;
     verify_adoptable(&vm_name, &disks, &request.name)?;
+    let domain = claimed
+        .map(|c| verify_claimed_domain(vm, &request.name, c, &inv))
+        .transpose()?;
     info!(vm = %vm, checkpoint = %request.name, "checkpoint redefined");
     Ok(CheckpointInfo {
         name: request.name.clone(),
@@ -354,7 +484,7 @@ pub async fn redefine_checkpoint(
             .iter()
             .filter_map(|d| Some(checkpoint_disk(d, d.bitmap(&request.name)?)))
             .collect(),
-        domain: None,
+        domain,
     })
 }
 
@@ -551,6 +681,109 @@ pub async fn delete_checkpoint_offline(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bitmap(recording: bool, persistent: bool, inconsistent: bool) -> Bitmap {
+        Bitmap {
+            name: "cp".into(),
+            granularity: 65536,
+            recording,
+            persistent,
+            busy: false,
+            inconsistent,
+            dirty_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn a_usable_bitmap_is_persistent_consistent_and_recording() {
+        assert_eq!(bitmap_problem(Some(&bitmap(true, true, false))), None);
+        assert_eq!(bitmap_problem(None), Some(BitmapProblem::Missing));
+        assert_eq!(
+            bitmap_problem(Some(&bitmap(false, true, false))),
+            Some(BitmapProblem::Disabled)
+        );
+        assert_eq!(
+            bitmap_problem(Some(&bitmap(true, false, false))),
+            Some(BitmapProblem::NotPersistent)
+        );
+        // An inconsistent bitmap also stops recording: inconsistency is the news.
+        assert_eq!(
+            bitmap_problem(Some(&bitmap(false, true, true))),
+            Some(BitmapProblem::Inconsistent)
+        );
+    }
+
+    fn inventory(disks: &[(&str, &str)]) -> VmInventory {
+        VmInventory {
+            vm: VmRef {
+                namespace: "ns".into(),
+                name: "vm".into(),
+                socket: PathBuf::from("/run/cairn/qmp/ns/vm.sock"),
+            },
+            qemu_version: "10.0.2".into(),
+            run_state: "running".into(),
+            disks: disks
+                .iter()
+                .map(|(name, file)| Disk {
+                    name: name.to_string(),
+                    node_name: format!("{name}-fmt"),
+                    file: PathBuf::from(file),
+                    format: DiskFormat::Qcow2,
+                    virtual_size: 1 << 20,
+                    read_only: false,
+                    bitmaps: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    fn claim(disks: &[(&str, &str)]) -> Domain {
+        Domain {
+            disks: disks
+                .iter()
+                .map(|(name, file)| DomainDisk {
+                    name: name.to_string(),
+                    node_name: String::new(),
+                    file: PathBuf::from(file),
+                    format: String::new(),
+                    virtual_size: 0,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_claimed_domain_is_recorded_only_as_the_vm_really_is() {
+        let live = inventory(&[("vda", "/img/ns/vm-a.qcow2"), ("vdb", "/img/ns/vm-b.qcow2")]);
+        let vm = live.vm.clone();
+        let ok = verify_claimed_domain(&vm, "cp", &claim(&[("vda", "/img/ns/vm-a.qcow2")]), &live)
+            .unwrap();
+        assert_eq!(ok.disks.len(), 1);
+        assert_eq!(ok.disks[0].node_name, "vda-fmt", "facts come from QEMU");
+        // Another tenant's image under a real disk name.
+        let e = verify_claimed_domain(
+            &vm,
+            "cp",
+            &claim(&[("vda", "/img/other/victim.qcow2")]),
+            &live,
+        )
+        .unwrap_err();
+        assert!(matches!(e, CheckpointError::DomainMismatch { .. }), "{e}");
+        assert!(e.to_string().contains("/img/other/victim.qcow2"), "{e}");
+        // A disk the VM does not have.
+        let e = verify_claimed_domain(&vm, "cp", &claim(&[("vdz", "/img/ns/vm-a.qcow2")]), &live)
+            .unwrap_err();
+        assert!(matches!(e, CheckpointError::DomainMismatch { .. }), "{e}");
+        // Listed twice.
+        let e = verify_claimed_domain(
+            &vm,
+            "cp",
+            &claim(&[("vda", "/img/ns/vm-a.qcow2"), ("vda", "/img/ns/vm-a.qcow2")]),
+            &live,
+        )
+        .unwrap_err();
+        assert!(matches!(e, CheckpointError::DomainMismatch { .. }), "{e}");
+    }
 
     #[test]
     fn names() {

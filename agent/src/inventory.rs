@@ -216,6 +216,29 @@ pub enum SelectionError {
     },
 }
 
+/// Chooses the disks of an incremental backup from checkpoint `base`: the
+/// named ones, or by default the writable qcow2 disks that carry the base
+/// bitmap (a disk added since the checkpoint has no changes to take from it).
+/// When no disk carries it, the default is every writable qcow2 disk, so the
+/// caller reports the missing base (or falls back to full) for each.
+pub fn select_incremental_disks<'a>(
+    vm: &str,
+    disks: &'a [Disk],
+    requested: Option<&[String]>,
+    base: &str,
+) -> Result<Vec<&'a Disk>, SelectionError> {
+    let all = select_disks(vm, disks, requested)?;
+    if requested.is_some() {
+        return Ok(all);
+    }
+    let with_base: Vec<&Disk> = all
+        .iter()
+        .copied()
+        .filter(|d| d.bitmap(base).is_some())
+        .collect();
+    Ok(if with_base.is_empty() { all } else { with_base })
+}
+
 /// Chooses the disks an operation works on: the named ones (each must exist,
 /// be qcow2 and writable), or by default every writable qcow2 disk.
 pub fn select_disks<'a>(
@@ -379,6 +402,32 @@ mod tests {
             sel.iter().map(|d| d.name.as_str()).collect::<Vec<_>>(),
             ["a"]
         );
+    }
+
+    #[test]
+    fn incremental_default_selection_takes_disks_with_the_base_bitmap() {
+        let bitmap = |name: &str| Bitmap {
+            name: name.into(),
+            granularity: 65536,
+            recording: true,
+            persistent: true,
+            busy: false,
+            inconsistent: false,
+            dirty_bytes: 0,
+        };
+        let mut with = disk("a", DiskFormat::Qcow2, false);
+        with.bitmaps.push(bitmap("cp1"));
+        let added_later = disk("b", DiskFormat::Qcow2, false);
+        let disks = vec![with, added_later];
+        let names = |v: Vec<&Disk>| v.iter().map(|d| d.name.clone()).collect::<Vec<_>>();
+        let sel = select_incremental_disks("ns/vm", &disks, None, "cp1").unwrap();
+        assert_eq!(names(sel), ["a"]);
+        // Nobody carries the base: every disk, so each reports it (or falls back).
+        let sel = select_incremental_disks("ns/vm", &disks, None, "other").unwrap();
+        assert_eq!(names(sel), ["a", "b"]);
+        // An explicit selection is kept as given.
+        let sel = select_incremental_disks("ns/vm", &disks, Some(&["b".into()]), "cp1").unwrap();
+        assert_eq!(names(sel), ["b"]);
     }
 
     #[test]

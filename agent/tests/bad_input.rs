@@ -104,7 +104,7 @@ async fn checkpoint_errors_leave_no_bitmaps() {
         vec!["c1".to_string()]
     );
 
-    let e = redefine_checkpoint(&vm.client, &vm.vm, &cp("missing", None))
+    let e = redefine_checkpoint(&vm.client, &vm.vm, &cp("missing", None), None)
         .await
         .unwrap_err();
     assert!(matches!(e, CheckpointError::Missing { .. }), "{e}");
@@ -117,7 +117,7 @@ async fn checkpoint_errors_leave_no_bitmaps() {
         })
         .await
         .unwrap();
-    let e = redefine_checkpoint(&vm.client, &vm.vm, &cp("tmp", Some(&["disk0"])))
+    let e = redefine_checkpoint(&vm.client, &vm.vm, &cp("tmp", Some(&["disk0"])), None)
         .await
         .unwrap_err();
     assert!(matches!(e, CheckpointError::NotPersistent { .. }), "{e}");
@@ -154,7 +154,7 @@ async fn offline_checkpoints_on_stopped_vm() {
         .unwrap_err();
     assert!(matches!(e, CheckpointError::AlreadyExists { .. }), "{e}");
     vm.restart().await;
-    let info = redefine_checkpoint(&vm.client, &vm.vm, &cp("off1", None))
+    let info = redefine_checkpoint(&vm.client, &vm.vm, &cp("off1", None), None)
         .await
         .unwrap();
     assert!(info.disks[0].recording);

@@ -127,7 +127,7 @@ async fn restarts_keep_or_invalidate_bitmaps() {
     // Clean quit: the persistent bitmap comes back, with its dirty data.
     vm.quit().await;
     vm.restart().await;
-    let info = redefine_checkpoint(&vm.client, &vm.vm, &cp("keep"))
+    let info = redefine_checkpoint(&vm.client, &vm.vm, &cp("keep"), None)
         .await
         .unwrap();
     assert_eq!(info.disks[0].dirty_bytes, MIB);
@@ -141,7 +141,7 @@ async fn restarts_keep_or_invalidate_bitmaps() {
     vm.restart().await;
     let names = bitmaps_on(&vm.client, "disk0-fmt").await;
     assert_eq!(names, vec!["keep".to_string()]);
-    let e = redefine_checkpoint(&vm.client, &vm.vm, &cp("keep"))
+    let e = redefine_checkpoint(&vm.client, &vm.vm, &cp("keep"), None)
         .await
         .unwrap_err();
     assert!(matches!(e, CheckpointError::Inconsistent { .. }), "{e}");

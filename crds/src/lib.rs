@@ -40,6 +40,13 @@ pub const NODE_LABEL: &str = "cairn.dev/node";
 pub const VM_LABEL: &str = "cairn.dev/virtual-machine";
 /// Label on a checkpoint created by a backup, naming that backup.
 pub const CREATED_BY_BACKUP_LABEL: &str = "cairn.dev/created-by-backup";
+/// Annotation on a checkpoint created by a backup, holding that backup's UID:
+/// names are reused, UIDs are not, so the agent adopts the bitmaps only for
+/// the backup object that really asked for them.
+pub const CREATED_BY_BACKUP_UID_ANNOTATION: &str = "cairn.dev/created-by-backup-uid";
+/// Condition the agent sets on a backup once the QMP transaction that
+/// creates its new checkpoint's bitmaps has succeeded.
+pub const CHECKPOINT_CREATED_CONDITION: &str = "CheckpointCreated";
 /// Field manager of the operator for server-side apply.
 pub const OPERATOR_MANAGER: &str = "cairn-operator";
 /// Field manager of the agent for server-side apply.

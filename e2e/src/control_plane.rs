@@ -17,6 +17,15 @@ use base64::Engine;
 
 use crate::tools::Tools;
 
+/// User name of the local cluster's operator processes: Cairn's own
+/// identity, the one the `cairn.dev/` metadata admission policy lets through
+/// (the admin kubeconfig's user is not).
+pub const OPERATOR_USER: &str = "cairn-operator";
+/// User name of the local cluster's agent processes.
+pub const AGENT_USER: &str = "cairn-agent";
+const OPERATOR_TOKEN: &str = "cairn-operator-token";
+const AGENT_TOKEN: &str = "cairn-agent-token";
+
 /// A running control plane.
 #[derive(Clone, Debug)]
 pub struct ControlPlane {
@@ -251,7 +260,11 @@ impl ControlPlane {
         let token = "cairn-admin-token";
         fs::write(
             pki.join("tokens.csv"),
-            format!("{token},cairn-admin,cairn-admin,\"system:masters\"\n"),
+            format!(
+                "{token},cairn-admin,cairn-admin,\"system:masters\"\n\
+                 {OPERATOR_TOKEN},{OPERATOR_USER},{OPERATOR_USER},\"system:masters\"\n\
+                 {AGENT_TOKEN},{AGENT_USER},{AGENT_USER},\"system:masters\"\n"
+            ),
         )?;
 
         let etcd_port = free_port()?;
@@ -310,6 +323,18 @@ impl ControlPlane {
 
         let kubeconfig = dir.join("kubeconfig");
         write_kubeconfig(&kubeconfig, &server, &pki.join("ca.crt"), token)?;
+        write_kubeconfig(
+            &dir.join("kubeconfig-operator"),
+            &server,
+            &pki.join("ca.crt"),
+            OPERATOR_TOKEN,
+        )?;
+        write_kubeconfig(
+            &dir.join("kubeconfig-agent"),
+            &server,
+            &pki.join("ca.crt"),
+            AGENT_TOKEN,
+        )?;
         let cp = Self {
             dir: dir.clone(),
             kubeconfig,
@@ -370,6 +395,16 @@ impl ControlPlane {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
+    }
+
+    /// Kubeconfig of Cairn's operator ([`OPERATOR_USER`], also `system:masters`).
+    pub fn operator_kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig-operator")
+    }
+
+    /// Kubeconfig of Cairn's agents ([`AGENT_USER`], also `system:masters`).
+    pub fn agent_kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig-agent")
     }
 
     /// Runs kubectl with the admin kubeconfig and returns its output.

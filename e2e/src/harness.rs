@@ -108,6 +108,75 @@ fn remove_stale_dirs(prefix: &str) {
     }
 }
 
+/// Installs what the chart gives every cluster beyond the CRDs, rendered by
+/// `helm template`: the ValidatingAdmissionPolicy for `cairn.dev/` labels and
+/// annotations (with the local cluster's operator and agent users as Cairn's
+/// identities; the admin user is not one of them) and the roles aggregated
+/// into `view`/`edit`/`admin`, so a tenant bound to `edit` acts as with the chart.
+pub fn install_admission_policy(cp: &ControlPlane) -> Result<()> {
+    let chart = crate::tools::repo_root().join("charts/cairn");
+    let out = Command::new(&cp.tools.helm)
+        .args(["template", "cairn", chart.to_str().unwrap()])
+        .args(["--namespace", "cairn-system"])
+        .args(["--show-only", "templates/admission-policy.yaml"])
+        .args(["--show-only", "templates/aggregated-roles.yaml"])
+        .arg(format!(
+            "--set=admissionPolicy.extraCairnUsers={{{},{}}}",
+            crate::control_plane::OPERATOR_USER,
+            crate::control_plane::AGENT_USER
+        ))
+        .output()
+        .context("running helm template")?;
+    if !out.status.success() {
+        bail!(
+            "rendering the admission policy failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rendered = tempfile::NamedTempFile::new()?;
+    std::fs::write(rendered.path(), &out.stdout)?;
+    let out = cp.kubectl_output(&[
+        "apply",
+        "--server-side",
+        "-f",
+        rendered.path().to_str().unwrap(),
+    ])?;
+    if !out.status.success() {
+        bail!(
+            "installing the admission policy failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The API server loads policies asynchronously: wait until a server-side
+    // dry run of a labelled object is refused.
+    let probe = tempfile::NamedTempFile::new()?;
+    std::fs::write(
+        probe.path(),
+        "apiVersion: cairn.dev/v1alpha1\nkind: VirtualMachineCheckpoint\nmetadata:\n  name: policy-probe\n  namespace: default\n  labels:\n    cairn.dev/node: probe\nspec:\n  virtualMachine: probe\n",
+    )?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let out = cp.kubectl_output(&[
+            "create",
+            "--dry-run=server",
+            "-f",
+            probe.path().to_str().unwrap(),
+        ])?;
+        if !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("set by Cairn only")
+        {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "the cairn.dev/ metadata policy is not enforced after 60 s: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
 /// Applies the checked-in CRDs and waits until they are established.
 pub fn install_crds(cp: &ControlPlane) -> Result<()> {
     let manifests = crate::tools::repo_root().join("crds/manifests");
@@ -210,6 +279,68 @@ impl TestEnv {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         ))
+    }
+
+    /// A kubeconfig for a tenant of this namespace: ServiceAccount `sa`
+    /// bound to the built-in `edit` role (which the chart's aggregated roles
+    /// extend to Cairn's kinds), authenticated with a TokenRequest token.
+    pub fn tenant_kubeconfig(&self, sa: &str) -> Result<PathBuf> {
+        let run = |args: &[&str]| -> Result<String> {
+            let out = self.kubectl(args).output()?;
+            if !out.status.success() {
+                bail!(
+                    "kubectl {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        run(&["create", "serviceaccount", sa])?;
+        run(&[
+            "create",
+            "rolebinding",
+            &format!("{sa}-edit"),
+            "--clusterrole=edit",
+            &format!("--serviceaccount={}:{sa}", self.namespace),
+        ])?;
+        let token = run(&["create", "token", sa, "--duration=2h"])?;
+        let path = self
+            .cp
+            .dir
+            .join(format!("kubeconfig-{}-{sa}", self.namespace));
+        crate::control_plane::write_kubeconfig(&path, &self.cp.server, &self.cp.ca_cert, &token)?;
+        // Aggregation into `edit` is asynchronous (kube-controller-manager).
+        let who = format!("system:serviceaccount:{}:{sa}", self.namespace);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let out = self
+                .kubectl(&[
+                    "auth",
+                    "can-i",
+                    "create",
+                    "virtualmachinecheckpoints.cairn.dev",
+                    "--as",
+                    &who,
+                ])
+                .output()?;
+            if String::from_utf8_lossy(&out.stdout).trim() == "yes" {
+                return Ok(path);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("{who} never got Cairn's rules through `edit`");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+
+    /// Runs kubectl as the tenant of `kubeconfig` in this env's namespace.
+    pub fn kubectl_as(&self, kubeconfig: &std::path::Path, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.cp.tools.kubectl);
+        c.arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .arg(format!("--namespace={}", self.namespace))
+            .args(args);
+        c
     }
 
     /// Path of a file in the repository's `examples/`.

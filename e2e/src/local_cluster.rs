@@ -45,6 +45,7 @@ impl LocalCluster {
         let state_dir = state_dir.canonicalize()?;
         let cp = ControlPlane::start(&tools, &state_dir.join("control-plane"), owner)?;
         crate::harness::install_crds(&cp)?;
+        crate::harness::install_admission_policy(&cp)?;
         let nodes: Vec<String> = (1..=nodes).map(|i| format!("node-{i}")).collect();
         let cluster = Self {
             state_dir,
@@ -93,7 +94,10 @@ impl LocalCluster {
             &binary("cairn-operator"),
             &[],
             &[
-                ("KUBECONFIG", self.cp.kubeconfig.display().to_string()),
+                (
+                    "KUBECONFIG",
+                    self.cp.operator_kubeconfig().display().to_string(),
+                ),
                 ("POD_NAME", id.to_string()),
                 ("RUST_LOG", "info,cairn=debug".into()),
                 ("CAIRN_METRICS_ADDR", "127.0.0.1:0".into()),
@@ -112,7 +116,10 @@ impl LocalCluster {
             &binary("cairn-agent"),
             &[],
             &[
-                ("KUBECONFIG", self.cp.kubeconfig.display().to_string()),
+                (
+                    "KUBECONFIG",
+                    self.cp.agent_kubeconfig().display().to_string(),
+                ),
                 ("NODE_NAME", node.to_string()),
                 ("CAIRN_SOCKET_DIR", self.qmp_dir(node).display().to_string()),
                 (

@@ -23,9 +23,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_api::{
-    BACKUP_FINALIZER, BackupPhase, CHECKPOINT_FINALIZER, CREATED_BY_BACKUP_LABEL, CheckpointDisk,
-    CheckpointMode, NODE_LABEL, VM_LABEL, VirtualMachineBackup, VirtualMachineBackupStatus,
-    VirtualMachineCheckpoint, VirtualMachineCheckpointSpec, condition_types, conditions,
+    BACKUP_FINALIZER, BackupPhase, CHECKPOINT_FINALIZER, CREATED_BY_BACKUP_LABEL,
+    CREATED_BY_BACKUP_UID_ANNOTATION, CheckpointDisk, CheckpointMode, NODE_LABEL, VM_LABEL,
+    VirtualMachineBackup, VirtualMachineBackupStatus, VirtualMachineCheckpoint,
+    VirtualMachineCheckpointSpec, condition_types, conditions,
 };
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
@@ -129,6 +130,10 @@ pub fn validate_backup(
 /// Whether `checkpoint` was created by `backup`.
 pub fn created_by(checkpoint: &VirtualMachineCheckpoint, backup: &VirtualMachineBackup) -> bool {
     checkpoint.labels().get(CREATED_BY_BACKUP_LABEL) == Some(&backup.name_any())
+        && checkpoint
+            .annotations()
+            .get(CREATED_BY_BACKUP_UID_ANNOTATION)
+            == backup.uid().as_ref()
         && checkpoint.spec.virtual_machine == backup.spec.virtual_machine
 }
 
@@ -168,6 +173,9 @@ pub fn checkpoint_for_backup(
             name: Some(wanted.name.clone()),
             namespace: backup.namespace(),
             labels: Some(labels),
+            annotations: backup
+                .uid()
+                .map(|uid| BTreeMap::from([(CREATED_BY_BACKUP_UID_ANNOTATION.to_string(), uid)])),
             finalizers: Some(vec![CHECKPOINT_FINALIZER.to_string()]),
             ..Default::default()
         },
@@ -521,6 +529,7 @@ mod tests {
     fn backup(spec: VirtualMachineBackupSpec) -> VirtualMachineBackup {
         let mut b = VirtualMachineBackup::new("b1", spec);
         b.metadata.namespace = Some("ns".into());
+        b.metadata.uid = Some("uid-b1".into());
         b
     }
 
@@ -629,6 +638,10 @@ mod tests {
         });
         let c = checkpoint_for_backup(&b, "node-1").unwrap();
         assert_eq!(c.labels()[CREATED_BY_BACKUP_LABEL], "b1");
+        assert_eq!(
+            c.annotations().get(CREATED_BY_BACKUP_UID_ANNOTATION),
+            b.metadata.uid.as_ref()
+        );
         assert_eq!(c.labels()[NODE_LABEL], "node-1");
         assert_eq!(c.labels()[VM_LABEL], "vm1");
         assert_eq!(c.finalizers(), [CHECKPOINT_FINALIZER.to_string()]);

@@ -17,7 +17,7 @@ use super::{BackupError, cleanup_leftovers, qmp_err};
 use crate::checkpoint::plan_checkpoint;
 use crate::identity::{NodeRole, OperationId};
 use crate::image;
-use crate::inventory::{Disk, VmRef, read_inventory, select_disks};
+use crate::inventory::{Disk, VmRef, read_inventory, select_disks, select_incremental_disks};
 use crate::qmp::{
     BackingChoice, BackupSpec, BackupSync, BitmapSpec, QmpClient, QmpError, TransactionStep,
 };
@@ -86,19 +86,18 @@ pub async fn start_pull_export(
     let op = &request.operation;
     let scratch_dir = policy.resolve_dir(&request.scratch_dir)?;
     let inv = read_inventory(client, vm).await?;
-    let selected = select_disks(&vm_name, &inv.disks, request.disks.as_deref())?;
+    let selected = match &request.incremental {
+        Some(base) => {
+            select_incremental_disks(&vm_name, &inv.disks, request.disks.as_deref(), base)?
+        }
+        None => select_disks(&vm_name, &inv.disks, request.disks.as_deref())?,
+    };
     let mut disks = Vec::new();
     for d in selected {
         let mut temp_bitmap = None;
         let mut fell_back = false;
         if let Some(cp) = &request.incremental {
-            let reason = match d.bitmap(cp) {
-                None => Some("the disk has no such bitmap"),
-                Some(b) if b.inconsistent => {
-                    Some("its bitmap is inconsistent after an unclean QEMU exit")
-                }
-                Some(_) => None,
-            };
+            let reason = crate::checkpoint::bitmap_problem(d.bitmap(cp)).map(|p| p.describe());
             match reason {
                 None => temp_bitmap = Some(op.temp_bitmap(&d.name)),
                 Some(_) if request.fallback_to_full => fell_back = true,

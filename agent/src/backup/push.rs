@@ -13,10 +13,12 @@ use super::target::{TargetPolicy, available_bytes, qcow2_estimate};
 use super::{
     BackupError, FileScope, cleanup_leftovers, qmp_err, validate_backup_name, wait_jobs_settled,
 };
-use crate::checkpoint::{Domain, plan_checkpoint};
+use crate::checkpoint::{Domain, bitmap_problem, plan_checkpoint};
 use crate::identity::{NodeRole, OperationId};
 use crate::image;
-use crate::inventory::{Disk, VmInventory, VmRef, read_inventory, select_disks};
+use crate::inventory::{
+    Disk, VmInventory, VmRef, read_inventory, select_disks, select_incremental_disks,
+};
 use crate::qmp::{
     BackingChoice, BackupSpec, BackupSync, QmpClient, QmpError, QmpEvent, TransactionStep,
 };
@@ -86,7 +88,12 @@ pub fn plan_push(
     base: Option<&Manifest>,
 ) -> Result<Vec<DiskPlan>, BackupError> {
     let vm = inventory.vm.to_string();
-    let disks = select_disks(&vm, &inventory.disks, request.disks.as_deref())?;
+    let disks = match &request.incremental {
+        Some(base) => {
+            select_incremental_disks(&vm, &inventory.disks, request.disks.as_deref(), base)?
+        }
+        None => select_disks(&vm, &inventory.disks, request.disks.as_deref())?,
+    };
     disks
         .iter()
         .map(|d| plan_disk(&vm, d, request, base))
@@ -123,30 +130,30 @@ fn plan_disk(
         checkpoint: cp.clone(),
         reason,
     };
-    let problem = match (d.bitmap(cp), base.and_then(|m| m.disk(&d.name))) {
-        (None, _) => Some("the disk has no such bitmap".to_string()),
-        (Some(b), _) if b.inconsistent => {
-            Some("its bitmap is inconsistent after an unclean QEMU exit".to_string())
-        }
-        (Some(b), None) if request.standalone_incremental => {
-            plan.kind = BackupKind::Incremental;
-            plan.base_bitmap = Some(cp.clone());
-            plan.missing_base = Some(cp.clone());
-            plan.estimate = qcow2_estimate(b.dirty_bytes, d.virtual_size);
-            None
-        }
-        (Some(_), None) => Some(format!(
-            "no earlier backup in {} created that checkpoint for this disk",
-            request.target_dir.display()
-        )),
-        (Some(b), Some(prev)) => {
-            plan.kind = BackupKind::Incremental;
-            plan.base_bitmap = Some(cp.clone());
-            plan.backing_chain = prev.backing_chain.clone();
-            plan.missing_base = prev.missing_base.clone();
-            plan.estimate = qcow2_estimate(b.dirty_bytes, d.virtual_size);
-            None
-        }
+    let bitmap = d.bitmap(cp);
+    let problem = match (bitmap, base.and_then(|m| m.disk(&d.name))) {
+        (Some(b), prev) if bitmap_problem(bitmap).is_none() => match prev {
+            None if request.standalone_incremental => {
+                plan.kind = BackupKind::Incremental;
+                plan.base_bitmap = Some(cp.clone());
+                plan.missing_base = Some(cp.clone());
+                plan.estimate = qcow2_estimate(b.dirty_bytes, d.virtual_size);
+                None
+            }
+            None => Some(format!(
+                "no earlier backup in {} created that checkpoint for this disk",
+                request.target_dir.display()
+            )),
+            Some(prev) => {
+                plan.kind = BackupKind::Incremental;
+                plan.base_bitmap = Some(cp.clone());
+                plan.backing_chain = prev.backing_chain.clone();
+                plan.missing_base = prev.missing_base.clone();
+                plan.estimate = qcow2_estimate(b.dirty_bytes, d.virtual_size);
+                None
+            }
+        },
+        _ => bitmap_problem(bitmap).map(|p| p.describe().to_string()),
     };
     match problem {
         None => Ok(plan),

@@ -68,6 +68,32 @@ fn selected_disks(b: &VirtualMachineBackup) -> Option<Vec<String>> {
     })
 }
 
+/// Records that the transaction which starts the backup also created its new
+/// checkpoint's bitmaps (the checkpoint adopts them only on this word, see
+/// `checkpoints::backup_vouch`). Returns whether the status changed.
+fn mark_checkpoint_created(
+    status: &mut VirtualMachineBackupStatus,
+    generation: Option<i64>,
+) -> bool {
+    let Some(cp) = status.checkpoint.clone() else {
+        return false;
+    };
+    if cairn_api::conditions::is_true(&status.conditions, cairn_api::CHECKPOINT_CREATED_CONDITION) {
+        return false;
+    }
+    status.conditions = agent_conditions(
+        &status.conditions,
+        &[cond(
+            cairn_api::CHECKPOINT_CREATED_CONDITION,
+            true,
+            "InBackupTransaction",
+            format!("the transaction that started this backup created checkpoint {cp}'s bitmaps"),
+        )],
+        generation,
+    );
+    true
+}
+
 async fn reconcile(
     b: Arc<VirtualMachineBackup>,
     ctx: Arc<Context>,
@@ -78,6 +104,14 @@ async fn reconcile(
     let uid = uid(&b)?;
     let api: Api<VirtualMachineBackup> = Api::namespaced(ctx.client.clone(), &ns);
     let status = b.status.clone().unwrap_or_default();
+    if !super::routed_here(
+        &ctx.config.node_name,
+        status.node_name.as_deref(),
+        &status.conditions,
+    ) {
+        // Labelled for this node, but not by the operator (yet): not ours to act on.
+        return Ok(Action::await_change());
+    }
     let phase = status.phase.unwrap_or_default();
     let session = ctx.discovery.session(&ns, &b.spec.virtual_machine).ok();
 
@@ -255,6 +289,9 @@ async fn start(
             }
             match start_push_backup(&client, &vmref, &ctx.targets, &request).await {
                 Ok(running) => {
+                    if mark_checkpoint_created(&mut status, generation) {
+                        apply_status(api, &name, &status).await?;
+                    }
                     let job_ids: Vec<String> =
                         running.plan().iter().map(|p| p.job_id.clone()).collect();
                     let dir = running.target_dir().to_path_buf();
@@ -380,6 +417,7 @@ async fn start(
                         )
                     });
                     status.phase = Some(BackupPhase::Exporting);
+                    mark_checkpoint_created(&mut status, generation);
                     status.export = Some(BackupExport {
                         url: format!("nbd+unix:///?socket={}", export.socket.display()),
                         expires_at: expires,

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_api::{
-    BackupPhase, CHECKPOINT_FINALIZER, CREATED_BY_BACKUP_LABEL, CheckpointDiskStatus,
-    CheckpointPhase, DomainDisk, DomainSnapshot, QemuInstance, VirtualMachineBackup,
-    VirtualMachineCheckpoint, VirtualMachineCheckpointStatus,
+    BackupPhase, CHECKPOINT_CREATED_CONDITION, CHECKPOINT_FINALIZER, CREATED_BY_BACKUP_LABEL,
+    CREATED_BY_BACKUP_UID_ANNOTATION, CheckpointDiskStatus, CheckpointPhase, DomainDisk,
+    DomainSnapshot, QemuInstance, VirtualMachineBackup, VirtualMachineCheckpoint,
+    VirtualMachineCheckpointStatus,
 };
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
@@ -57,6 +58,64 @@ pub fn plan_request(cp: &VirtualMachineCheckpoint) -> Result<CheckpointRequest, 
         name: bitmap.to_string(),
         disks: Some(tracked.iter().map(|d| d.name.clone()).collect()),
     })
+}
+
+/// What a checkpoint labelled `cairn.dev/created-by-backup` may believe
+/// about its bitmaps ([`backup_vouch`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackupVouch {
+    /// The backup's transaction created the bitmaps: adopt them.
+    Made,
+    /// The backup has not passed its transaction yet.
+    NotYet,
+    /// The backup failed, was cancelled or is gone before creating them.
+    Failed(String),
+    /// The label does not hold: the named backup did not ask for this
+    /// checkpoint (another UID, checkpoint or VM). Nothing is adopted.
+    Refused(String),
+}
+
+/// Decides whether the backup a checkpoint's label names vouches for its
+/// bitmaps: same UID as the operator recorded, asking for this checkpoint on
+/// this VM, and its agent reported the transaction that made them. Pure.
+pub fn backup_vouch(
+    cp: &VirtualMachineCheckpoint,
+    backup_name: &str,
+    backup: Option<&VirtualMachineBackup>,
+) -> BackupVouch {
+    let Some(b) = backup else {
+        return BackupVouch::Failed(format!(
+            "backup {backup_name} that was to create this checkpoint is gone; no bitmap was created"
+        ));
+    };
+    let recorded_uid = cp.annotations().get(CREATED_BY_BACKUP_UID_ANNOTATION);
+    let asks_for_this = b.spec.checkpoint.as_ref().map(|c| c.name.as_str())
+        == Some(cp.name_any().as_str())
+        && b.spec.virtual_machine == cp.spec.virtual_machine;
+    if recorded_uid.is_none() || recorded_uid != b.metadata.uid.as_ref() || !asks_for_this {
+        return BackupVouch::Refused(format!(
+            "label {CREATED_BY_BACKUP_LABEL}={backup_name} does not hold: that backup (UID {}) did not ask for checkpoint {} of VM {}; no bitmap was adopted. Only Cairn sets this label",
+            b.metadata.uid.as_deref().unwrap_or("unknown"),
+            cp.name_any(),
+            cp.spec.virtual_machine
+        ));
+    }
+    let status = b.status.as_ref();
+    if matches!(
+        status.and_then(|s| s.phase),
+        Some(BackupPhase::Failed | BackupPhase::Cancelled)
+    ) {
+        return BackupVouch::Failed(format!(
+            "backup {backup_name} that was to create this checkpoint failed or was cancelled; no bitmap was created"
+        ));
+    }
+    if status.is_some_and(|s| {
+        cairn_api::conditions::is_true(&s.conditions, CHECKPOINT_CREATED_CONDITION)
+    }) {
+        BackupVouch::Made
+    } else {
+        BackupVouch::NotYet
+    }
 }
 
 /// The data path's domain from the API's snapshot.
@@ -118,6 +177,14 @@ async fn reconcile(
     let name = cp.name_any();
     let api: Api<VirtualMachineCheckpoint> = Api::namespaced(ctx.client.clone(), &ns);
     let status = cp.status.clone().unwrap_or_default();
+    if !super::routed_here(
+        &ctx.config.node_name,
+        status.node_name.as_deref(),
+        &status.conditions,
+    ) {
+        // Labelled for this node, but not by the operator (yet): not ours to act on.
+        return Ok(Action::await_change());
+    }
     let generation = cp.metadata.generation;
     let vm = cp.spec.virtual_machine.clone();
     let session = ctx.discovery.session(&ns, &vm).ok();
@@ -195,6 +262,15 @@ async fn reconcile(
             )
             .await
         }
+        // Failed after it was Ready (its bitmap went missing, inconsistent or
+        // disabled): keep watching, it may come back (a re-enabled bitmap).
+        CheckpointPhase::Failed if was_verified_failure(&status) => {
+            let created_by = cp.labels().get(CREATED_BY_BACKUP_LABEL).cloned();
+            verify(
+                &ctx, &api, &name, status, generation, &request, session, created_by,
+            )
+            .await
+        }
         CheckpointPhase::Failed | CheckpointPhase::Deleting => Ok(Action::await_change()),
     }
 }
@@ -215,58 +291,69 @@ async fn create(
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
 
-    // Made by a backup's transaction: adopt once the bitmaps exist.
+    // Made by a backup's transaction: adopt once that backup says its
+    // transaction made the bitmaps — never on the label alone.
     if let Some(backup) = cp.labels().get(CREATED_BY_BACKUP_LABEL) {
-        if let Some((vmref, client)) = &session
-            && let Ok(info) = inspect_checkpoint(client, vmref, &request.name).await
-        {
-            let inv = ctx
-                .discovery
-                .inventory(&vmref.namespace, &vmref.name)
-                .await
-                .ok();
-            let domain = inv.map(|i| Domain::observe(&i));
-            return ready(
-                api,
-                &name,
-                status,
-                generation,
-                &info,
-                domain.as_ref(),
-                "CreatedByBackup",
-                format!("bitmaps created by backup {backup}"),
-            )
-            .await;
-        }
-        // No bitmaps (or no VM): the backup's fate decides, whether the VM runs or not,
-        // so a checkpoint whose backup failed never waits for a VM that may not return.
         let backups: Api<VirtualMachineBackup> = Api::namespaced(ctx.client.clone(), &ns);
-        let backup_state = backups
-            .get_opt(backup)
-            .await?
-            .map(|b| b.status.and_then(|s| s.phase));
-        match backup_state {
-            None | Some(Some(BackupPhase::Failed | BackupPhase::Cancelled)) => {
-                return fail(api, &name, status, generation, "BackupFailed", format!("backup {backup} that was to create this checkpoint failed or is gone; no bitmap was created")).await;
+        let found = backups.get_opt(backup).await?;
+        match backup_vouch(cp, backup, found.as_ref()) {
+            BackupVouch::Made => {
+                if let Some((vmref, client)) = &session {
+                    match inspect_checkpoint(client, vmref, &request.name).await {
+                        Ok(info) => {
+                            let inv = ctx
+                                .discovery
+                                .inventory(&vmref.namespace, &vmref.name)
+                                .await
+                                .ok();
+                            let domain = inv.map(|i| Domain::observe(&i));
+                            return ready(
+                                api,
+                                &name,
+                                status,
+                                generation,
+                                &info,
+                                domain.as_ref(),
+                                "CreatedByBackup",
+                                format!("bitmaps created by backup {backup}"),
+                            )
+                            .await;
+                        }
+                        Err(CheckpointError::NotFound { .. }) => {
+                            return fail(
+                                api,
+                                &name,
+                                status,
+                                generation,
+                                "BitmapMissing",
+                                format!(
+                                    "backup {backup} created bitmap {} but it is no longer on VM {}",
+                                    request.name, cp.spec.virtual_machine
+                                ),
+                            )
+                            .await;
+                        }
+                        Err(e) => {
+                            warn!(checkpoint = %name, error = %error_chain(&e), "cannot inspect bitmaps yet");
+                            return Ok(Action::requeue(Duration::from_secs(2)));
+                        }
+                    }
+                }
+                // The VM is not running: wait for it below.
             }
-            Some(Some(BackupPhase::Succeeded | BackupPhase::Exporting)) if session.is_some() => {
-                return fail(
-                    api,
-                    &name,
-                    status,
-                    generation,
-                    "BitmapMissing",
-                    format!(
-                        "backup {backup} finished but bitmap {} is not on VM {}",
-                        request.name, cp.spec.virtual_machine
-                    ),
-                )
-                .await;
+            // Not started yet, or before its transaction: the bitmaps come with it.
+            BackupVouch::NotYet if session.is_some() => {
+                return Ok(Action::requeue(Duration::from_secs(1)));
             }
-            // Not started yet, or running: the bitmaps come with the job's transaction.
-            _ if session.is_some() => return Ok(Action::requeue(Duration::from_secs(1))),
-            // The VM is not running: wait for it below.
-            _ => {}
+            BackupVouch::NotYet => {}
+            // The backup's fate decides, whether the VM runs or not, so a
+            // checkpoint whose backup failed never waits for a VM that may not return.
+            BackupVouch::Failed(msg) => {
+                return fail(api, &name, status, generation, "BackupFailed", msg).await;
+            }
+            BackupVouch::Refused(msg) => {
+                return fail(api, &name, status, generation, "NotCreatedByBackup", msg).await;
+            }
         }
     }
 
@@ -326,9 +413,13 @@ async fn create(
         apply_status(api, &name, &status).await?;
     }
     let result = if cp.spec.redefine {
-        redefine_checkpoint(&client, &vmref, &request)
+        let claimed = cp.spec.domain.as_ref().map(domain_from_api);
+        redefine_checkpoint(&client, &vmref, &request, claimed.as_ref())
             .await
-            .map(|i| (i, None))
+            .map(|i| {
+                let d = i.domain.clone();
+                (i, d)
+            })
     } else {
         match create_checkpoint(&client, &vmref, &request).await {
             Ok(i) => {
@@ -523,13 +614,20 @@ async fn ready(
     status.size = Some(info.disks.iter().map(|d| d.dirty_bytes as i64).sum());
     status.creation_time.get_or_insert_with(now);
     status.observed_generation = generation;
-    let domain_cond = if let Some(d) = cp.spec.domain.as_ref() {
-        status.domain = Some(d.clone());
+    let domain_cond = if let (Some(claimed), Some(d)) = (cp.spec.domain.as_ref(), observed) {
+        // Only what the agent verified against the VM is recorded; the
+        // claim's free-form extras are kept as given (they drive nothing).
+        let mut verified = domain_to_api(d);
+        verified.extras = claimed.extras.clone();
+        status.domain = Some(verified);
         cond(
             "DomainRecorded",
             true,
-            "Provided",
-            "the domain given with the redefine is recorded",
+            "Verified",
+            format!(
+                "the domain given with the redefine matches the VM's {} disk(s) and is recorded as QEMU reports them",
+                d.disks.len()
+            ),
         )
     } else if let Some(d) = observed {
         status.domain = Some(domain_to_api(d));
@@ -577,8 +675,10 @@ async fn verify(
         Ok(info) => {
             status.disks = disks_status(&info);
             status.size = Some(info.disks.iter().map(|d| d.dirty_bytes as i64).sum());
-            match info.disks.iter().find(|d| d.inconsistent) {
-                Some(d) => cond(
+            let inconsistent = info.disks.iter().find(|d| d.inconsistent);
+            let disabled = info.disks.iter().find(|d| !d.recording);
+            match (inconsistent, disabled) {
+                (Some(d), _) => cond(
                     "Ready",
                     false,
                     "BitmapInconsistent",
@@ -587,7 +687,16 @@ async fn verify(
                         d.bitmap, d.disk
                     ),
                 ),
-                None => match expected_missing(request, &info) {
+                (None, Some(d)) => cond(
+                    "Ready",
+                    false,
+                    "BitmapDisabled",
+                    format!(
+                        "bitmap {} on disk {} of VM {vmref} is disabled (not recording writes), so an incremental from it would miss changes; enable it again or delete this checkpoint",
+                        d.bitmap, d.disk
+                    ),
+                ),
+                (None, None) => match expected_missing(request, &info) {
                     Some(disk) => cond(
                         "Ready",
                         false,
@@ -650,11 +759,30 @@ async fn verify(
             return Ok(Action::requeue(Duration::from_secs(10)));
         }
     };
+    // The phase never reads healthy for an unusable checkpoint: it follows
+    // the Ready condition both ways (a disabled bitmap can be re-enabled).
+    status.phase = Some(if ready.status {
+        CheckpointPhase::Ready
+    } else {
+        CheckpointPhase::Failed
+    });
     status.conditions = agent_conditions(&status.conditions, &[ready], generation);
     if status != before {
         apply_status(api, name, &status).await?;
     }
     Ok(Action::requeue(Duration::from_secs(15)))
+}
+
+/// A checkpoint that failed the periodic bitmap check after being Ready
+/// (as opposed to one that never got its bitmaps).
+fn was_verified_failure(status: &VirtualMachineCheckpointStatus) -> bool {
+    status.creation_time.is_some()
+        && cairn_api::conditions::find(&status.conditions, "Ready").is_some_and(|c| {
+            matches!(
+                c.reason.as_str(),
+                "BitmapMissing" | "BitmapDisabled" | "BitmapInconsistent"
+            )
+        })
 }
 
 fn expected_missing(request: &CheckpointRequest, info: &CheckpointInfo) -> Option<String> {
@@ -709,4 +837,113 @@ async fn cleaned_up(
     );
     apply_status(api, name, &status).await?;
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_api::{
+        BackupCheckpoint, Condition, VirtualMachineBackupSpec, VirtualMachineBackupStatus,
+        VirtualMachineCheckpointSpec,
+    };
+
+    fn checkpoint(uid_annotation: Option<&str>) -> VirtualMachineCheckpoint {
+        let mut cp = VirtualMachineCheckpoint::new(
+            "cp1",
+            VirtualMachineCheckpointSpec {
+                virtual_machine: "vm1".into(),
+                ..Default::default()
+            },
+        );
+        cp.metadata.labels = Some([(CREATED_BY_BACKUP_LABEL.to_string(), "b1".to_string())].into());
+        cp.metadata.annotations = uid_annotation
+            .map(|u| [(CREATED_BY_BACKUP_UID_ANNOTATION.to_string(), u.to_string())].into());
+        cp
+    }
+
+    fn backup(
+        checkpoint: &str,
+        vm: &str,
+        phase: Option<BackupPhase>,
+        made: bool,
+    ) -> VirtualMachineBackup {
+        let mut b = VirtualMachineBackup::new(
+            "b1",
+            VirtualMachineBackupSpec {
+                virtual_machine: vm.into(),
+                checkpoint: Some(BackupCheckpoint {
+                    name: checkpoint.into(),
+                }),
+                ..Default::default()
+            },
+        );
+        b.metadata.uid = Some("uid-1".into());
+        let conditions = made
+            .then(|| Condition {
+                type_: CHECKPOINT_CREATED_CONDITION.into(),
+                status: "True".into(),
+                reason: "InBackupTransaction".into(),
+                message: String::new(),
+                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::now(),
+                ),
+                observed_generation: None,
+            })
+            .into_iter()
+            .collect();
+        b.status = Some(VirtualMachineBackupStatus {
+            phase,
+            conditions,
+            ..Default::default()
+        });
+        b
+    }
+
+    #[test]
+    fn bitmaps_are_adopted_only_on_the_word_of_the_backup_that_made_them() {
+        let cp = checkpoint(Some("uid-1"));
+        let running = Some(BackupPhase::Running);
+        assert_eq!(
+            backup_vouch(&cp, "b1", Some(&backup("cp1", "vm1", running, true))),
+            BackupVouch::Made
+        );
+        // Before its transaction: wait, never adopt what happens to be there.
+        assert_eq!(
+            backup_vouch(&cp, "b1", Some(&backup("cp1", "vm1", running, false))),
+            BackupVouch::NotYet
+        );
+        assert!(matches!(
+            backup_vouch(
+                &cp,
+                "b1",
+                Some(&backup("cp1", "vm1", Some(BackupPhase::Failed), false))
+            ),
+            BackupVouch::Failed(_)
+        ));
+        assert!(matches!(
+            backup_vouch(&cp, "b1", None),
+            BackupVouch::Failed(_)
+        ));
+    }
+
+    #[test]
+    fn a_forged_created_by_label_adopts_nothing() {
+        let made = |cp: &str, vm: &str| backup(cp, vm, Some(BackupPhase::Succeeded), true);
+        // Set by hand: no UID annotation, or another backup's UID.
+        for cp in [checkpoint(None), checkpoint(Some("uid-other"))] {
+            assert!(matches!(
+                backup_vouch(&cp, "b1", Some(&made("cp1", "vm1"))),
+                BackupVouch::Refused(_)
+            ));
+        }
+        // The named backup made another checkpoint, or worked on another VM.
+        let cp = checkpoint(Some("uid-1"));
+        for b in [made("cp2", "vm1"), made("cp1", "vm2")] {
+            let v = backup_vouch(&cp, "b1", Some(&b));
+            assert!(
+                matches!(&v, BackupVouch::Refused(m) if m.contains("did not ask")),
+                "{v:?}"
+            );
+        }
+    }
 }

@@ -95,6 +95,18 @@ pub enum ControllerError {
     MissingField(&'static str),
 }
 
+/// Whether the operator routed an object to this node. The routing label
+/// only selects what the agent watches: a tenant could set it, so the agent
+/// acts only when the operator's own status (which tenants cannot write)
+/// names this node and says the object was accepted.
+pub fn routed_here(
+    node: &str,
+    status_node: Option<&str>,
+    conditions: &[cairn_api::Condition],
+) -> bool {
+    status_node == Some(node) && cairn_api::conditions::is_true(conditions, "Accepted")
+}
+
 /// Runs a controller over the `K` objects routed to this node (label
 /// `cairn.dev/node=<node>`), counting outcomes; errors requeue after 5 s.
 async fn run_routed<K, F, Fut>(ctx: Arc<Context>, name: &'static str, reconcile: F)
@@ -176,4 +188,32 @@ pub async fn run(
         () = shutdown => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::routed_here;
+    use cairn_api::Condition;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn accepted(status: &str) -> Vec<Condition> {
+        vec![Condition {
+            type_: "Accepted".into(),
+            status: status.into(),
+            reason: "Routed".into(),
+            message: String::new(),
+            last_transition_time: Time(k8s_openapi::jiff::Timestamp::now()),
+            observed_generation: None,
+        }]
+    }
+
+    #[test]
+    fn the_routing_label_alone_routes_nothing() {
+        assert!(routed_here("node-1", Some("node-1"), &accepted("True")));
+        // A label set by hand: the operator has written nothing yet.
+        assert!(!routed_here("node-1", None, &[]));
+        // Routed elsewhere, or rejected.
+        assert!(!routed_here("node-1", Some("node-2"), &accepted("True")));
+        assert!(!routed_here("node-1", Some("node-1"), &accepted("False")));
+    }
 }

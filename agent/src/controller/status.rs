@@ -10,7 +10,13 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// Condition types the agent owns.
-pub const AGENT_CONDITIONS: &[&str] = &["Ready", "DomainRecorded", "CleanedUp", "Verified"];
+pub const AGENT_CONDITIONS: &[&str] = &[
+    "Ready",
+    "DomainRecorded",
+    "CleanedUp",
+    "Verified",
+    cairn_api::CHECKPOINT_CREATED_CONDITION,
+];
 
 /// Applies `status` (the agent's whole share of it) to object `name`.
 pub async fn apply_status<K, S>(api: &Api<K>, name: &str, status: &S) -> Result<(), kube::Error>
@@ -103,6 +109,8 @@ pub fn checkpoint_reason(e: &crate::checkpoint::CheckpointError) -> &'static str
         E::Missing { .. } => "BitmapMissing",
         E::NotPersistent { .. } => "BitmapNotPersistent",
         E::Inconsistent { .. } => "BitmapInconsistent",
+        E::Disabled { .. } => "BitmapDisabled",
+        E::DomainMismatch { .. } => "DomainMismatch",
         E::Busy { .. } => "BitmapBusy",
         E::NotFound { .. } => "BitmapMissing",
         E::Inventory(_) => "VirtualMachineUnreachable",
