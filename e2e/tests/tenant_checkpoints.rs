@@ -237,10 +237,13 @@ async fn disabled_bitmaps_are_not_checkpoints() -> Result<()> {
     let vm = start_vm1(cluster, &env, 16 * MIB).await?;
     vm.qmp(
         "block-dirty-bitmap-add",
-        json!({"node": "disk0-fmt", "name": "off", "persistent": true, "disabled": true}),
+        json!({"node": "disk0-fmt", "name": "cp-off", "persistent": true, "disabled": true}),
     )?;
-    apply(&env, &checkpoint_yaml("off", "vm1", "  redefine: true\n"))?;
-    let cp = wait_checkpoint(&env, "off", CheckpointPhase::Failed).await?;
+    apply(
+        &env,
+        &checkpoint_yaml("cp-off", "vm1", "  redefine: true\n"),
+    )?;
+    let cp = wait_checkpoint(&env, "cp-off", CheckpointPhase::Failed).await?;
     let ready = condition(&cp.status.as_ref().context("status")?.conditions, "Ready")
         .context("Ready")?
         .clone();
