@@ -51,7 +51,8 @@ use crate::common::Condition;
     )
 )]
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable: create a new VirtualMachineBackup instead"))]
-#[x_kube(validation = Rule::new("self.mode != 'Push' || (has(self.target) && has(self.target.directory))").message("mode Push needs target.directory"))]
+#[x_kube(validation = Rule::new("self.mode != 'Push' || (has(self.target) && (has(self.target.directory) || has(self.target.repository)))").message("mode Push needs target.directory or target.repository"))]
+#[x_kube(validation = Rule::new("self.mode != 'Pull' || !has(self.target) || !has(self.target.repository)").message("a repository target is written by the agent from a point-in-time export: use mode Push"))]
 #[x_kube(validation = Rule::new("self.mode != 'Pull' || !has(self.target) || !has(self.target.directory)").message("mode Pull serves an NBD export: use target.nbd, not target.directory"))]
 #[x_kube(validation = Rule::new("self.mode != 'Push' || !has(self.target) || !has(self.target.nbd)").message("target.nbd is only for mode Pull"))]
 #[x_kube(validation = Rule::new("self.mode == 'Pull' || !has(self.exportTimeoutSeconds)").message("exportTimeoutSeconds is only for mode Pull"))]
@@ -103,8 +104,14 @@ pub struct VirtualMachineBackupSpec {
     #[schemars(range(min = 1, max = 604800))]
     pub export_timeout_seconds: Option<i64>,
 
+    /// What deleting this resource does to the stored backup: `Retain` (default)
+    /// keeps the files or repository snapshot, `Delete` removes them unless a kept
+    /// incremental still needs them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_policy: Option<DeletionPolicy>,
+
     /// Delete the resource this many seconds after it finished (Succeeded, Failed or
-    /// Cancelled). Backup files are kept.
+    /// Cancelled). Backup files are kept unless `deletionPolicy: Delete`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 31536000))]
     pub ttl_seconds_after_finished: Option<i64>,
@@ -154,7 +161,7 @@ impl BackupDisk {
 
 /// Where backup data goes: a directory (Push) or an NBD export (Pull).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[x_kube(validation = Rule::new("!(has(self.directory) && has(self.nbd))").message("target takes either directory or nbd, not both"))]
+#[x_kube(validation = Rule::new("(has(self.directory) ? 1 : 0) + (has(self.nbd) ? 1 : 0) + (has(self.repository) ? 1 : 0) <= 1").message("target takes one of directory, nbd or repository"))]
 #[serde(rename_all = "camelCase")]
 pub struct BackupTarget {
     /// Push: directory on the node (under a root the chart allows) for the qcow2 files.
@@ -163,6 +170,32 @@ pub struct BackupTarget {
     /// Pull: where the NBD export listens. Default: a unix socket the agent chooses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd: Option<NbdTarget>,
+    /// Push into a BackupRepository (deduplicated, off the node): the agent reads a
+    /// point-in-time export of the disks and stores one snapshot per backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<RepositoryTarget>,
+}
+
+/// A BackupRepository by name.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RepositoryTarget {
+    /// Name of the (cluster-scoped) BackupRepository; it must allow this namespace.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: String,
+}
+
+/// What happens to the stored backup when the resource is deleted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DeletionPolicy {
+    /// Keep the backup files or repository snapshot (the default).
+    #[default]
+    Retain,
+    /// Delete them too, unless a kept incremental still needs them.
+    Delete,
 }
 
 /// A directory on the VM's node.
@@ -273,12 +306,41 @@ pub struct VirtualMachineBackupStatus {
     /// Name of the checkpoint this backup created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
+    /// Repository target: the snapshot written and what it cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<RepositorySnapshotStatus>,
     /// Why the backup failed, in one sentence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_reason: Option<String>,
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// The repository snapshot of a backup.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RepositorySnapshotStatus {
+    /// BackupRepository name.
+    pub name: String,
+    /// Snapshot id in the repository (restore with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// Snapshot this one took unchanged chunks from (incrementals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_snapshot: Option<String>,
+    /// Bytes read from the VM's export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_read: Option<i64>,
+    /// Bytes uploaded (compressed, encrypted, new chunks only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_uploaded: Option<i64>,
+    /// Chunks stored by this backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks_new: Option<i64>,
+    /// Chunks already in the repository (dedup) or taken from the base snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks_reused: Option<i64>,
 }
 
 /// Progress counters.

@@ -9,6 +9,7 @@
 //! - [`QemuInstance`]: one per QEMU process an agent discovered (agent-owned).
 //! - [`VirtualMachineCheckpoint`]: a set of persistent dirty bitmaps (libvirt's checkpoint).
 //! - [`VirtualMachineBackup`]: a full or incremental backup, pushed or pulled.
+//! - [`BackupRepository`]: a deduplicated, encrypted store off the node (cluster-scoped).
 
 #![forbid(unsafe_code)]
 // kube-derive's printcolumn(...) lists repeat keys such as `type_`; clippy mistakes them for duplicates.
@@ -20,11 +21,13 @@ pub mod common;
 pub mod conditions;
 pub mod qemu_instance;
 pub mod reference;
+pub mod repository;
 
 pub use backup::*;
 pub use checkpoint::*;
 pub use common::*;
 pub use qemu_instance::*;
+pub use repository::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -62,6 +65,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         QemuInstance::crd(),
         VirtualMachineCheckpoint::crd(),
         VirtualMachineBackup::crd(),
+        BackupRepository::crd(),
     ]
 }
 

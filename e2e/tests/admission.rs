@@ -30,6 +30,12 @@ fn backup(name: &str, spec: &str) -> String {
     )
 }
 
+fn repository(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: cairn.dev/v1alpha1\nkind: BackupRepository\nmetadata:\n  name: {name}\nspec:\n{spec}"
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn examples_apply_cleanly_and_twice_is_a_no_op() -> anyhow::Result<()> {
     let env = TestEnv::new("examples").await?;
@@ -89,7 +95,7 @@ async fn invalid_manifests_are_rejected_with_clear_messages() -> anyhow::Result<
         ("push backup without target", backup("b3", "  virtualMachine: vm1\n  mode: Push\n"), "mode Push needs target.directory"),
         ("push is the default and needs a target", backup("b4", "  virtualMachine: vm1\n"), "mode Push needs target.directory"),
         ("pull backup with a directory", backup("b5", &format!("  virtualMachine: vm1\n  mode: Pull\n{push}")), "mode Pull serves an NBD export"),
-        ("push backup with an nbd target", backup("b6", "  virtualMachine: vm1\n  target:\n    directory:\n      path: /b\n    nbd: {}\n"), "target takes either directory or nbd"),
+        ("push backup with an nbd target", backup("b6", "  virtualMachine: vm1\n  target:\n    directory:\n      path: /b\n    nbd: {}\n"), "target takes one of directory, nbd or repository"),
         ("negative TTL", backup("b7", &format!("  virtualMachine: vm1\n  ttlSecondsAfterFinished: -1\n{push}")), "should be greater than or equal to 0"),
         ("relative target path", backup("b8", "  virtualMachine: vm1\n  target:\n    directory:\n      path: backups/x\n"), "target.directory.path must be absolute"),
         ("target path escaping with ..", backup("b9", "  virtualMachine: vm1\n  target:\n    directory:\n      path: /backups/../etc\n"), "must not contain '..'"),
@@ -101,6 +107,16 @@ async fn invalid_manifests_are_rejected_with_clear_messages() -> anyhow::Result<
         ("tcp without TLS secret", backup("b15", "  virtualMachine: vm1\n  mode: Pull\n  target:\n    nbd:\n      tcp:\n        address: 127.0.0.1\n        port: 10809\n"), "tlsSecretName: Required value"),
         ("empty incremental base", backup("b16", &format!("  virtualMachine: vm1\n  incremental: \"\"\n{push}")), "spec.incremental in body should be at least 1 chars long"),
         ("bad checkpoint name", backup("b17", &format!("  virtualMachine: vm1\n  checkpoint:\n    name: Not_Valid\n{push}")), "spec.checkpoint.name in body should match"),
+        ("pull backup into a repository", backup("b18", "  virtualMachine: vm1\n  mode: Pull\n  target:\n    repository:\n      name: r\n"), "use mode Push"),
+        ("directory and repository targets", backup("b19", "  virtualMachine: vm1\n  target:\n    directory:\n      path: /b\n    repository:\n      name: r\n"), "target takes one of directory, nbd or repository"),
+        ("bad deletion policy", backup("b20", &format!("  virtualMachine: vm1\n  deletionPolicy: Shred\n{push}")), "supported values: \"Retain\", \"Delete\""),
+        ("repository with two storages", repository("r1", "  storage:\n    directory:\n      path: /r\n    s3:\n      endpoint: http://127.0.0.1:1\n      bucket: bkt\n      credentialsSecret: s\n"), "storage takes exactly one of s3 or directory"),
+        ("repository without storage", repository("r2", "  storage: {}\n"), "storage takes exactly one of s3 or directory"),
+        ("repository chunk size not a power of two", repository("r3", "  storage:\n    directory:\n      path: /r\n  chunkSize: 100000\n"), "chunkSize must be a power of two"),
+        ("repository chunk size too large", repository("r4", "  storage:\n    directory:\n      path: /r\n  chunkSize: 33554432\n"), "chunkSize must be a power of two"),
+        ("repository with a relative directory", repository("r5", "  storage:\n    directory:\n      path: r\n"), "storage.directory.path must be absolute"),
+        ("repository with a bad endpoint", repository("r6", "  storage:\n    s3:\n      endpoint: 127.0.0.1:1\n      bucket: bkt\n      credentialsSecret: s\n"), "endpoint must be an http:// or https:// URL"),
+        ("repository with a bad compression", repository("r7", "  storage:\n    directory:\n      path: /r\n  compression: lz4\n"), "supported values: \"zstd\", \"none\""),
         ("qemu instance with unknown field", "apiVersion: cairn.dev/v1alpha1\nkind: QemuInstance\nmetadata:\n  name: q1\nspec:\n  x: 1\n".to_string(), ".spec: field not declared in schema"),
     ];
     assert!(cases.len() >= 20);
@@ -149,6 +165,38 @@ async fn specs_are_immutable() -> anyhow::Result<()> {
         "spec is immutable",
     )
     .map_err(anyhow::Error::msg)?;
+    // A repository's storage, chunk size and encryption are fixed once made.
+    let name = env.namespace.clone();
+    let repo = |spec: &str| repository(&name, spec);
+    let dir = "  storage:\n    directory:\n      path: /r\n";
+    let (ok, _, err) = env.kubectl_stdin(
+        &["apply", "--server-side", "-f", "-"],
+        &repo(&format!("{dir}  chunkSize: 1048576\n")),
+    )?;
+    assert!(ok, "{err}");
+    for (case, spec, expect) in [
+        (
+            "change a repository's chunk size",
+            format!("{dir}  chunkSize: 2097152\n"),
+            "chunkSize is immutable",
+        ),
+        (
+            "move a repository",
+            "  storage:\n    directory:\n      path: /elsewhere\n  chunkSize: 1048576\n"
+                .to_string(),
+            "storage is immutable",
+        ),
+        (
+            "encrypt an unencrypted repository",
+            format!("{dir}  chunkSize: 1048576\n  encryption:\n    keySecret: k\n"),
+            "encryption cannot be switched",
+        ),
+    ] {
+        expect_rejected(&env, case, &repo(&spec), expect).map_err(anyhow::Error::msg)?;
+    }
+    env.kubectl(&["delete", "backuprepository", &name])
+        .output()?;
+
     // Labels and annotations stay mutable (the operator routes by label).
     let out = env
         .kubectl(&["label", "vmb", "b", "cairn.dev/node=node-1"])
