@@ -219,6 +219,8 @@ impl Drop for Inner {
 
 enum Outgoing {
     Request([u8; proto::REQUEST_HEADER_LEN]),
+    /// A request header followed by its payload (`NBD_CMD_WRITE`).
+    WithPayload([u8; proto::REQUEST_HEADER_LEN], Vec<u8>),
     Disconnect,
 }
 
@@ -254,6 +256,10 @@ enum PendingKind {
         status: BlockStatus,
         reply: oneshot::Sender<Result<BlockStatus, ClientError>>,
     },
+    /// A command whose reply carries no data (write, flush, cache).
+    Command {
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
 }
 
 impl Pending {
@@ -282,6 +288,12 @@ impl Pending {
                     None => Ok(status),
                 });
             }
+            PendingKind::Command { reply } => {
+                let _ = reply.send(match self.error {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                });
+            }
         }
     }
 
@@ -291,6 +303,9 @@ impl Pending {
                 let _ = reply.send(Err(error));
             }
             PendingKind::BlockStatus { reply, .. } => {
+                let _ = reply.send(Err(error));
+            }
+            PendingKind::Command { reply } => {
                 let _ = reply.send(Err(error));
             }
         }
@@ -395,6 +410,19 @@ impl Client {
         length: u32,
         pending: PendingKind,
     ) -> Result<(), ClientError> {
+        self.submit_with(kind, flags, offset, length, pending, None)
+    }
+
+    /// Like `submit`, with an optional payload sent after the header.
+    fn submit_with(
+        &self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        pending: PendingKind,
+        payload: Option<Vec<u8>>,
+    ) -> Result<(), ClientError> {
         let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
         {
             let mut table = self
@@ -422,7 +450,11 @@ impl Client {
             );
         }
         let header = proto::encode_request(flags, kind, cookie, offset, length);
-        if self.inner.outgoing.send(Outgoing::Request(header)).is_err() {
+        let message = match payload {
+            Some(data) => Outgoing::WithPayload(header, data),
+            None => Outgoing::Request(header),
+        };
+        if self.inner.outgoing.send(message).is_err() {
             let pending = self
                 .inner
                 .shared
@@ -468,6 +500,31 @@ impl Client {
             reply: tx,
         };
         self.submit(cmd::READ, 0, offset, length, pending)?;
+        rx.await
+            .map_err(|_| ClientError::Disconnected("the reader task has ended".into()))?
+    }
+
+    /// Writes `data` at `offset` (`NBD_CMD_WRITE`, at most the maximum
+    /// payload). A read-only export answers `EPERM`.
+    pub async fn write(&self, offset: u64, data: Vec<u8>) -> Result<(), ClientError> {
+        self.check_range(offset, data.len() as u64)?;
+        if data.len() > self.inner.info.max_payload as usize {
+            return Err(ClientError::InvalidRequest(format!(
+                "a write of {} bytes exceeds the maximum payload of {}",
+                data.len(),
+                self.inner.info.max_payload
+            )));
+        }
+        let (tx, rx) = oneshot::channel();
+        let length = data.len() as u32;
+        self.submit_with(
+            cmd::WRITE,
+            0,
+            offset,
+            length,
+            PendingKind::Command { reply: tx },
+            Some(data),
+        )?;
         rx.await
             .map_err(|_| ClientError::Disconnected("the reader task has ended".into()))?
     }
@@ -612,6 +669,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         while let Some(msg) = next.take() {
             match msg {
                 Outgoing::Request(h) => buf.extend_from_slice(&h),
+                Outgoing::WithPayload(h, data) => {
+                    buf.extend_from_slice(&h);
+                    buf.extend_from_slice(&data);
+                }
                 Outgoing::Disconnect => {
                     buf.extend_from_slice(&proto::encode_request(0, cmd::DISC, 0, 0, 0));
                     disconnect = true;
