@@ -341,3 +341,61 @@ async fn qemu_uses_the_export_as_a_backing_file() {
     server.shutdown.cancel();
     server.task.await.unwrap().unwrap();
 }
+
+/// Instant recovery as issue 11 describes it: QEMU runs on a local overlay
+/// backed by the export, and `block-stream` pulls everything into the overlay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_block_stream_pulls_the_export_into_an_overlay() {
+    use serde_json::json;
+    let dir = tempfile::tempdir().unwrap();
+    let src_path = dir.path().join("src.raw");
+    let image = make_source(&src_path);
+    let sock = dir.path().join("srv.sock");
+    let server = start(&sock, &src_path);
+    wait_for_socket(&sock);
+
+    let overlay = dir.path().join("overlay.qcow2");
+    let ov = overlay.to_str().unwrap().to_string();
+    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", &uri(&sock, "good"), "-F", "raw", &ov]).await;
+
+    let qmp_sock = dir.path().join("qmp.sock");
+    let child = std::process::Command::new("qemu-system-x86_64")
+        .args(["-nodefaults", "-machine", "none", "-display", "none", "-qmp"])
+        .arg(format!("unix:{},server=on,wait=off", qmp_sock.display()))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("cannot start qemu-system-x86_64");
+    let _qemu = KillOnDrop(child);
+    wait_for_socket(&qmp_sock);
+    let mut qmp = Qmp::connect(&qmp_sock).await;
+    qmp.execute(
+        "blockdev-add",
+        json!({ "driver": "qcow2", "node-name": "ov", "file": { "driver": "file", "filename": ov } }),
+    )
+    .await;
+    qmp.execute("block-stream", json!({ "job-id": "pull", "device": "ov", "auto-dismiss": false }))
+        .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let jobs = qmp.execute("query-jobs", json!({})).await;
+        let job = &jobs.as_array().unwrap()[0];
+        if job["status"] == "concluded" {
+            assert!(job.get("error").is_none(), "block-stream failed: {job}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "block-stream did not finish: {job}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    qmp.execute("job-dismiss", json!({ "id": "pull" })).await;
+    qmp.execute("blockdev-del", json!({ "node-name": "ov" })).await;
+    qmp.execute("quit", json!({})).await;
+
+    // The export is no longer needed: stop it, and the overlay stands alone.
+    server.shutdown.cancel();
+    server.task.await.unwrap().unwrap();
+    let info = run_ok("qemu-img", &["info", "-U", &ov]).await;
+    assert!(!info.contains("backing file"), "{info}");
+    let out = dir.path().join("streamed.raw");
+    run_ok("qemu-img", &["convert", "-O", "raw", &ov, out.to_str().unwrap()]).await;
+    assert!(std::fs::read(&out).unwrap() == image, "the streamed overlay differs from the source");
+}
