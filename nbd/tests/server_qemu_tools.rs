@@ -356,11 +356,32 @@ async fn qemu_block_stream_pulls_the_export_into_an_overlay() {
 
     let overlay = dir.path().join("overlay.qcow2");
     let ov = overlay.to_str().unwrap().to_string();
-    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", &uri(&sock, "good"), "-F", "raw", &ov]).await;
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &uri(&sock, "good"),
+            "-F",
+            "raw",
+            &ov,
+        ],
+    )
+    .await;
 
     let qmp_sock = dir.path().join("qmp.sock");
     let child = std::process::Command::new("qemu-system-x86_64")
-        .args(["-nodefaults", "-machine", "none", "-display", "none", "-qmp"])
+        .args([
+            "-nodefaults",
+            "-machine",
+            "none",
+            "-display",
+            "none",
+            "-qmp",
+        ])
         .arg(format!("unix:{},server=on,wait=off", qmp_sock.display()))
         .stdout(std::process::Stdio::null())
         .spawn()
@@ -373,8 +394,11 @@ async fn qemu_block_stream_pulls_the_export_into_an_overlay() {
         json!({ "driver": "qcow2", "node-name": "ov", "file": { "driver": "file", "filename": ov } }),
     )
     .await;
-    qmp.execute("block-stream", json!({ "job-id": "pull", "device": "ov", "auto-dismiss": false }))
-        .await;
+    qmp.execute(
+        "block-stream",
+        json!({ "job-id": "pull", "device": "ov", "auto-dismiss": false }),
+    )
+    .await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let jobs = qmp.execute("query-jobs", json!({})).await;
@@ -383,11 +407,15 @@ async fn qemu_block_stream_pulls_the_export_into_an_overlay() {
             assert!(job.get("error").is_none(), "block-stream failed: {job}");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "block-stream did not finish: {job}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "block-stream did not finish: {job}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     qmp.execute("job-dismiss", json!({ "id": "pull" })).await;
-    qmp.execute("blockdev-del", json!({ "node-name": "ov" })).await;
+    qmp.execute("blockdev-del", json!({ "node-name": "ov" }))
+        .await;
     qmp.execute("quit", json!({})).await;
 
     // The export is no longer needed: stop it, and the overlay stands alone.
@@ -396,6 +424,13 @@ async fn qemu_block_stream_pulls_the_export_into_an_overlay() {
     let info = run_ok("qemu-img", &["info", "-U", &ov]).await;
     assert!(!info.contains("backing file"), "{info}");
     let out = dir.path().join("streamed.raw");
-    run_ok("qemu-img", &["convert", "-O", "raw", &ov, out.to_str().unwrap()]).await;
-    assert!(std::fs::read(&out).unwrap() == image, "the streamed overlay differs from the source");
+    run_ok(
+        "qemu-img",
+        &["convert", "-O", "raw", &ov, out.to_str().unwrap()],
+    )
+    .await;
+    assert!(
+        std::fs::read(&out).unwrap() == image,
+        "the streamed overlay differs from the source"
+    );
 }
