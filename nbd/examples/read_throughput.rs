@@ -3,7 +3,7 @@
 //! the same run.
 //!
 //! ```text
-//! cargo run --release -p cairn-nbd --example read_throughput -- [size_gib=2] [in_flight=16] [request_mib=2] [rounds=3]
+//! cargo run --release -p cairn-nbd --example read_throughput -- [size_gib=2] [in_flight=16] [request_kib=2048] [rounds=3]
 //! ```
 //!
 //! It writes a raw image of pseudo-random data (no zeroes, so nothing is sent
@@ -104,7 +104,7 @@ fn mibs(size: u64, d: Duration) -> f64 {
 async fn main() {
     let size = arg("size_gib", 2) * 1024 * MIB;
     let in_flight = arg("in_flight", 16);
-    let request = arg("request_mib", 2) * MIB;
+    let request = arg("request_kib", 2048) * 1024;
     let rounds = arg("rounds", 3);
 
     let dir = tempfile::tempdir().unwrap();
@@ -145,9 +145,9 @@ async fn main() {
     let _ = server.wait();
 
     println!(
-        "export {} MiB, {in_flight} requests in flight of {} MiB, {rounds} rounds (MiB/s: median [min–max])",
+        "export {} MiB, {in_flight} requests in flight of {} KiB, {rounds} rounds (MiB/s: median [min–max])",
         size / MIB,
-        request / MIB
+        request / 1024
     );
     for (name, mut times) in results {
         times.sort();

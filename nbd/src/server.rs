@@ -300,6 +300,18 @@ fn parse_meta_request(data: &[u8]) -> Option<(String, Vec<String>)> {
     (c.remaining() == 0).then_some((name, queries))
 }
 
+impl<S> ServerInner<S> {
+    /// The export called `name`; the empty name (the client's "default
+    /// export") selects the only export when there is exactly one.
+    fn lookup(&self, name: &str) -> Option<&Export<S>> {
+        match self.exports.get(name) {
+            Some(e) => Some(e),
+            None if name.is_empty() && self.exports.len() == 1 => self.exports.values().next(),
+            None => None,
+        }
+    }
+}
+
 /// Runs option haggling; `Ok(None)` when the client aborted.
 async fn negotiate<S: BlockSource, R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     server: &ServerInner<S>,
@@ -340,7 +352,7 @@ async fn negotiate<S: BlockSource, R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         match option {
             opt::EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
-                let Some(export) = server.exports.get(&name) else {
+                let Some(export) = server.lookup(&name) else {
                     // No way to report an error here: a hard disconnect.
                     return Err(ConnectionError::Protocol(format!(
                         "NBD_OPT_EXPORT_NAME for unknown export {name:?}"
@@ -355,7 +367,7 @@ async fn negotiate<S: BlockSource, R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 w.flush().await?;
                 let base_allocation = matches!(&meta, Some((n, true)) if *n == name);
                 return Ok(Some(Session {
-                    name,
+                    name: export.name.clone(),
                     source: export.source.clone(),
                     structured,
                     base_allocation,
@@ -387,7 +399,7 @@ async fn negotiate<S: BlockSource, R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     w.flush().await?;
                     continue;
                 };
-                let Some(export) = server.exports.get(&name) else {
+                let Some(export) = server.lookup(&name) else {
                     let msg = format!("no export named {name:?}");
                     option_reply(w, option, rep::ERR_UNKNOWN, msg.as_bytes()).await?;
                     w.flush().await?;
@@ -404,7 +416,7 @@ async fn negotiate<S: BlockSource, R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 payload.extend_from_slice(&PREFERRED_BLOCK.to_be_bytes());
                 payload.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
                 option_reply(w, option, rep::INFO, &payload).await?;
-                if requests.contains(&info_type::NAME) {
+                if requests.contains(&info_type::NAME) || name != export.name {
                     let mut payload = info_type::NAME.to_be_bytes().to_vec();
                     payload.extend_from_slice(export.name.as_bytes());
                     option_reply(w, option, rep::INFO, &payload).await?;
@@ -419,7 +431,7 @@ async fn negotiate<S: BlockSource, R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 if option == opt::GO {
                     let base_allocation = matches!(&meta, Some((n, true)) if *n == name);
                     return Ok(Some(Session {
-                        name,
+                        name: export.name.clone(),
                         source: export.source.clone(),
                         structured,
                         base_allocation,
@@ -460,7 +472,7 @@ async fn negotiate<S: BlockSource, R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     w.flush().await?;
                     continue;
                 };
-                if !server.exports.contains_key(&name) {
+                if server.lookup(&name).is_none() {
                     let msg = format!("no export named {name:?}");
                     option_reply(w, option, rep::ERR_UNKNOWN, msg.as_bytes()).await?;
                     w.flush().await?;

@@ -99,6 +99,13 @@ async fn handshake_refusals_are_clear() {
         "{err}"
     );
 
+    // The empty name selects the only export.
+    let default = Client::connect_unix(&sock, &ConnectOptions::new(""))
+        .await
+        .unwrap();
+    assert_eq!(default.size(), 16 << 20);
+    drop(default);
+
     // The SlowSource reports everything as data: one extent over the whole export.
     let client = Client::connect_unix(
         &sock,
