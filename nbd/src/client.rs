@@ -18,6 +18,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::BytesMut;
 use futures::future::try_join_all;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, ToSocketAddrs, UnixStream};
@@ -248,7 +249,8 @@ struct Pending {
 
 enum PendingKind {
     Read {
-        buf: Vec<u8>,
+        /// Filled front to back; chunks in order append without zeroing first.
+        buf: BytesMut,
         covered: u64,
         reply: oneshot::Sender<Result<Vec<u8>, ClientError>>,
     },
@@ -278,7 +280,12 @@ impl Pending {
                             self.length, self.offset
                         )))
                     }
-                    None => Ok(buf),
+                    None => {
+                        let mut buf = buf;
+                        // Out-of-order chunks can leave the length short of the end.
+                        buf.resize(self.length as usize, 0);
+                        Ok(Vec::from(buf))
+                    }
                 };
                 let _ = reply.send(result);
             }
@@ -495,7 +502,7 @@ impl Client {
         }
         let (tx, rx) = oneshot::channel();
         let pending = PendingKind::Read {
-            buf: vec![0; length as usize],
+            buf: BytesMut::with_capacity(length as usize),
             covered: 0,
             reply: tx,
         };
@@ -790,8 +797,9 @@ async fn read_replies<R: AsyncRead + Unpin>(
                         offset: None,
                     });
                 } else if let PendingKind::Read { buf, covered, .. } = &mut pending.kind {
-                    read.read_exact(buf).await?;
-                    *covered = buf.len() as u64;
+                    let n = pending.length as usize;
+                    read_into(read, buf, 0, n).await?;
+                    *covered = n as u64;
                 }
                 finish(shared, cookie, pending, true);
             }
@@ -811,6 +819,35 @@ async fn read_replies<R: AsyncRead + Unpin>(
             }
         }
     }
+}
+
+/// Reads `n` bytes from the stream into `buf[at..at + n]`: appended straight
+/// into spare capacity when `at` is the current end (the usual, in-order
+/// case), otherwise into a zero-filled region.
+async fn read_into<R: AsyncRead + Unpin>(
+    read: &mut R,
+    buf: &mut BytesMut,
+    at: usize,
+    n: usize,
+) -> io::Result<()> {
+    if at < buf.len() {
+        let end = at + n;
+        if end > buf.len() {
+            buf.resize(end, 0);
+        }
+        return read.read_exact(&mut buf[at..end]).await.map(|_| ());
+    }
+    buf.resize(at, 0);
+    buf.reserve(n);
+    let mut left = n as u64;
+    while left > 0 {
+        let got = read.take(left).read_buf(buf).await?;
+        if got == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        left -= got as u64;
+    }
+    Ok(())
 }
 
 async fn read_payload<R: AsyncRead + Unpin>(
@@ -854,8 +891,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(
                 return Err(bad("an OFFSET_DATA chunk lay outside its read request"));
             }
             let at = (offset - req_start) as usize;
-            read.read_exact(&mut buf[at..at + data_len as usize])
-                .await?;
+            read_into(read, buf, at, data_len as usize).await?;
             *covered += data_len;
         }
         (reply::OFFSET_HOLE, PendingKind::Read { buf, covered, .. }) => {
@@ -867,8 +903,16 @@ async fn read_chunk<R: AsyncRead + Unpin>(
             if hole == 0 || offset < req_start || offset + hole > req_end {
                 return Err(bad("an OFFSET_HOLE chunk lay outside its read request"));
             }
-            let at = (offset - req_start) as usize;
-            buf[at..at + hole as usize].fill(0);
+            let (at, end) = (
+                (offset - req_start) as usize,
+                (offset - req_start + hole) as usize,
+            );
+            if end > buf.len() {
+                buf.truncate(at.min(buf.len()));
+                buf.resize(end, 0);
+            } else {
+                buf[at..end].fill(0);
+            }
             *covered += hole;
         }
         (reply::BLOCK_STATUS, PendingKind::BlockStatus { status, .. }) => {
@@ -1194,4 +1238,125 @@ pub async fn list_exports_unix(path: impl AsRef<Path>) -> Result<Vec<ListedExpor
     // The server may or may not answer NBD_OPT_ABORT before closing.
     let _ = read_option_reply(&mut r, opt::ABORT).await;
     Ok(exports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending_read(
+        offset: u64,
+        length: u32,
+    ) -> (Pending, oneshot::Receiver<Result<Vec<u8>, ClientError>>) {
+        let (tx, rx) = oneshot::channel();
+        let pending = Pending {
+            offset,
+            length,
+            error: None,
+            kind: PendingKind::Read {
+                buf: BytesMut::with_capacity(length as usize),
+                covered: 0,
+                reply: tx,
+            },
+        };
+        (pending, rx)
+    }
+
+    fn data_chunk(offset: u64, data: &[u8]) -> Vec<u8> {
+        let mut v = offset.to_be_bytes().to_vec();
+        v.extend_from_slice(data);
+        v
+    }
+
+    fn hole_chunk(offset: u64, len: u32) -> Vec<u8> {
+        let mut v = offset.to_be_bytes().to_vec();
+        v.extend_from_slice(&len.to_be_bytes());
+        v
+    }
+
+    #[tokio::test]
+    async fn read_chunks_reassemble_in_any_order() {
+        let contexts = HashMap::new();
+        let (mut p, rx) = pending_read(100, 12);
+        // A hole at the end, then data at the start, then data in the middle.
+        for (kind, payload) in [
+            (reply::OFFSET_HOLE, hole_chunk(108, 4)),
+            (reply::OFFSET_DATA, data_chunk(100, b"abcd")),
+            (reply::OFFSET_DATA, data_chunk(104, b"efgh")),
+        ] {
+            let mut r: &[u8] = &payload;
+            read_chunk(&mut r, &mut p, kind, payload.len() as u32, &contexts)
+                .await
+                .unwrap();
+        }
+        p.complete();
+        assert_eq!(rx.await.unwrap().unwrap(), b"abcdefgh\0\0\0\0");
+    }
+
+    #[tokio::test]
+    async fn read_chunks_outside_the_request_are_refused() {
+        let contexts = HashMap::new();
+        let (mut p, _rx) = pending_read(100, 8);
+        let payload = data_chunk(104, b"too long");
+        let mut r: &[u8] = &payload;
+        let err = read_chunk(
+            &mut r,
+            &mut p,
+            reply::OFFSET_DATA,
+            payload.len() as u32,
+            &contexts,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ClientError::Protocol(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn short_replies_and_error_chunks_fail_the_read() {
+        let contexts = HashMap::new();
+        let (mut p, rx) = pending_read(0, 8);
+        let payload = data_chunk(0, b"abcd");
+        let mut r: &[u8] = &payload;
+        read_chunk(
+            &mut r,
+            &mut p,
+            reply::OFFSET_DATA,
+            payload.len() as u32,
+            &contexts,
+        )
+        .await
+        .unwrap();
+        p.complete();
+        assert!(matches!(rx.await.unwrap(), Err(ClientError::Protocol(_))));
+
+        let (mut p, rx) = pending_read(0, 8);
+        let mut payload = proto::errno::EIO.to_be_bytes().to_vec();
+        payload.extend_from_slice(&4u16.to_be_bytes());
+        payload.extend_from_slice(b"oops");
+        payload.extend_from_slice(&2u64.to_be_bytes());
+        let mut r: &[u8] = &payload;
+        read_chunk(
+            &mut r,
+            &mut p,
+            reply::ERROR_OFFSET,
+            payload.len() as u32,
+            &contexts,
+        )
+        .await
+        .unwrap();
+        p.complete();
+        match rx.await.unwrap() {
+            Err(ClientError::Request {
+                errno,
+                message,
+                offset,
+            }) => {
+                assert_eq!(
+                    (errno, message.as_str(), offset),
+                    (proto::errno::EIO, "oops", Some(2))
+                );
+            }
+            other => panic!("expected an EIO, got {other:?}"),
+        }
+    }
 }
