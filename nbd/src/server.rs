@@ -204,6 +204,8 @@ impl<S: BlockSource> Server<S> {
         shutdown: CancellationToken,
     ) -> Result<(), ServerError> {
         let mut connections = JoinSet::new();
+        // Connections stop with the caller's token, or when accepting fails.
+        let stop = shutdown.child_token();
         let result = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
@@ -211,7 +213,7 @@ impl<S: BlockSource> Server<S> {
                     Ok((stream, _)) => {
                         let (r, w) = stream.into_split();
                         let server = self.clone();
-                        let token = shutdown.clone();
+                        let token = stop.clone();
                         connections.spawn(async move { server.serve_connection(r, w, token).await });
                     }
                     Err(e) => break Err(ServerError::Accept(e)),
@@ -220,7 +222,7 @@ impl<S: BlockSource> Server<S> {
             }
         };
         if result.is_err() {
-            shutdown.cancel();
+            stop.cancel();
         }
         while connections.join_next().await.is_some() {}
         result
