@@ -22,4 +22,4 @@ pub use client::{
     BlockStatus, Client, ClientError, ConnectOptions, ExportInfo, ListedExport, MetaContext,
 };
 pub use proto::{BASE_ALLOCATION, Extent, qemu_dirty_bitmap_context};
-pub use server::{BlockSource, Export, FileSource, Server, ServerError};
+pub use server::{BlockSource, FileSource, Server, ServerError};

@@ -94,7 +94,7 @@ enum ConnectionError {
 
 /// One export: a name, an optional description and its source.
 #[derive(Debug)]
-pub struct Export<S> {
+struct Export<S> {
     /// Name clients select it by (the path part of an `nbd+unix:///NAME` URI).
     pub name: String,
     /// Shown by `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`.
