@@ -1066,6 +1066,11 @@ fn helm_install(env: &TestEnv, helm: &Helm, release: &str, extra: &[&str]) -> Re
         // The harness installed the same CRDs already (byte-identical, see above).
         "--skip-crds",
     ];
+    // The tests share one API server, where every release's policy would refuse
+    // the others' operators: only the test that asks for it installs one.
+    if !extra.iter().any(|a| a.contains("admissionPolicy")) {
+        args.extend_from_slice(&["--set", "admissionPolicy.enabled=false"]);
+    }
     args.extend_from_slice(extra);
     let out = helm.run(&args)?;
     ensure!(out.status.success(), "helm install: {}", text(&out));
@@ -1172,7 +1177,11 @@ async fn helm_install_upgrade_and_uninstall_with_least_privilege_service_account
         (&agent, "watch", "virtualmachinecheckpoints.cairn.dev", true),
         (&agent, "create", "events.events.k8s.io", true),
         (&agent, "delete", "secrets", false),
-        (&agent, "get", "secrets", false),
+        // Repository credentials: readable in the release namespace only.
+        (&agent, "get", "secrets", true),
+        (&agent, "list", "secrets", false),
+        (&agent, "get", "backuprepositories.cairn.dev", true),
+        (&agent, "patch", "backuprepositories.cairn.dev", false),
         (
             &agent,
             "create",
@@ -1207,7 +1216,15 @@ async fn helm_install_upgrade_and_uninstall_with_least_privilege_service_account
         (&operator, "patch", "qemuinstances.cairn.dev", false),
         (&operator, "patch", "qemuinstances.cairn.dev#status", false),
         (&agent, "delete", "qemuinstances.cairn.dev#status", false),
-        (&operator, "get", "secrets", false),
+        (&operator, "get", "secrets", true),
+        (&operator, "list", "secrets", false),
+        (
+            &operator,
+            "patch",
+            "backuprepositories.cairn.dev#status",
+            true,
+        ),
+        (&operator, "patch", "backuprepositories.cairn.dev", false),
         (&operator, "create", "leases.coordination.k8s.io", true),
         (
             &operator,
@@ -1641,7 +1658,12 @@ async fn backup_path_works_under_the_charts_rbac() -> Result<()> {
     let tenant = TestEnv::on(env.cp, "chart-tenant").await?;
     let helm = Helm::new(&env.cp.tools)?;
     let release = release_name(&env);
-    helm_install(&env, &helm, &release, &[])?;
+    helm_install(
+        &env,
+        &helm,
+        &release,
+        &["--set", "admissionPolicy.enabled=true"],
+    )?;
     tokio::task::spawn_blocking(cairn_e2e::harness::build_binaries).await??;
 
     let dir = std::env::temp_dir().join(format!("cairn-chart-rbac-{}", std::process::id()));
@@ -1735,6 +1757,35 @@ async fn backup_path_works_under_the_charts_rbac() -> Result<()> {
             scenario::restore(&target, "inc", &out.path().join("inc.raw"))?,
             model.sha256()
         );
+
+        // Only the release's own service accounts may write cairn.dev/ metadata:
+        // the admin (and so any tenant) is refused by the chart's policy.
+        wait_until(
+            "the chart's admission policy refuses cairn.dev/ labels",
+            Duration::from_secs(30),
+            || {
+                let out = tenant
+                    .kubectl(&[
+                        "label",
+                        "vmcp",
+                        "c1",
+                        "cairn.dev/node=elsewhere",
+                        "--overwrite",
+                    ])
+                    .output()?;
+                Ok(!out.status.success() && text(&out).contains("set by Cairn only"))
+            },
+        )?;
+        let routed = tenant
+            .kubectl(&[
+                "get",
+                "vmcp",
+                "c1",
+                "-o",
+                "jsonpath={.metadata.labels.cairn\\.dev/node}",
+            ])
+            .output()?;
+        assert_eq!(String::from_utf8_lossy(&routed.stdout), "node-rbac");
 
         // Deletion goes through the finalizer handshake under the same RBAC.
         let del = tenant

@@ -127,6 +127,43 @@ pub fn validate_backup(
     Verdict::Route { node }
 }
 
+/// A repository target's check ([`crate::repository::check_target`]) with
+/// the repository and the namespace's labels read from the API server (only
+/// for backups into a repository, once, before routing).
+async fn check_repository(
+    ctx: &Context,
+    namespace: &str,
+    backup: &VirtualMachineBackup,
+) -> Result<Option<Rejection>> {
+    let Some(name) = backup
+        .spec
+        .target
+        .as_ref()
+        .and_then(|t| t.repository.as_ref())
+        .map(|r| r.name.clone())
+    else {
+        return Ok(None);
+    };
+    let repos: kube::Api<cairn_api::BackupRepository> = kube::Api::all(ctx.client.clone());
+    let repo = repos
+        .get_opt(&name)
+        .await
+        .map_err(Error::kube(format!("reading BackupRepository {name}")))?;
+    let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
+        kube::Api::all(ctx.client.clone());
+    let labels = namespaces
+        .get_opt(namespace)
+        .await
+        .map_err(Error::kube(format!("reading namespace {namespace}")))?
+        .map(|n| n.labels().clone())
+        .unwrap_or_default();
+    Ok(crate::repository::check_target(
+        backup,
+        repo.as_ref(),
+        &labels,
+    ))
+}
+
 /// Whether `checkpoint` was created by `backup`.
 pub fn created_by(checkpoint: &VirtualMachineCheckpoint, backup: &VirtualMachineBackup) -> bool {
     checkpoint.labels().get(CREATED_BY_BACKUP_LABEL) == Some(&backup.name_any())
@@ -436,6 +473,11 @@ pub async fn reconcile(backup: Arc<VirtualMachineBackup>, ctx: Arc<Context>) -> 
         base.as_deref(),
         existing.as_deref(),
     );
+    if matches!(verdict, Verdict::Route { .. })
+        && let Some(rejection) = check_repository(&ctx, &namespace, &backup).await?
+    {
+        verdict = Verdict::Reject(rejection);
+    }
 
     // 5. plan
     let mut plan = plan_backup(&backup, &verdict, Timestamp::now());

@@ -28,6 +28,7 @@ pub mod context;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod repository;
 pub mod routing;
 
 use std::collections::{HashMap, HashSet};
