@@ -252,7 +252,12 @@ impl Keys {
     }
 
     /// Opens an envelope made by [`Keys::seal`], authenticating it.
-    pub fn open(&self, kind: ObjectKind, sealed: &[u8], aad: &[u8]) -> Result<Vec<u8>, FormatError> {
+    pub fn open(
+        &self,
+        kind: ObjectKind,
+        sealed: &[u8],
+        aad: &[u8],
+    ) -> Result<Vec<u8>, FormatError> {
         if sealed.len() < HEADER_LEN {
             return Err(FormatError::Truncated);
         }
@@ -447,7 +452,9 @@ impl DiskIndex {
         let size = u64::from_le_bytes(data[..8].try_into().expect("8"));
         let chunk_size = u32::from_le_bytes(data[8..12].try_into().expect("4"));
         let n = u64::from_le_bytes(data[16..24].try_into().expect("8")) as usize;
-        if chunk_size == 0 || data.len() != 24 + n * 32 || n as u64 != size.div_ceil(chunk_size as u64)
+        if chunk_size == 0
+            || data.len() != 24 + n * 32
+            || n as u64 != size.div_ceil(chunk_size as u64)
         {
             return Err(FormatError::Malformed(
                 "the disk index's size, chunk size and chunk count disagree".into(),

@@ -175,7 +175,11 @@ impl std::fmt::Debug for SnapshotWriter {
 }
 
 fn new_snapshot_id(time: DateTime<Utc>) -> SnapshotId {
-    format!("{}-{}", time.format("%Y%m%dT%H%M%SZ"), &format::random_id()[..8])
+    format!(
+        "{}-{}",
+        time.format("%Y%m%dT%H%M%SZ"),
+        &format::random_id()[..8]
+    )
 }
 
 fn overlaps(dirty: &[Extent], range: Range<u64>) -> bool {
@@ -290,7 +294,9 @@ impl SnapshotWriter {
         dirty: Option<&[Extent]>,
     ) -> Result<(), RepoError> {
         if self.disks.iter().any(|(d, _)| d.name == name) {
-            return Err(RepoError::InvalidRequest(format!("the disk {name:?} was added twice")));
+            return Err(RepoError::InvalidRequest(format!(
+                "the disk {name:?} was added twice"
+            )));
         }
         let cs = self.repo.chunk_size() as u64;
         let n = size.div_ceil(cs) as usize;
@@ -328,57 +334,63 @@ impl SnapshotWriter {
                 None => to_read.push(i),
             }
         }
-        tracing::debug!(disk = name, chunks = n, reading = to_read.len(), "ingesting disk");
+        tracing::debug!(
+            disk = name,
+            chunks = n,
+            reading = to_read.len(),
+            "ingesting disk"
+        );
         let compression = self.repo.config.compression;
         let keys = self.repo.keys.clone();
         let ns_key = self.ns_key;
         let known = self.known.clone();
         let counters = self.counters.clone();
         let disk_name = name.to_owned();
-        let mut results = futures::stream::iter(to_read)
-            .map(|i| {
-                let keys = keys.clone();
-                let known = known.clone();
-                let counters = counters.clone();
-                let disk_name = disk_name.clone();
-                async move {
-                    let offset = i as u64 * cs;
-                    let len = (size - offset).min(cs) as usize;
-                    let data = source.read_at(offset, len).await.map_err(|source| {
-                        RepoError::Source {
-                            disk: disk_name.clone(),
-                            offset,
-                            source,
+        let mut results =
+            futures::stream::iter(to_read)
+                .map(|i| {
+                    let keys = keys.clone();
+                    let known = known.clone();
+                    let counters = counters.clone();
+                    let disk_name = disk_name.clone();
+                    async move {
+                        let offset = i as u64 * cs;
+                        let len = (size - offset).min(cs) as usize;
+                        let data = source.read_at(offset, len).await.map_err(|source| {
+                            RepoError::Source {
+                                disk: disk_name.clone(),
+                                offset,
+                                source,
+                            }
+                        })?;
+                        if data.len() != len {
+                            return Err(RepoError::Source {
+                                disk: disk_name,
+                                offset,
+                                source: std::io::Error::new(
+                                    std::io::ErrorKind::UnexpectedEof,
+                                    format!("the source returned {} of {len} bytes", data.len()),
+                                ),
+                            });
                         }
-                    })?;
-                    if data.len() != len {
-                        return Err(RepoError::Source {
-                            disk: disk_name,
-                            offset,
-                            source: std::io::Error::new(
-                                std::io::ErrorKind::UnexpectedEof,
-                                format!("the source returned {} of {len} bytes", data.len()),
-                            ),
-                        });
+                        counters.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+                        let outcome = tokio::task::spawn_blocking(move || {
+                            if data.iter().all(|&b| b == 0) {
+                                return ChunkOutcome::Zero;
+                            }
+                            let id = ns_key.chunk_id(&data);
+                            if !known.lock().expect("known set").insert(id) {
+                                return ChunkOutcome::Reused(id);
+                            }
+                            let sealed = keys.seal(ObjectKind::Chunk, &data, compression, &id.0);
+                            ChunkOutcome::New(id, sealed, data.len() as u32)
+                        })
+                        .await
+                        .map_err(|e| RepoError::Task(e.to_string()))?;
+                        Ok::<_, RepoError>((i, outcome))
                     }
-                    counters.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
-                    let outcome = tokio::task::spawn_blocking(move || {
-                        if data.iter().all(|&b| b == 0) {
-                            return ChunkOutcome::Zero;
-                        }
-                        let id = ns_key.chunk_id(&data);
-                        if !known.lock().expect("known set").insert(id) {
-                            return ChunkOutcome::Reused(id);
-                        }
-                        let sealed = keys.seal(ObjectKind::Chunk, &data, compression, &id.0);
-                        ChunkOutcome::New(id, sealed, data.len() as u32)
-                    })
-                    .await
-                    .map_err(|e| RepoError::Task(e.to_string()))?;
-                    Ok::<_, RepoError>((i, outcome))
-                }
-            })
-            .buffered(self.options.read_ahead.max(1));
+                })
+                .buffered(self.options.read_ahead.max(1));
         while let Some(r) = results.next().await {
             let (i, outcome) = r?;
             match outcome {
@@ -473,7 +485,9 @@ impl SnapshotWriter {
         self.uploads.spawn(async move {
             let pack_len = pack.data.len() as u64;
             // Pack first, then its index: an index never names a missing pack.
-            storage.put_new(&format::pack_key(&pack_id), pack.data).await?;
+            storage
+                .put_new(&format::pack_key(&pack_id), pack.data)
+                .await?;
             let index_len = sealed_entries.len() as u64;
             storage
                 .put_new(&format::pack_index_key(&pack_id), sealed_entries)
@@ -492,7 +506,9 @@ impl SnapshotWriter {
     /// the lock.
     pub async fn commit(mut self) -> Result<Manifest, RepoError> {
         if self.disks.is_empty() {
-            return Err(RepoError::InvalidRequest("a snapshot needs at least one disk".into()));
+            return Err(RepoError::InvalidRequest(
+                "a snapshot needs at least one disk".into(),
+            ));
         }
         self.flush_pack().await?;
         self.drain_uploads(0).await?;
@@ -500,7 +516,9 @@ impl SnapshotWriter {
         for (d, sealed) in std::mem::take(&mut self.disks) {
             let len = sealed.len() as u64;
             storage.put_new(&d.index, sealed).await?;
-            self.counters.bytes_uploaded.fetch_add(len, Ordering::Relaxed);
+            self.counters
+                .bytes_uploaded
+                .fetch_add(len, Ordering::Relaxed);
             self.disks.push((d, Vec::new()));
         }
         let manifest = Manifest {
@@ -518,8 +536,12 @@ impl SnapshotWriter {
         };
         let sealed = self.repo.seal_json(ObjectKind::Manifest, &manifest);
         let len = sealed.len() as u64;
-        storage.put_new(&format::manifest_key(&self.id), sealed).await?;
-        self.counters.bytes_uploaded.fetch_add(len, Ordering::Relaxed);
+        storage
+            .put_new(&format::manifest_key(&self.id), sealed)
+            .await?;
+        self.counters
+            .bytes_uploaded
+            .fetch_add(len, Ordering::Relaxed);
         self.report();
         if let Err(e) = storage.delete(&format::lock_key(&self.lock_id)).await {
             tracing::warn!(error = %e, "removing the ingest lock failed; it expires by itself");
@@ -554,6 +576,12 @@ mod tests {
         assert!(!overlaps(&d, 0..100));
         assert!(overlaps(&d, 109..200));
         assert!(!overlaps(&d, 110..200));
-        assert!(!overlaps(&[Extent { offset: 5, length: 0 }], 0..10));
+        assert!(!overlaps(
+            &[Extent {
+                offset: 5,
+                length: 0
+            }],
+            0..10
+        ));
     }
 }

@@ -25,9 +25,9 @@ pub use ingest::{
     DiskSource, Extent, IngestOptions, IngestProgress, ProgressFn, SnapshotSpec, SnapshotWriter,
 };
 pub use maintenance::{GcOptions, GcReport, VerifyProblem, VerifyReport};
-pub use reader::{restore_disk, DiskReader, OutputFormat, RestoreReport};
+pub use reader::{DiskReader, OutputFormat, RestoreReport, restore_disk};
 pub use repo::{
-    CheckpointRef, DiskManifest, InitOptions, Manifest, RepoError, Repository, RepositoryKey,
-    RepositoryStats, SnapshotId, DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE,
+    CheckpointRef, DEFAULT_CHUNK_SIZE, DEFAULT_PACK_SIZE, DiskManifest, InitOptions, Manifest,
+    RepoError, Repository, RepositoryKey, RepositoryStats, SnapshotId,
 };
 pub use storage::{S3Config, Storage, StorageConfig, StorageError};

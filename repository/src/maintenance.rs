@@ -17,7 +17,7 @@
 //! (interrupted commits), index objects whose pack is gone, and stale locks.
 
 use crate::format::{self, ChunkId, ObjectKind};
-use crate::reader::{fetch_chunk, ChunkFault};
+use crate::reader::{ChunkFault, fetch_chunk};
 use crate::repo::{RepoError, Repository, SnapshotId};
 use crate::storage::StorageError;
 use chrono::{DateTime, Utc};
@@ -88,7 +88,10 @@ pub(crate) async fn read_condemned(
 ) -> Result<Vec<(String, CondemnedRecord)>, RepoError> {
     let mut out = Vec::new();
     for o in repo.storage.list("gc").await? {
-        match repo.get_json::<CondemnedRecord>(&o.key, ObjectKind::Condemned).await {
+        match repo
+            .get_json::<CondemnedRecord>(&o.key, ObjectKind::Condemned)
+            .await
+        {
             Ok(r) => out.push((o.key, r)),
             Err(RepoError::Storage(StorageError::NotFound { .. })) => {}
             Err(e) => return Err(e),
@@ -250,7 +253,9 @@ impl Repository {
                     time: record.time,
                     packs: remaining,
                 };
-                self.storage.put(&key, self.seal_json(ObjectKind::Condemned, &r)).await?;
+                self.storage
+                    .put(&key, self.seal_json(ObjectKind::Condemned, &r))
+                    .await?;
             }
         }
         // Orphans: index objects without a pack, unfinished snapshots, stale locks.
@@ -282,7 +287,10 @@ impl Repository {
 
     /// Reads and authenticates every chunk of the given snapshots (all when
     /// `None`). Each damaged chunk is reported once per place that uses it.
-    pub async fn verify(&self, snapshots: Option<&[SnapshotId]>) -> Result<VerifyReport, RepoError> {
+    pub async fn verify(
+        &self,
+        snapshots: Option<&[SnapshotId]>,
+    ) -> Result<VerifyReport, RepoError> {
         let ids = match snapshots {
             Some(s) => s.to_vec(),
             None => self.snapshot_ids().await?,
@@ -314,7 +322,11 @@ impl Repository {
                     uses.entry(*c)
                         .or_insert_with(|| (m.namespace.clone(), Vec::new()))
                         .1
-                        .push((m.id.clone(), d.name.clone(), i as u64 * idx.chunk_size as u64));
+                        .push((
+                            m.id.clone(),
+                            d.name.clone(),
+                            i as u64 * idx.chunk_size as u64,
+                        ));
                 }
             }
         }
@@ -355,9 +367,9 @@ impl Repository {
                 }
             }
         }
-        report
-            .problems
-            .sort_by(|a, b| (&a.snapshot, &a.disk, a.offset).cmp(&(&b.snapshot, &b.disk, b.offset)));
+        report.problems.sort_by(|a, b| {
+            (&a.snapshot, &a.disk, a.offset).cmp(&(&b.snapshot, &b.disk, b.offset))
+        });
         Ok(report)
     }
 }

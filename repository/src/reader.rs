@@ -35,7 +35,9 @@ pub(crate) async fn fetch_chunk(
         .open(ObjectKind::Chunk, &raw, &id.0)
         .map_err(ChunkFault::Corrupt)?;
     if plain.len() != loc.raw_length as usize || ns_key.chunk_id(&plain) != id {
-        return Err(ChunkFault::Corrupt(crate::format::FormatError::ChunkIdMismatch));
+        return Err(ChunkFault::Corrupt(
+            crate::format::FormatError::ChunkIdMismatch,
+        ));
     }
     Ok(Some(plain))
 }
@@ -49,7 +51,13 @@ pub(crate) enum ChunkFault {
 }
 
 impl ChunkFault {
-    pub(crate) fn into_error(self, manifest: &Manifest, disk: &str, offset: u64, id: ChunkId) -> RepoError {
+    pub(crate) fn into_error(
+        self,
+        manifest: &Manifest,
+        disk: &str,
+        offset: u64,
+        id: ChunkId,
+    ) -> RepoError {
         match self {
             ChunkFault::Missing => RepoError::ChunkMissing {
                 snapshot: manifest.id.clone(),
@@ -230,7 +238,10 @@ pub struct RestoreReport {
 
 fn temp_beside(path: &Path, tag: &str) -> Result<PathBuf, RepoError> {
     let name = path.file_name().ok_or_else(|| {
-        RepoError::InvalidRequest(format!("the output path {} has no file name", path.display()))
+        RepoError::InvalidRequest(format!(
+            "the output path {} has no file name",
+            path.display()
+        ))
     })?;
     let tmp = format!(
         ".{}.{tag}-{}",
@@ -255,7 +266,10 @@ pub async fn restore_disk(
     if !overwrite && tokio::fs::symlink_metadata(output).await.is_ok() {
         return Err(RepoError::Output {
             path: output.display().to_string(),
-            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "the output file exists"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the output file exists",
+            ),
         });
     }
     let reader = DiskReader::open(repo, snapshot, disk, 0).await?;

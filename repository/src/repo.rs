@@ -2,8 +2,8 @@
 //! snapshot manifests, listing, pruning, the chunk index, locks and stats.
 
 use crate::format::{
-    self, ChunkId, Compression, Config, DiskIndex, EncryptionConfig, FormatError, Keys,
-    ObjectKind, PackEntry, CONFIG_KEY, FORMAT_VERSION,
+    self, CONFIG_KEY, ChunkId, Compression, Config, DiskIndex, EncryptionConfig, FORMAT_VERSION,
+    FormatError, Keys, ObjectKind, PackEntry,
 };
 use crate::storage::{Storage, StorageConfig, StorageError};
 use chrono::{DateTime, Utc};
@@ -51,7 +51,9 @@ pub enum RepoError {
     #[error("{0}")]
     EncryptionMismatch(&'static str),
     /// The requested chunk size differs from the stored one.
-    #[error("the repository uses chunks of {stored} bytes; a chunk size of {requested} bytes cannot be used with it")]
+    #[error(
+        "the repository uses chunks of {stored} bytes; a chunk size of {requested} bytes cannot be used with it"
+    )]
     ChunkSizeMismatch {
         /// Chunk size in the config.
         stored: u32,
@@ -85,7 +87,9 @@ pub enum RepoError {
     #[error("the snapshot {0} is the base of a running backup and cannot be deleted now")]
     SnapshotInUse(String),
     /// A chunk named by an index is not in any pack.
-    #[error("the chunk {chunk} at offset {offset} of disk {disk:?} in snapshot {snapshot} is missing from the repository")]
+    #[error(
+        "the chunk {chunk} at offset {offset} of disk {disk:?} in snapshot {snapshot} is missing from the repository"
+    )]
     ChunkMissing {
         /// Snapshot id.
         snapshot: String,
@@ -330,10 +334,9 @@ fn check_key_kind(config: &Config, key: &RepositoryKey) -> Result<Keys, RepoErro
             Ok(Keys::encrypted(&derived))
         }
         (None, RepositoryKey::None) => {
-            let hexkey = config
-                .chunk_id_key
-                .as_deref()
-                .ok_or_else(|| RepoError::BadConfig("an unencrypted repository needs chunk_id_key".into()))?;
+            let hexkey = config.chunk_id_key.as_deref().ok_or_else(|| {
+                RepoError::BadConfig("an unencrypted repository needs chunk_id_key".into())
+            })?;
             let mut k = [0u8; 32];
             hex::decode_to_slice(hexkey, &mut k)
                 .map_err(|e| RepoError::BadConfig(format!("chunk_id_key: {e}")))?;
@@ -433,7 +436,10 @@ impl Repository {
         let config: Config =
             serde_json::from_slice(&raw).map_err(|e| RepoError::BadConfig(e.to_string()))?;
         if config.format != "cairn-repository" {
-            return Err(RepoError::BadConfig(format!("unknown format {:?}", config.format)));
+            return Err(RepoError::BadConfig(format!(
+                "unknown format {:?}",
+                config.format
+            )));
         }
         if config.version > FORMAT_VERSION {
             return Err(RepoError::UnsupportedVersion {
@@ -495,10 +501,12 @@ impl Repository {
         data: &[u8],
         aad: &[u8],
     ) -> Result<Vec<u8>, RepoError> {
-        self.keys.open(kind, data, aad).map_err(|source| RepoError::Damaged {
-            key: key.into(),
-            source,
-        })
+        self.keys
+            .open(kind, data, aad)
+            .map_err(|source| RepoError::Damaged {
+                key: key.into(),
+                source,
+            })
     }
 
     pub(crate) fn seal_json<T: Serialize>(&self, kind: ObjectKind, value: &T) -> Vec<u8> {
@@ -549,7 +557,10 @@ impl Repository {
 
     /// One snapshot's manifest.
     pub async fn manifest(&self, id: &str) -> Result<Manifest, RepoError> {
-        match self.get_json(&format::manifest_key(id), ObjectKind::Manifest).await {
+        match self
+            .get_json(&format::manifest_key(id), ObjectKind::Manifest)
+            .await
+        {
             Err(RepoError::Storage(StorageError::NotFound { .. })) => {
                 Err(RepoError::SnapshotNotFound(id.into()))
             }
@@ -558,7 +569,11 @@ impl Repository {
     }
 
     /// The chunk index of one disk of a snapshot, checked against the manifest.
-    pub async fn disk_index(&self, manifest: &Manifest, disk: &str) -> Result<DiskIndex, RepoError> {
+    pub async fn disk_index(
+        &self,
+        manifest: &Manifest,
+        disk: &str,
+    ) -> Result<DiskIndex, RepoError> {
         let d = manifest
             .disks
             .iter()
@@ -574,7 +589,12 @@ impl Repository {
                 source: FormatError::Checksum,
             });
         }
-        let plain = self.open_object(&d.index, ObjectKind::DiskIndex, &raw, manifest.id.as_bytes())?;
+        let plain = self.open_object(
+            &d.index,
+            ObjectKind::DiskIndex,
+            &raw,
+            manifest.id.as_bytes(),
+        )?;
         let idx = DiskIndex::decode(&plain).map_err(|source| RepoError::Damaged {
             key: d.index.clone(),
             source,
@@ -595,7 +615,10 @@ impl Repository {
     }
 
     /// Loads every pack index. Packs in `exclude` are left out.
-    pub async fn load_chunk_index(&self, exclude: &HashSet<String>) -> Result<ChunkIndex, RepoError> {
+    pub async fn load_chunk_index(
+        &self,
+        exclude: &HashSet<String>,
+    ) -> Result<ChunkIndex, RepoError> {
         let packs: Vec<String> = self
             .storage
             .list("index")
@@ -665,7 +688,9 @@ impl Repository {
     /// once, then its disk indexes. Its chunks go at the next GC.
     pub async fn delete_snapshot(&self, id: &str) -> Result<(), RepoError> {
         let manifest = self.manifest(id).await?;
-        let locks = self.live_locks(crate::maintenance::DEFAULT_LOCK_STALE_AFTER).await?;
+        let locks = self
+            .live_locks(crate::maintenance::DEFAULT_LOCK_STALE_AFTER)
+            .await?;
         if locks.iter().any(|l| l.record.base.as_deref() == Some(id)) {
             return Err(RepoError::SnapshotInUse(id.into()));
         }
@@ -681,7 +706,10 @@ impl Repository {
     pub async fn stats(&self) -> Result<RepositoryStats, RepoError> {
         let objects = self.storage.list("").await?;
         let stored_bytes: u64 = objects.iter().map(|o| o.size).sum();
-        let packs: Vec<_> = objects.iter().filter(|o| o.key.starts_with("packs/")).collect();
+        let packs: Vec<_> = objects
+            .iter()
+            .filter(|o| o.key.starts_with("packs/"))
+            .collect();
         let snapshots = self.list_snapshots().await?;
         let logical_bytes: u64 = snapshots
             .iter()

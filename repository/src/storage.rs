@@ -133,10 +133,11 @@ impl Storage {
                     .with_conditional_put(S3ConditionalPut::ETagMatch)
                     .build()
                     .map_err(|e| StorageError::Config(e.to_string()))?;
-                let store: Arc<dyn ObjectStore> = match s3.prefix.as_deref().map(|p| p.trim_matches('/')) {
-                    Some(p) if !p.is_empty() => Arc::new(PrefixStore::new(store, p)),
-                    _ => Arc::new(store),
-                };
+                let store: Arc<dyn ObjectStore> =
+                    match s3.prefix.as_deref().map(|p| p.trim_matches('/')) {
+                        Some(p) if !p.is_empty() => Arc::new(PrefixStore::new(store, p)),
+                        _ => Arc::new(store),
+                    };
                 Ok(Storage {
                     store,
                     bucket: Some(s3.bucket.clone()),
@@ -171,7 +172,8 @@ impl Storage {
                     StorageError::NotFound { key: key.into() }
                 }
             }
-            object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
+            object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. } => {
                 StorageError::AlreadyExists { key: key.into() }
             }
             object_store::Error::PermissionDenied { .. }
