@@ -297,8 +297,8 @@ impl Repository {
         };
         let index = self.load_chunk_index(&Default::default()).await?;
         let mut report = VerifyReport::default();
-        // chunk id -> (namespace key, uses)
-        let mut uses: HashMap<ChunkId, (String, Vec<(SnapshotId, String, u64)>)> = HashMap::new();
+        // chunk id -> (namespace, places that use it)
+        let mut uses: HashMap<ChunkId, (String, Vec<ChunkUse>)> = HashMap::new();
         for id in &ids {
             let m = self.manifest(id).await?;
             report.snapshots += 1;
@@ -373,6 +373,9 @@ impl Repository {
         Ok(report)
     }
 }
+
+/// Where a chunk is used: snapshot, disk, byte offset.
+type ChunkUse = (SnapshotId, String, u64);
 
 /// One damaged place found by verify.
 #[derive(Debug, Clone, PartialEq, Eq)]

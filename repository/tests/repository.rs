@@ -360,7 +360,10 @@ async fn corrupt_and_delete(repo: &Repository, storage_root: Option<&std::path::
     }
     // Delete the second.
     repo.storage().delete(&packs[1].key).await.unwrap();
-    let v = repo.verify(Some(&[m.id.clone()])).await.unwrap();
+    let v = repo
+        .verify(Some(std::slice::from_ref(&m.id)))
+        .await
+        .unwrap();
     assert!(!v.is_ok());
     assert!(v.chunks_bad >= 2);
     assert!(
