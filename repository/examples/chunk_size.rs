@@ -62,7 +62,10 @@ fn spec(base: Option<String>) -> SnapshotSpec {
 
 async fn stored(repo: &Repository) -> (u64, u64, u64, u64) {
     let objects = repo.storage().list("").await.expect("list");
-    let packs: Vec<_> = objects.iter().filter(|o| o.key.starts_with("packs/")).collect();
+    let packs: Vec<_> = objects
+        .iter()
+        .filter(|o| o.key.starts_with("packs/"))
+        .collect();
     (
         objects.iter().map(|o| o.size).sum(),
         objects.len() as u64,
@@ -131,7 +134,9 @@ async fn main() {
             .begin_snapshot(spec(None), IngestOptions::default())
             .await
             .expect("begin");
-        w.add_disk("vda", size as u64, &base, None).await.expect("full");
+        w.add_disk("vda", size as u64, &base, None)
+            .await
+            .expect("full");
         let full = w.commit().await.expect("commit");
         let full_secs = t.elapsed().as_secs_f64();
         let (s0, n0, p0, pn0) = stored(&repo).await;

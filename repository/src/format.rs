@@ -340,9 +340,11 @@ pub fn pack_key(pack: &str) -> String {
     format!("packs/{}/{pack}", &pack[..2])
 }
 
-/// Object name of a pack's index.
-pub fn pack_index_key(pack: &str) -> String {
-    format!("index/{pack}")
+/// Pack id from a pack's object name.
+pub fn pack_id_of_key(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix("packs/")?;
+    let (_, id) = rest.split_once('/')?;
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
 }
 
 /// Object name of a snapshot manifest.
@@ -411,12 +413,28 @@ pub fn decode_pack_entries(data: &[u8]) -> Result<Vec<PackEntry>, FormatError> {
         .collect())
 }
 
-/// Appends the pack trailer (sealed entries, their length, magic) so a pack
-/// can be re-indexed without its index object.
+/// Appends the pack trailer: the sealed pack index, its length, the magic.
+/// The trailer is the only index of a pack, so a pack is one object, written
+/// atomically.
 pub fn append_pack_trailer(pack: &mut Vec<u8>, sealed_entries: &[u8]) {
     pack.extend_from_slice(sealed_entries);
     pack.extend_from_slice(&(sealed_entries.len() as u32).to_le_bytes());
     pack.extend_from_slice(PACK_MAGIC);
+}
+
+/// Length of the fixed end of a pack (index length and magic).
+pub const PACK_TAIL_LEN: usize = 12;
+
+/// Given the last bytes of a pack, returns the length of its sealed index.
+pub fn pack_trailer_len(tail: &[u8]) -> Result<usize, FormatError> {
+    if tail.len() < PACK_TAIL_LEN {
+        return Err(FormatError::Truncated);
+    }
+    let end = &tail[tail.len() - PACK_TAIL_LEN..];
+    if &end[4..] != PACK_MAGIC {
+        return Err(FormatError::BadMagic);
+    }
+    Ok(u32::from_le_bytes(end[..4].try_into().expect("4 bytes")) as usize)
 }
 
 /// The ids of one disk in one snapshot, in disk order.

@@ -484,17 +484,13 @@ impl SnapshotWriter {
         let counters = self.counters.clone();
         self.uploads.spawn(async move {
             let pack_len = pack.data.len() as u64;
-            // Pack first, then its index: an index never names a missing pack.
+            // One object, its index in the trailer: a pack appears whole or not at all.
             storage
                 .put_new(&format::pack_key(&pack_id), pack.data)
                 .await?;
-            let index_len = sealed_entries.len() as u64;
-            storage
-                .put_new(&format::pack_index_key(&pack_id), sealed_entries)
-                .await?;
             counters
                 .bytes_uploaded
-                .fetch_add(pack_len + index_len, Ordering::Relaxed);
+                .fetch_add(pack_len, Ordering::Relaxed);
             tracing::debug!(pack = %pack_id, bytes = pack_len, "uploaded pack");
             Ok(())
         });

@@ -13,6 +13,7 @@
 //! The on-storage format is documented in `docs/repository-format.md`.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod format;
 pub mod ingest;
 pub mod maintenance;

@@ -6,7 +6,7 @@
 //!    period are written to a condemned record (`gc/condemned-…`). Ingests
 //!    read these records after taking their lock and never deduplicate
 //!    against a condemned pack;
-//! 3. **sweep**: a condemned pack is deleted (index object first) once no
+//! 3. **sweep**: a condemned pack is deleted once no
 //!    live ingest lock started before its record was written (plus a clock
 //!    skew margin) — such an ingest may have loaded the pack's index before
 //!    the record existed. A condemned pack that a snapshot references again
@@ -14,7 +14,7 @@
 //!    chunks an in-flight ingest uploaded survive until it commits.
 //!
 //! Also removed after the grace period: disk indexes without a manifest
-//! (interrupted commits), index objects whose pack is gone, and stale locks.
+//! (interrupted commits) and stale locks.
 
 use crate::format::{self, ChunkId, ObjectKind};
 use crate::reader::{ChunkFault, fetch_chunk};
@@ -79,7 +79,7 @@ pub struct GcReport {
     pub bytes_freed: u64,
     /// Condemned packs waiting for a running ingest.
     pub packs_waiting: u64,
-    /// Other objects removed (orphan indexes, stale locks, unfinished snapshots).
+    /// Other objects removed (stale locks, disk indexes of unfinished snapshots).
     pub other_deleted: u64,
 }
 
@@ -115,18 +115,16 @@ impl Repository {
         // it is inside the grace period anyway.
         let all = self.storage.list("").await?;
         let mut packs: HashMap<String, (u64, DateTime<Utc>)> = HashMap::new();
-        let mut indexes: HashMap<String, DateTime<Utc>> = HashMap::new();
         let mut disk_indexes: Vec<(String, DateTime<Utc>)> = Vec::new();
         let mut manifests: HashSet<String> = HashSet::new();
         let mut locks = Vec::new();
         for o in &all {
             let parts: Vec<&str> = o.key.split('/').collect();
             match parts.as_slice() {
-                ["packs", _, id] => {
-                    packs.insert((*id).into(), (o.size, o.last_modified));
-                }
-                ["index", id] => {
-                    indexes.insert((*id).into(), o.last_modified);
+                ["packs", _, _] => {
+                    if let Some(id) = format::pack_id_of_key(&o.key) {
+                        packs.insert(id.into(), (o.size, o.last_modified));
+                    }
                 }
                 ["snapshots", id, "manifest"] => {
                     manifests.insert((*id).into());
@@ -159,11 +157,12 @@ impl Repository {
         }
         report.chunks_referenced = referenced.len() as u64;
         // Which packs hold referenced chunks.
-        let pack_ids: Vec<String> = indexes.keys().cloned().collect();
+        let pack_ids: Vec<(String, u64)> =
+            packs.iter().map(|(p, (s, _))| (p.clone(), *s)).collect();
         let entries: Vec<(String, Result<Vec<crate::format::PackEntry>, RepoError>)> =
             futures::stream::iter(pack_ids)
-                .map(|p| async move {
-                    let e = self.pack_entries(&p).await;
+                .map(|(p, size)| async move {
+                    let e = self.pack_entries(&p, size).await;
                     (p, e)
                 })
                 .buffer_unordered(32)
@@ -197,8 +196,7 @@ impl Repository {
             if used_packs.contains(id) || already.contains(id) {
                 continue;
             }
-            let index_time = indexes.get(id).copied().unwrap_or(*modified);
-            if age(now, *modified) >= grace && age(now, index_time) >= grace {
+            if age(now, *modified) >= grace {
                 new_condemned.push(id.clone());
             }
         }
@@ -239,7 +237,6 @@ impl Repository {
                     remaining.push(pack.clone());
                     continue;
                 }
-                self.storage.delete(&format::pack_index_key(pack)).await?;
                 self.storage.delete(&format::pack_key(pack)).await?;
                 report.packs_deleted += 1;
                 report.bytes_freed += packs.get(pack).map(|p| p.0).unwrap_or(0);
@@ -258,13 +255,7 @@ impl Repository {
                     .await?;
             }
         }
-        // Orphans: index objects without a pack, unfinished snapshots, stale locks.
-        for (id, modified) in &indexes {
-            if !packs.contains_key(id) && age(now, *modified) >= grace {
-                self.storage.delete(&format::pack_index_key(id)).await?;
-                report.other_deleted += 1;
-            }
-        }
+        // Orphans: unfinished snapshots, stale locks.
         for (key, modified) in &disk_indexes {
             let snapshot = key.split('/').nth(1).unwrap_or_default();
             if !manifests.contains(snapshot)

@@ -376,6 +376,14 @@ impl Repository {
                 "the repository key must be at least 16 bytes".into(),
             ));
         }
+        if let StorageConfig::Directory { path } = storage {
+            std::fs::create_dir_all(path).map_err(|e| {
+                RepoError::InvalidSettings(format!(
+                    "the directory {} cannot be created: {e}",
+                    path.display()
+                ))
+            })?;
+        }
         let storage = Storage::new(storage)?;
         storage.probe().await?;
         let id = format::random_id();
@@ -619,17 +627,17 @@ impl Repository {
         &self,
         exclude: &HashSet<String>,
     ) -> Result<ChunkIndex, RepoError> {
-        let packs: Vec<String> = self
+        let packs: Vec<(String, u64)> = self
             .storage
-            .list("index")
+            .list("packs")
             .await?
             .into_iter()
-            .filter_map(|o| o.key.strip_prefix("index/").map(str::to_owned))
-            .filter(|p| !exclude.contains(p))
+            .filter_map(|o| format::pack_id_of_key(&o.key).map(|p| (p.to_owned(), o.size)))
+            .filter(|(p, _)| !exclude.contains(p))
             .collect();
         let loaded: Vec<Option<(String, Vec<PackEntry>)>> = futures::stream::iter(packs)
-            .map(|pack| async move {
-                match self.pack_entries(&pack).await {
+            .map(|(pack, size)| async move {
+                match self.pack_entries(&pack, size).await {
                     Ok(e) => Ok(Some((pack, e))),
                     // Deleted by GC between list and get.
                     Err(RepoError::Storage(StorageError::NotFound { .. })) => Ok(None),
@@ -655,12 +663,33 @@ impl Repository {
         Ok(index)
     }
 
-    /// The entries of one pack, from its index object.
-    pub async fn pack_entries(&self, pack: &str) -> Result<Vec<PackEntry>, RepoError> {
-        let key = format::pack_index_key(pack);
-        let raw = self.storage.get(&key).await?;
-        let plain = self.open_object(&key, ObjectKind::PackIndex, &raw, pack.as_bytes())?;
-        format::decode_pack_entries(&plain).map_err(|source| RepoError::Damaged { key, source })
+    /// The entries of one pack (of `size` bytes), from its trailer: one
+    /// ranged read of its last 64 KiB, a second one for a longer index.
+    pub async fn pack_entries(&self, pack: &str, size: u64) -> Result<Vec<PackEntry>, RepoError> {
+        let key = format::pack_key(pack);
+        let damaged = |source| RepoError::Damaged {
+            key: key.clone(),
+            source,
+        };
+        let guess = size.min(64 << 10);
+        if guess == 0 {
+            return Err(damaged(FormatError::Truncated));
+        }
+        let tail = self.storage.get_range(&key, size - guess, guess).await?;
+        let len = format::pack_trailer_len(&tail).map_err(damaged)?;
+        let need = (len + format::PACK_TAIL_LEN) as u64;
+        if need > size {
+            return Err(damaged(FormatError::Truncated));
+        }
+        let sealed = if need <= guess {
+            tail.slice((guess - need) as usize..tail.len() - format::PACK_TAIL_LEN)
+        } else {
+            self.storage
+                .get_range(&key, size - need, len as u64)
+                .await?
+        };
+        let plain = self.open_object(&key, ObjectKind::PackIndex, &sealed, pack.as_bytes())?;
+        format::decode_pack_entries(&plain).map_err(damaged)
     }
 
     /// Ingest locks whose heartbeat is younger than `stale_after`.

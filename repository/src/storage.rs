@@ -144,12 +144,12 @@ impl Storage {
                 })
             }
             StorageConfig::Directory { path } => {
-                std::fs::create_dir_all(path).map_err(|e| {
-                    StorageError::Config(format!(
-                        "the directory {} cannot be created: {e}",
+                if !path.is_dir() {
+                    return Err(StorageError::Config(format!(
+                        "the directory {} does not exist",
                         path.display()
-                    ))
-                })?;
+                    )));
+                }
                 let store = LocalFileSystem::new_with_prefix(path)
                     .map_err(|e| StorageError::Config(e.to_string()))?;
                 Ok(Storage {

@@ -494,7 +494,7 @@ async fn gc_and_prune_during_ingest_never_break_it() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(8);
     random_writes(&mut rng, &mut clone, 4);
     let mut disk = MemDisk::new(clone.clone());
-    disk.delay = Some(Duration::from_millis(3));
+    disk.delay = Some(Duration::from_millis(60));
     let ingest = {
         let repo = repo.clone();
         let disk = disk.clone();
@@ -503,13 +503,19 @@ async fn gc_and_prune_during_ingest_never_break_it() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     repo.delete_snapshot(&s1.id).await.unwrap();
     let mut runs = 0;
+    let mut waited = 0;
     while !ingest.is_finished() {
-        repo.gc(&quick_gc(0, 60_000)).await.unwrap();
+        let rep = repo.gc(&quick_gc(0, 60_000)).await.unwrap();
+        waited = waited.max(rep.packs_waiting);
         runs += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let s2 = ingest.await.unwrap().unwrap();
     assert!(runs > 1);
+    assert!(
+        waited > 0,
+        "the pruned snapshot's packs waited for the running ingest"
+    );
     assert_eq!(restore_bytes(&repo, &s2.id).await.unwrap(), clone);
     // Released packs stay; S1-only chunks go.
     let rep = repo.gc(&quick_gc(0, 60_000)).await.unwrap();
