@@ -93,13 +93,26 @@ async fn main() {
         .status()
         .unwrap();
     assert!(st.success());
-    line("qemu-img convert raw → qcow2 (reference)", t.elapsed().as_secs_f64());
+    line(
+        "qemu-img convert raw → qcow2 (reference)",
+        t.elapsed().as_secs_f64(),
+    );
     drop_caches();
     let t = Instant::now();
-    cairn_repo::restore_disk(&repo, &m.id, "vda", &dir.join("out.raw"), OutputFormat::Raw, false)
-        .await
-        .unwrap();
-    line("cairn restore → raw (verified, sparse)", t.elapsed().as_secs_f64());
+    cairn_repo::restore_disk(
+        &repo,
+        &m.id,
+        "vda",
+        &dir.join("out.raw"),
+        OutputFormat::Raw,
+        false,
+    )
+    .await
+    .unwrap();
+    line(
+        "cairn restore → raw (verified, sparse)",
+        t.elapsed().as_secs_f64(),
+    );
     drop_caches();
     let t = Instant::now();
     cairn_repo::restore_disk(
@@ -112,7 +125,10 @@ async fn main() {
     )
     .await
     .unwrap();
-    line("cairn restore → qcow2 (raw temp + qemu-img convert)", t.elapsed().as_secs_f64());
+    line(
+        "cairn restore → qcow2 (raw temp + qemu-img convert)",
+        t.elapsed().as_secs_f64(),
+    );
     assert_eq!(
         std::fs::read(dir.join("out.raw")).unwrap(),
         std::fs::read(&raw_ref).unwrap()

@@ -1,16 +1,19 @@
 //! Maintenance: garbage collection and verification.
 //!
-//! GC is mark-and-sweep in two stages so it is safe with backups running:
-//! 1. **mark**: every chunk named by a visible snapshot's disk indexes;
+//! GC is mark-and-sweep in two runs so it is safe with backups running:
+//! 1. **mark**: every chunk named by a visible snapshot's disk indexes
+//!    (live locks are read before the listing);
 //! 2. **condemn**: packs with no marked chunk and older than the grace
 //!    period are written to a condemned record (`gc/condemned-…`). Ingests
 //!    read these records after taking their lock and never deduplicate
 //!    against a condemned pack;
-//! 3. **sweep**: a condemned pack is deleted once no
-//!    live ingest lock started before its record was written (plus a clock
-//!    skew margin) — such an ingest may have loaded the pack's index before
-//!    the record existed. A condemned pack that a snapshot references again
-//!    is released. Packs younger than the grace period are never touched, so
+//! 3. **sweep**, in a later run: a condemned pack is deleted when that run's
+//!    mark does not reference it and no ingest lock live before or after
+//!    its listing started before the record was written (plus a clock skew
+//!    margin) — such an ingest may have loaded the pack's index before the
+//!    record existed, and one that committed between the listing and the
+//!    sweep is seen by its lock read before the listing. A condemned pack
+//!    that a snapshot references again is released. Packs younger than the grace period are never touched, so
 //!    chunks an in-flight ingest uploaded survive until it commits.
 //!
 //! Also removed after the grace period: disk indexes without a manifest
@@ -111,8 +114,11 @@ impl Repository {
         let mut report = GcReport::default();
         let now = Utc::now();
         let skew = chrono::Duration::from_std(options.clock_skew).unwrap_or_default();
-        // Lists first: anything written after them is newer than `now`, so
-        // it is inside the grace period anyway.
+        // Locks before the listing: an ingest that is running now and
+        // commits before the sweep is invisible to the mark, so it blocks.
+        let locks_before = self.live_locks(options.lock_stale_after).await?;
+        // Then the listing: anything written after it is newer than `now`,
+        // so it is inside the grace period anyway.
         let all = self.storage.list("").await?;
         let mut packs: HashMap<String, (u64, DateTime<Utc>)> = HashMap::new();
         let mut disk_indexes: Vec<(String, DateTime<Utc>)> = Vec::new();
@@ -222,9 +228,16 @@ impl Repository {
                 .await?;
             records.push((key, record));
         }
-        // Sweep: locks are read after the records are written.
-        let live = self.live_locks(options.lock_stale_after).await?;
+        // Sweep, only records written before this run started (a record
+        // from this run waits for the next one, whose mark sees every
+        // snapshot committed by ingests that might have used its packs).
+        let mut live = self.live_locks(options.lock_stale_after).await?;
+        live.extend(locks_before);
         for (key, record) in records {
+            if record.time >= now {
+                report.packs_waiting += record.packs.len() as u64;
+                continue;
+            }
             let blocked = live.iter().any(|l| l.record.started <= record.time + skew);
             let mut remaining = Vec::new();
             let mut changed = false;

@@ -50,7 +50,7 @@ async fn round_trip(repo: &Repository) {
     let r = cairn_repo::restore_disk(repo, &m.id, "vda", &out, OutputFormat::Raw, false)
         .await
         .unwrap();
-    assert_eq!(std::fs::read(&out).unwrap(), img);
+    assert!(std::fs::read(&out).unwrap() == img, "the restore differs");
     assert!(r.bytes_written < img.len() as u64);
     {
         use std::os::unix::fs::MetadataExt;
@@ -95,10 +95,85 @@ async fn round_trip_s3_encrypted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_only_writes_on_s3() {
+    let server = S3Server::start();
+    let (_, repo) = s3_repo(&server, "createonly", &key()).await;
+    repo.storage()
+        .put_new("x/one", b"a".to_vec())
+        .await
+        .unwrap();
+    let err = repo
+        .storage()
+        .put_new("x/one", b"b".to_vec())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::AlreadyExists { .. }), "{err:?}");
+    assert_eq!(&repo.storage().get("x/one").await.unwrap()[..], b"a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repository_unreachable_mid_upload_then_retry_works() {
+    let mut server = S3Server::start();
+    let (_, repo) = s3_repo(&server, "unreachable", &key()).await;
+    let img = random_image(12, 8 * MIB);
+    let mut disk = MemDisk::new(img.clone());
+    disk.delay = Some(Duration::from_millis(20));
+    let mut w = repo
+        .begin_snapshot(spec("ns", "vm", None), IngestOptions::default())
+        .await
+        .unwrap();
+    let ingest = async {
+        w.add_disk("vda", disk.size(), &disk, None).await?;
+        w.commit().await
+    };
+    let stop = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        server.stop();
+    };
+    let (r, ()) = tokio::join!(ingest, stop);
+    let err = r.unwrap_err();
+    assert!(matches!(err, RepoError::Storage(_)), "{err:?}");
+    server.restart();
+    assert!(
+        repo.snapshot_ids().await.unwrap().is_empty(),
+        "nothing visible"
+    );
+    let m = backup(&repo, "ns", "vm", &MemDisk::new(img.clone()), None)
+        .await
+        .unwrap();
+    assert!(
+        restore_bytes(&repo, &m.id).await.unwrap() == img,
+        "the restore differs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trip_directory_unencrypted_and_encrypted() {
     let dir = tempfile::tempdir().unwrap();
     let (_, repo) = dir_repo(dir.path(), &RepositoryKey::None).await;
     round_trip(&repo).await;
+    // qcow2 output through qemu-img, published only when complete.
+    let m = &repo.list_snapshots().await.unwrap()[0];
+    let out = tempfile::tempdir().unwrap();
+    let q = out.path().join("disk.qcow2");
+    cairn_repo::restore_disk(&repo, &m.id, "vda", &q, OutputFormat::Qcow2, false)
+        .await
+        .unwrap();
+    assert_eq!(dir_entries(out.path()), vec!["disk.qcow2"]);
+    let raw = out.path().join("back.raw");
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(&q)
+        .arg(&raw)
+        .status()
+        .expect("qemu-img (Debian qemu-utils) is needed");
+    assert!(st.success());
+    // qcow2 sizes are whole 512-byte sectors: the tail comes back zero-padded.
+    let back = std::fs::read(raw).unwrap();
+    let img = random_image(1, 8 * MIB + 12_345);
+    assert!(back.len() >= img.len() && back.len() - img.len() < 512);
+    assert!(back[..img.len()] == img[..], "the qcow2 restore differs");
+    assert!(back[img.len()..].iter().all(|&b| b == 0));
     let dir2 = tempfile::tempdir().unwrap();
     let (_, repo2) = dir_repo(dir2.path(), &key()).await;
     round_trip(&repo2).await;
@@ -218,8 +293,14 @@ async fn dedup_within_namespace_not_across() {
         "no dedup across namespaces"
     );
     assert!(after_c - after_b >= added_a * 9 / 10);
-    assert_eq!(restore_bytes(&repo, &mb.id).await.unwrap(), b);
-    assert_eq!(restore_bytes(&repo, &mc.id).await.unwrap(), b);
+    assert!(
+        restore_bytes(&repo, &mb.id).await.unwrap() == b,
+        "the restore differs"
+    );
+    assert!(
+        restore_bytes(&repo, &mc.id).await.unwrap() == b,
+        "the restore differs"
+    );
     // An incremental across namespaces is refused.
     let err = repo
         .begin_snapshot(
@@ -464,6 +545,13 @@ async fn interrupted_ingest_leaves_nothing_visible_and_gc_waits_for_grace() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rep = repo.gc(&quick_gc(1000, 500)).await.unwrap();
     assert_eq!(
+        rep.packs_condemned as usize,
+        packs_mid - packs_before,
+        "{rep:?}"
+    );
+    assert_eq!(rep.packs_deleted, 0, "condemned packs go in a later run");
+    let rep = repo.gc(&quick_gc(1000, 500)).await.unwrap();
+    assert_eq!(
         rep.packs_deleted as usize,
         packs_mid - packs_before,
         "{rep:?}"
@@ -476,7 +564,10 @@ async fn interrupted_ingest_leaves_nothing_visible_and_gc_waits_for_grace() {
         repo.storage().list("locks").await.unwrap().is_empty(),
         "the stale lock is gone"
     );
-    assert_eq!(restore_bytes(&repo, &m.id).await.unwrap(), kept);
+    assert!(
+        restore_bytes(&repo, &m.id).await.unwrap() == kept,
+        "the restore differs"
+    );
     assert!(repo.verify(None).await.unwrap().is_ok());
 }
 
@@ -516,11 +607,17 @@ async fn gc_and_prune_during_ingest_never_break_it() {
         waited > 0,
         "the pruned snapshot's packs waited for the running ingest"
     );
-    assert_eq!(restore_bytes(&repo, &s2.id).await.unwrap(), clone);
+    assert!(
+        restore_bytes(&repo, &s2.id).await.unwrap() == clone,
+        "the restore differs"
+    );
     // Released packs stay; S1-only chunks go.
     let rep = repo.gc(&quick_gc(0, 60_000)).await.unwrap();
     assert_eq!(rep.packs_waiting, 0, "{rep:?}");
-    assert_eq!(restore_bytes(&repo, &s2.id).await.unwrap(), clone);
+    assert!(
+        restore_bytes(&repo, &s2.id).await.unwrap() == clone,
+        "the restore differs"
+    );
     assert!(repo.verify(None).await.unwrap().is_ok());
 }
 
@@ -565,8 +662,14 @@ async fn two_writers_at_once() {
     );
     let (ma, mb) = (ra.unwrap(), rb.unwrap());
     assert_eq!(repo.list_snapshots().await.unwrap().len(), 2);
-    assert_eq!(restore_bytes(&repo, &ma.id).await.unwrap(), a);
-    assert_eq!(restore_bytes(&other, &mb.id).await.unwrap(), b);
+    assert!(
+        restore_bytes(&repo, &ma.id).await.unwrap() == a,
+        "the restore differs"
+    );
+    assert!(
+        restore_bytes(&other, &mb.id).await.unwrap() == b,
+        "the restore differs"
+    );
     assert!(repo.verify(None).await.unwrap().is_ok());
 }
 

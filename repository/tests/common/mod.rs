@@ -17,8 +17,14 @@ use std::time::{Duration, Instant};
 pub const ACCESS_KEY: &str = "cairntestaccess";
 pub const SECRET_KEY: &str = "cairntestsecretkey0123456789";
 
-/// Finds (or builds through e2e/tools/install-versitygw.sh) the versitygw binary.
+/// Finds (or builds through e2e/tools/install-versitygw.sh, once per test
+/// process) the versitygw binary.
 pub fn versitygw_binary() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(find_or_build_versitygw).clone()
+}
+
+fn find_or_build_versitygw() -> PathBuf {
     if let Ok(p) = std::env::var("CAIRN_VERSITYGW") {
         return p.into();
     }
@@ -45,52 +51,85 @@ pub fn versitygw_binary() -> PathBuf {
 
 /// A versitygw server on a free loopback port; killed on drop.
 pub struct S3Server {
-    child: Child,
+    child: Option<Child>,
+    port: u16,
     pub endpoint: String,
     pub root: tempfile::TempDir,
 }
 
+fn spawn_versitygw(root: &Path, port: u16) -> Option<Child> {
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join("versitygw.log"))
+        .unwrap();
+    let mut child = Command::new(versitygw_binary())
+        .env("ROOT_ACCESS_KEY", ACCESS_KEY)
+        .env("ROOT_SECRET_KEY", SECRET_KEY)
+        .args(["--port", &format!("127.0.0.1:{port}"), "posix"])
+        .arg(&data)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start versitygw");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some(child);
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
 impl S3Server {
     pub fn start() -> S3Server {
-        let bin = versitygw_binary();
         let root = tempfile::tempdir().expect("tempdir");
-        let data = root.path().join("data");
-        std::fs::create_dir_all(&data).unwrap();
         for _attempt in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0")
                 .unwrap()
                 .local_addr()
                 .unwrap()
                 .port();
-            let log = std::fs::File::create(root.path().join("versitygw.log")).unwrap();
-            let mut child = Command::new(&bin)
-                .env("ROOT_ACCESS_KEY", ACCESS_KEY)
-                .env("ROOT_SECRET_KEY", SECRET_KEY)
-                .args(["--port", &format!("127.0.0.1:{port}"), "posix"])
-                .arg(&data)
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .expect("start versitygw");
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return S3Server {
-                        child,
-                        endpoint: format!("http://127.0.0.1:{port}"),
-                        root,
-                    };
-                }
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
+            if let Some(child) = spawn_versitygw(root.path(), port) {
+                return S3Server {
+                    child: Some(child),
+                    port,
+                    endpoint: format!("http://127.0.0.1:{port}"),
+                    root,
+                };
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
         let log = std::fs::read_to_string(root.path().join("versitygw.log")).unwrap_or_default();
         panic!("versitygw did not start; its log:\n{log}");
+    }
+
+    /// Kills the server (the repository becomes unreachable).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        for _ in 0..20 {
+            if let Some(c) = spawn_versitygw(self.root.path(), self.port) {
+                self.child = Some(c);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        panic!("versitygw did not restart on port {}", self.port);
     }
 
     /// Creates a bucket with a signed CreateBucket request through the S3 API.
@@ -112,8 +151,7 @@ impl S3Server {
 
 impl Drop for S3Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
