@@ -269,11 +269,15 @@ impl Repository {
             }
         }
         // Orphans: unfinished snapshots, stale locks.
+        // A commit writes its disk indexes just before its manifest: one
+        // older than both the grace period and the lock stale limit belongs
+        // to a writer that died.
+        let orphan_age = grace.max(options.lock_stale_after);
         for (key, modified) in &disk_indexes {
             let snapshot = key.split('/').nth(1).unwrap_or_default();
             if !manifests.contains(snapshot)
                 && !live_disk_indexes.contains(key)
-                && age(now, *modified) >= grace
+                && age(now, *modified) >= orphan_age
             {
                 self.storage.delete(key).await?;
                 report.other_deleted += 1;
