@@ -3,7 +3,7 @@
 //! No Kubernetes here: the agent and the restore CLI both use this crate.
 //! How the parts talk:
 //! - [`storage`] moves objects (S3 path-style or a directory, via `object_store`);
-//! - [`format`] says what the bytes are: sealed objects (zstd, then AES-256-GCM
+//! - [`format`](mod@format) says what the bytes are: sealed objects (zstd, then AES-256-GCM
 //!   or a BLAKE3 checksum), keyed chunk ids, packs, pack indexes, disk indexes;
 //! - [`repo`] opens a repository (key check, chunk-size check), lists, prunes;
 //! - [`ingest`] writes a snapshot from a [`DiskSource`], full or incremental;
@@ -12,6 +12,7 @@
 //!
 //! The on-storage format is documented in `docs/repository-format.md`.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod cli;
 pub mod format;
