@@ -164,6 +164,25 @@ pub struct SnapshotWriter {
     counters: Arc<Counters>,
     options: IngestOptions,
     _heartbeat: AbortOnDrop,
+    lock_released: bool,
+}
+
+impl Drop for SnapshotWriter {
+    /// A writer dropped before commit (its future cancelled) removes its
+    /// lock in the background, best effort; otherwise the lock goes stale.
+    fn drop(&mut self) {
+        if self.lock_released {
+            return;
+        }
+        self.uploads.abort_all();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let storage = self.repo.storage.clone();
+            let key = format::lock_key(&self.lock_id);
+            handle.spawn(async move {
+                let _ = storage.delete(&key).await;
+            });
+        }
+    }
 }
 
 impl std::fmt::Debug for SnapshotWriter {
@@ -261,6 +280,7 @@ impl Repository {
             counters: Arc::new(Counters::default()),
             options,
             _heartbeat: heartbeat,
+            lock_released: false,
         })
     }
 }
@@ -542,6 +562,7 @@ impl SnapshotWriter {
         if let Err(e) = storage.delete(&format::lock_key(&self.lock_id)).await {
             tracing::warn!(error = %e, "removing the ingest lock failed; it expires by itself");
         }
+        self.lock_released = true;
         tracing::info!(snapshot = %self.id, vm = %self.spec.vm, namespace = %self.spec.namespace, "snapshot committed");
         Ok(manifest)
     }
@@ -555,6 +576,7 @@ impl SnapshotWriter {
             .storage
             .delete(&format::lock_key(&self.lock_id))
             .await;
+        self.lock_released = true;
     }
 }
 

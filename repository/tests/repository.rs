@@ -174,6 +174,16 @@ async fn round_trip_directory_unencrypted_and_encrypted() {
     assert!(back.len() >= img.len() && back.len() - img.len() < 512);
     assert!(back[..img.len()] == img[..], "the qcow2 restore differs");
     assert!(back[img.len()..].iter().all(|&b| b == 0));
+    let err = Repository::init(
+        &StorageConfig::Directory {
+            path: dir.path().join("repo"),
+        },
+        &RepositoryKey::None,
+        &small_repo_options(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, RepoError::AlreadyInitialised), "{err}");
     let dir2 = tempfile::tempdir().unwrap();
     let (_, repo2) = dir_repo(dir2.path(), &key()).await;
     round_trip(&repo2).await;
@@ -702,4 +712,49 @@ async fn progress_is_reported() {
         "a full backup reads every chunk"
     );
     assert!(last.bytes_uploaded > 0 && last.chunks_new > 0);
+}
+
+/// A source that fails at one offset.
+struct FailingDisk(MemDisk, u64);
+
+impl cairn_repo::DiskSource for FailingDisk {
+    async fn read_at(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        if offset == self.1 {
+            return Err(std::io::Error::other("NBD read failed"));
+        }
+        self.0.read_at(offset, len).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_read_error_names_disk_and_offset_and_publishes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, repo) = dir_repo(dir.path(), &key()).await;
+    let disk = FailingDisk(MemDisk::new(random_image(13, 4 * MIB)), 3 * 65536);
+    let mut w = repo
+        .begin_snapshot(spec("ns", "vm", None), IngestOptions::default())
+        .await
+        .unwrap();
+    let err = w
+        .add_disk("vdb", disk.0.size(), &disk, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RepoError::Source { offset: 196608, .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "reading the source disk \"vdb\" at offset 196608 failed"
+    );
+    drop(w);
+    assert!(repo.snapshot_ids().await.unwrap().is_empty());
+    // The dropped writer removes its lock in the background.
+    for _ in 0..50 {
+        if repo.storage().list("locks").await.unwrap().is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the dropped writer's lock is still there");
 }
