@@ -216,6 +216,113 @@ impl DiskReader {
     }
 }
 
+/// Largest ranged read a restore makes (several chunks stored back to back).
+const MAX_RUN_BYTES: u64 = 8 << 20;
+/// Ranged reads a restore keeps in flight.
+const RUNS_IN_FLIGHT: usize = 6;
+
+/// Chunks that lie back to back in one pack, read with one ranged GET.
+type Run = Vec<(usize, ChunkId, crate::repo::ChunkLocation)>;
+
+impl DiskReader {
+    /// Groups the disk's non-zero chunks into runs of consecutive chunks
+    /// stored contiguously in one pack (a full backup writes them so), so a
+    /// restore makes few large requests instead of one per chunk. A chunk
+    /// missing from the index gets a run of its own, which fails when read.
+    fn runs(&self) -> Vec<Run> {
+        let mut runs: Vec<Run> = Vec::new();
+        let mut current: Run = Vec::new();
+        let mut bytes = 0u64;
+        for (i, id) in self.index.chunks.iter().enumerate() {
+            if id.is_zero() {
+                continue;
+            }
+            let loc = match self.chunks.chunks.get(id) {
+                Some(l) => *l,
+                None => {
+                    runs.extend((!current.is_empty()).then(|| std::mem::take(&mut current)));
+                    runs.push(vec![(
+                        i,
+                        *id,
+                        crate::repo::ChunkLocation {
+                            pack: u32::MAX,
+                            offset: 0,
+                            length: 0,
+                            raw_length: 0,
+                        },
+                    )]);
+                    bytes = 0;
+                    continue;
+                }
+            };
+            let extends = current.last().is_some_and(|(j, _, prev)| {
+                *j + 1 == i
+                    && prev.pack == loc.pack
+                    && prev.offset + prev.length as u64 == loc.offset
+                    && bytes + loc.length as u64 <= MAX_RUN_BYTES
+            });
+            if !extends && !current.is_empty() {
+                runs.push(std::mem::take(&mut current));
+                bytes = 0;
+            }
+            bytes += loc.length as u64;
+            current.push((i, *id, loc));
+        }
+        runs.extend((!current.is_empty()).then_some(current));
+        runs
+    }
+
+    /// Reads one run with a single ranged GET and verifies every chunk in it.
+    async fn fetch_run(&self, run: Run) -> Result<Vec<(usize, Vec<u8>)>, RepoError> {
+        let cs = self.index.chunk_size as u64;
+        let (first_i, first_id, first) = run[0];
+        let fault = |i: usize, id: ChunkId, f: ChunkFault| {
+            f.into_error(&self.manifest, &self.disk, i as u64 * cs, id)
+        };
+        if first.pack == u32::MAX {
+            return Err(fault(first_i, first_id, ChunkFault::Missing));
+        }
+        let total: u64 = run.iter().map(|(_, _, l)| l.length as u64).sum();
+        let key = crate::format::pack_key(self.chunks.pack_of(&first));
+        let raw = self
+            .repo
+            .storage
+            .get_range(&key, first.offset, total)
+            .await
+            .map_err(|e| match e {
+                crate::storage::StorageError::NotFound { .. } => {
+                    fault(first_i, first_id, ChunkFault::Missing)
+                }
+                other => RepoError::Storage(other),
+            })?;
+        let keys = self.repo.keys.clone();
+        let ns_key = self.ns_key;
+        let checked = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::with_capacity(run.len());
+            for (i, id, loc) in run {
+                let start = (loc.offset - first.offset) as usize;
+                let sealed = &raw[start..start + loc.length as usize];
+                let plain = match keys.open(ObjectKind::Chunk, sealed, &id.0) {
+                    Ok(p) => p,
+                    Err(e) => return Err((i, id, ChunkFault::Corrupt(e))),
+                };
+                if plain.len() != loc.raw_length as usize || ns_key.chunk_id(&plain) != id {
+                    return Err((
+                        i,
+                        id,
+                        ChunkFault::Corrupt(crate::format::FormatError::ChunkIdMismatch),
+                    ));
+                }
+                out.push((i, plain));
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| RepoError::Task(e.to_string()))?;
+        checked.map_err(|(i, id, f)| fault(i, id, f))
+    }
+}
+
 /// Output format of a restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputFormat {
@@ -342,22 +449,22 @@ async fn write_raw(reader: &DiskReader, path: &Path) -> Result<u64, RepoError> {
     file.set_len(reader.size()).map_err(out_err)?;
     let file = Arc::new(file);
     let cs = reader.index.chunk_size as u64;
-    let n = reader.index.chunks.len();
     let mut written = 0u64;
-    let mut stream = futures::stream::iter(0..n)
-        .map(|i| async move { reader.read_chunk(i).await.map(|c| (i, c)) })
-        .buffered(8);
+    let mut stream = futures::stream::iter(reader.runs())
+        .map(|run| reader.fetch_run(run))
+        .buffered(RUNS_IN_FLIGHT);
     while let Some(r) = stream.next().await {
-        let (i, chunk) = r?;
-        if let Some(data) = chunk {
-            let f = file.clone();
-            let off = i as u64 * cs;
-            written += data.len() as u64;
-            tokio::task::spawn_blocking(move || f.write_all_at(&data, off))
-                .await
-                .map_err(|e| RepoError::Task(e.to_string()))?
-                .map_err(out_err)?;
-        }
+        let chunks = r?;
+        let f = file.clone();
+        written += chunks.iter().map(|(_, d)| d.len() as u64).sum::<u64>();
+        tokio::task::spawn_blocking(move || {
+            chunks
+                .iter()
+                .try_for_each(|(i, data)| f.write_all_at(data, *i as u64 * cs))
+        })
+        .await
+        .map_err(|e| RepoError::Task(e.to_string()))?
+        .map_err(out_err)?;
     }
     let f = file.clone();
     tokio::task::spawn_blocking(move || f.sync_all())

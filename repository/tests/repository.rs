@@ -758,3 +758,73 @@ async fn a_source_read_error_names_disk_and_offset_and_publishes_nothing() {
     }
     panic!("the dropped writer's lock is still there");
 }
+
+/// Throughput against versitygw on loopback (a measurement, not a test):
+/// `cargo test --release -p cairn-repo --test repository -- --ignored --nocapture s3_throughput`
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement; run on demand in release mode"]
+async fn s3_throughput() {
+    let gib: usize = std::env::var("CAIRN_BENCH_GIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let server = S3Server::start();
+    server.create_bucket("bench").await;
+    let cfg = server.config("bench", None);
+    let repo = Repository::init(&cfg, &key(), &InitOptions::default())
+        .await
+        .unwrap();
+    let size = gib << 30;
+    let img = random_image(14, size);
+    let disk = MemDisk::new(img.clone());
+    let t = std::time::Instant::now();
+    let full = backup(&repo, "ns", "vm", &disk, None).await.unwrap();
+    let full_s = t.elapsed().as_secs_f64();
+    let mut changed = img;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+    let mut dirty = Vec::new();
+    for _ in 0..size / 100 / 65536 {
+        let off = rand::Rng::random_range(&mut rng, 0..(size - 65536) / 4096) * 4096;
+        rand::RngCore::fill_bytes(&mut rng, &mut changed[off..off + 65536]);
+        dirty.push(cairn_repo::Extent {
+            offset: off as u64,
+            length: 65536,
+        });
+    }
+    let disk = MemDisk::new(changed);
+    let t = std::time::Instant::now();
+    let incr = backup(&repo, "ns", "vm", &disk, Some((&full.id, &dirty)))
+        .await
+        .unwrap();
+    let incr_s = t.elapsed().as_secs_f64();
+    let out = tempfile::tempdir().unwrap();
+    let t = std::time::Instant::now();
+    cairn_repo::restore_disk(
+        &repo,
+        &incr.id,
+        "vda",
+        &out.path().join("d.raw"),
+        OutputFormat::Raw,
+        false,
+    )
+    .await
+    .unwrap();
+    let restore_s = t.elapsed().as_secs_f64();
+    let stats = repo.stats().await.unwrap();
+    let mib = size as f64 / 1048576.0;
+    println!("| versitygw loopback, {gib} GiB, 256 KiB chunks, encrypted | seconds | MiB/s |");
+    println!("|---|---|---|");
+    println!("| full ingest | {full_s:.2} | {:.0} |", mib / full_s);
+    println!("| incremental, 1 % in 64 KiB writes | {incr_s:.2} | |");
+    println!(
+        "| restore to raw | {restore_s:.2} | {:.0} |",
+        mib / restore_s
+    );
+    println!(
+        "stored {} MiB in {} packs (avg {:.1} MiB), logical {} MiB",
+        stats.stored_bytes >> 20,
+        stats.pack_count,
+        stats.pack_bytes as f64 / 1048576.0 / stats.pack_count as f64,
+        stats.logical_bytes >> 20
+    );
+}
