@@ -184,6 +184,21 @@ async fn round_trip_directory_unencrypted_and_encrypted() {
     .await
     .unwrap_err();
     assert!(matches!(err, RepoError::AlreadyInitialised), "{err}");
+    // A local cache of pack indexes gives the same index, and forgets
+    // packs that are gone.
+    let cache = tempfile::tempdir().unwrap();
+    let cached = repo.clone().with_index_cache(cache.path());
+    let none = Default::default();
+    let a = repo.load_chunk_index(&none).await.unwrap();
+    let b = cached.load_chunk_index(&none).await.unwrap();
+    let c = cached.load_chunk_index(&none).await.unwrap();
+    let cache_dir = cache.path().join(&repo.config().id);
+    assert_eq!(dir_entries(&cache_dir).len(), a.packs.len());
+    assert_eq!(a.chunks.len(), b.chunks.len());
+    assert_eq!(b.chunks.len(), c.chunks.len());
+    std::fs::write(cache_dir.join("0123456789abcdef0123456789abcdef"), b"stale").unwrap();
+    cached.load_chunk_index(&none).await.unwrap();
+    assert_eq!(dir_entries(&cache_dir).len(), a.packs.len());
     let dir2 = tempfile::tempdir().unwrap();
     let (_, repo2) = dir_repo(dir2.path(), &key()).await;
     round_trip(&repo2).await;
