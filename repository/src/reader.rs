@@ -304,14 +304,10 @@ impl DiskReader {
                 let sealed = &raw[start..start + loc.length as usize];
                 let plain = match keys.open(ObjectKind::Chunk, sealed, &id.0) {
                     Ok(p) => p,
-                    Err(e) => return Err((i, id, ChunkFault::Corrupt(e))),
+                    Err(e) => return Err((i, id, e)),
                 };
                 if plain.len() != loc.raw_length as usize || ns_key.chunk_id(&plain) != id {
-                    return Err((
-                        i,
-                        id,
-                        ChunkFault::Corrupt(crate::format::FormatError::ChunkIdMismatch),
-                    ));
+                    return Err((i, id, crate::format::FormatError::ChunkIdMismatch));
                 }
                 out.push((i, plain));
             }
@@ -319,7 +315,7 @@ impl DiskReader {
         })
         .await
         .map_err(|e| RepoError::Task(e.to_string()))?;
-        checked.map_err(|(i, id, f)| fault(i, id, f))
+        checked.map_err(|(i, id, e)| fault(i, id, ChunkFault::Corrupt(e)))
     }
 }
 

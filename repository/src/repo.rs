@@ -312,6 +312,7 @@ pub struct Repository {
     pub(crate) storage: Storage,
     pub(crate) config: Arc<Config>,
     pub(crate) keys: Keys,
+    index_cache: Option<Arc<std::path::PathBuf>>,
 }
 
 impl fmt::Debug for Repository {
@@ -424,6 +425,7 @@ impl Repository {
             storage,
             config: Arc::new(config),
             keys,
+            index_cache: None,
         })
     }
 
@@ -467,6 +469,7 @@ impl Repository {
             storage,
             config: Arc::new(config),
             keys,
+            index_cache: None,
         })
     }
 
@@ -485,6 +488,15 @@ impl Repository {
             },
             other => other,
         }
+    }
+
+    /// Keeps pack indexes (sealed, as stored) in `dir/<repository id>/`, so
+    /// the next ingest or restore does not read every pack's trailer again.
+    /// Packs never change, so the cache is always right; entries of deleted
+    /// packs are dropped when the index is next loaded.
+    pub fn with_index_cache(mut self, dir: impl Into<std::path::PathBuf>) -> Repository {
+        self.index_cache = Some(Arc::new(dir.into().join(&self.config.id)));
+        self
     }
 
     /// The repository's config.
@@ -635,6 +647,17 @@ impl Repository {
             .filter_map(|o| format::pack_id_of_key(&o.key).map(|p| (p.to_owned(), o.size)))
             .filter(|(p, _)| !exclude.contains(p))
             .collect();
+        if let Some(dir) = &self.index_cache {
+            let listed: HashSet<&str> = packs.iter().map(|(p, _)| p.as_str()).collect();
+            if let Ok(entries) = std::fs::read_dir(dir.as_path()) {
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if !listed.contains(name.as_str()) && !exclude.contains(&name) {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
         let loaded: Vec<Option<(String, Vec<PackEntry>)>> = futures::stream::iter(packs)
             .map(|(pack, size)| async move {
                 match self.pack_entries(&pack, size).await {
@@ -671,6 +694,15 @@ impl Repository {
             key: key.clone(),
             source,
         };
+        if let Some(dir) = &self.index_cache
+            && let Ok(sealed) = tokio::fs::read(dir.join(pack)).await
+            && let Ok(plain) = self
+                .keys
+                .open(ObjectKind::PackIndex, &sealed, pack.as_bytes())
+            && let Ok(entries) = format::decode_pack_entries(&plain)
+        {
+            return Ok(entries);
+        }
         let guess = size.min(64 << 10);
         if guess == 0 {
             return Err(damaged(FormatError::Truncated));
@@ -689,7 +721,18 @@ impl Repository {
                 .await?
         };
         let plain = self.open_object(&key, ObjectKind::PackIndex, &sealed, pack.as_bytes())?;
-        format::decode_pack_entries(&plain).map_err(damaged)
+        let entries = format::decode_pack_entries(&plain).map_err(damaged)?;
+        if let Some(dir) = &self.index_cache {
+            // Best effort: a cache that cannot be written is only slower.
+            let tmp = dir.join(format!(".{pack}.tmp-{}", &format::random_id()[..8]));
+            let ok = tokio::fs::create_dir_all(dir.as_path()).await.is_ok()
+                && tokio::fs::write(&tmp, &sealed).await.is_ok()
+                && tokio::fs::rename(&tmp, dir.join(pack)).await.is_ok();
+            if !ok {
+                let _ = tokio::fs::remove_file(&tmp).await;
+            }
+        }
+        Ok(entries)
     }
 
     /// Ingest locks whose heartbeat is younger than `stale_after`.

@@ -117,7 +117,7 @@ async fn repository_unreachable_mid_upload_then_retry_works() {
     let (_, repo) = s3_repo(&server, "unreachable", &key()).await;
     let img = random_image(12, 8 * MIB);
     let mut disk = MemDisk::new(img.clone());
-    disk.delay = Some(Duration::from_millis(20));
+    disk.delay = Some(Duration::from_millis(60));
     let mut w = repo
         .begin_snapshot(spec("ns", "vm", None), IngestOptions::default())
         .await
@@ -184,6 +184,21 @@ async fn round_trip_directory_unencrypted_and_encrypted() {
     .await
     .unwrap_err();
     assert!(matches!(err, RepoError::AlreadyInitialised), "{err}");
+    // A local cache of pack indexes gives the same index, and forgets
+    // packs that are gone.
+    let cache = tempfile::tempdir().unwrap();
+    let cached = repo.clone().with_index_cache(cache.path());
+    let none = Default::default();
+    let a = repo.load_chunk_index(&none).await.unwrap();
+    let b = cached.load_chunk_index(&none).await.unwrap();
+    let c = cached.load_chunk_index(&none).await.unwrap();
+    let cache_dir = cache.path().join(&repo.config().id);
+    assert_eq!(dir_entries(&cache_dir).len(), a.packs.len());
+    assert_eq!(a.chunks.len(), b.chunks.len());
+    assert_eq!(b.chunks.len(), c.chunks.len());
+    std::fs::write(cache_dir.join("0123456789abcdef0123456789abcdef"), b"stale").unwrap();
+    cached.load_chunk_index(&none).await.unwrap();
+    assert_eq!(dir_entries(&cache_dir).len(), a.packs.len());
     let dir2 = tempfile::tempdir().unwrap();
     let (_, repo2) = dir_repo(dir2.path(), &key()).await;
     round_trip(&repo2).await;
@@ -518,8 +533,9 @@ async fn interrupted_ingest_leaves_nothing_visible_and_gc_waits_for_grace() {
         .await
         .unwrap();
     let packs_before = repo.storage().list("packs").await.unwrap().len();
+    // 256 chunks, 8 at a time, 100 ms each: over 3 s, so the 2 s timeout cuts it.
     let mut disk = MemDisk::new(random_image(7, 16 * MIB));
-    disk.delay = Some(Duration::from_millis(5));
+    disk.delay = Some(Duration::from_millis(100));
     let mut w = repo
         .begin_snapshot(
             spec("ns", "dropped", None),
@@ -595,7 +611,7 @@ async fn gc_and_prune_during_ingest_never_break_it() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(8);
     random_writes(&mut rng, &mut clone, 4);
     let mut disk = MemDisk::new(clone.clone());
-    disk.delay = Some(Duration::from_millis(60));
+    disk.delay = Some(Duration::from_millis(100));
     let ingest = {
         let repo = repo.clone();
         let disk = disk.clone();
