@@ -87,6 +87,23 @@ struct Cli {
         global = true
     )]
     metrics_addr: String,
+    /// Cairn's own namespace: where BackupRepository credentials and keys live.
+    #[arg(
+        long,
+        env = "CAIRN_NAMESPACE",
+        default_value = "cairn-system",
+        global = true
+    )]
+    namespace: String,
+    /// Roots directory BackupRepositories may lie under (repeat or comma separate).
+    #[arg(
+        long,
+        env = "CAIRN_REPOSITORY_ROOTS",
+        value_delimiter = ',',
+        default_value = "/var/lib/cairn/repository",
+        global = true
+    )]
+    repository_root: Vec<PathBuf>,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info", global = true)]
     log: String,
@@ -149,6 +166,8 @@ async fn main() -> anyhow::Result<()> {
                 resync_interval: Duration::from_secs(cli.resync_seconds.max(1)),
                 metrics_addr: cli.metrics_addr,
                 stopped_grace: Duration::from_secs(cli.stopped_grace_seconds),
+                cairn_namespace: cli.namespace,
+                repository_roots: cli.repository_root,
             };
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;

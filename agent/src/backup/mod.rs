@@ -15,6 +15,7 @@
 pub mod manifest;
 pub mod pull;
 pub mod push;
+pub mod repository;
 pub mod target;
 pub mod verify;
 
@@ -113,6 +114,25 @@ pub enum BackupError {
         /// Disk name.
         disk: String,
         /// QEMU's message.
+        message: String,
+    },
+    /// The backup repository failed (unreachable, wrong key, corrupt object…).
+    #[error("backup of VM {vm} into the repository failed")]
+    Repository {
+        /// Which VM.
+        vm: String,
+        /// What the repository said.
+        #[source]
+        source: cairn_repo::RepoError,
+    },
+    /// Reading the point-in-time export of a disk failed.
+    #[error("reading the export of disk {disk} of VM {vm} failed: {message}")]
+    Export {
+        /// Which VM.
+        vm: String,
+        /// Disk name.
+        disk: String,
+        /// The NBD client's error.
         message: String,
     },
     /// The backup was cancelled.

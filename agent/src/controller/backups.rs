@@ -46,7 +46,7 @@ fn uid(b: &VirtualMachineBackup) -> Result<String, ControllerError> {
         .ok_or(ControllerError::MissingField("metadata.uid"))
 }
 
-fn scratch_dir(ctx: &Context, uid: &str) -> PathBuf {
+pub(super) fn scratch_dir(ctx: &Context, uid: &str) -> PathBuf {
     ctx.config.runtime_dir.join("scratch").join(uid)
 }
 
@@ -59,7 +59,7 @@ fn push_dir(b: &VirtualMachineBackup, ctx: &Context) -> Option<PathBuf> {
     ctx.targets.resolve_dir(Path::new(&dir.path)).ok()
 }
 
-fn selected_disks(b: &VirtualMachineBackup) -> Option<Vec<String>> {
+pub(super) fn selected_disks(b: &VirtualMachineBackup) -> Option<Vec<String>> {
     b.spec.disks.as_ref().map(|ds| {
         ds.iter()
             .filter(|d| d.selected())
@@ -235,6 +235,28 @@ async fn start(
     status.observed_generation = generation;
     status.start_time.get_or_insert_with(now);
 
+    if let Some(repository) = b
+        .spec
+        .target
+        .as_ref()
+        .and_then(|t| t.repository.as_ref())
+        .map(|r| r.name.clone())
+    {
+        return super::repository_backups::start(
+            ctx,
+            api,
+            super::repository_backups::Start {
+                backup: b,
+                status,
+                vm: vmref,
+                client,
+                uid,
+                incremental,
+                repository,
+            },
+        )
+        .await;
+    }
     match b.spec.mode {
         BackupMode::Push => {
             let Some(dir) = b
@@ -773,7 +795,14 @@ async fn delete(
     let name = b.name_any();
     let generation = b.metadata.generation;
     let phase = status.phase.unwrap_or_default();
-    if task_alive(ctx, uid) {
+    let into_repository = b
+        .spec
+        .target
+        .as_ref()
+        .is_some_and(|t| t.repository.is_some());
+    if into_repository && !phase.is_finished() {
+        super::repository_backups::cancel(ctx, b, session.as_ref(), uid).await;
+    } else if task_alive(ctx, uid) {
         // Cancel the jobs; the task sees the cancellation, cleans up and reports.
         if let Some((_, client)) = &session
             && let Ok(jobs) = client.query_jobs().await
@@ -833,7 +862,7 @@ async fn delete(
     Ok(Action::await_change())
 }
 
-async fn fail(
+pub(super) async fn fail(
     api: &Api<VirtualMachineBackup>,
     name: &str,
     mut status: VirtualMachineBackupStatus,

@@ -13,6 +13,8 @@ pub mod backups;
 pub mod checkpoints;
 pub mod health;
 pub mod instances;
+pub mod repositories;
+pub mod repository_backups;
 pub mod status;
 
 use std::collections::HashMap;
@@ -52,6 +54,10 @@ pub struct NodeAgentConfig {
     pub stopped_grace: Duration,
     /// Address of `/healthz`, `/readyz` and `/metrics` (`127.0.0.1:0` picks a port).
     pub metrics_addr: String,
+    /// Cairn's own namespace, where BackupRepository Secrets live.
+    pub cairn_namespace: String,
+    /// Roots directory BackupRepositories must lie under.
+    pub repository_roots: Vec<PathBuf>,
 }
 
 /// State shared by the agent's loops.
@@ -66,6 +72,8 @@ pub struct Context {
     pub targets: TargetPolicy,
     /// Scratch space for pull exports (under the runtime directory).
     pub scratch: TargetPolicy,
+    /// How BackupRepositories are opened on this node.
+    pub repositories: repositories::RepositoryAccess,
     /// Backup jobs this process watches, by backup UID.
     pub jobs: Mutex<HashMap<String, JoinHandle<()>>>,
     /// Metrics and readiness.
@@ -175,6 +183,10 @@ pub async fn run(
         client,
         targets: TargetPolicy::new(config.backup_roots.clone()),
         scratch: TargetPolicy::new([config.runtime_dir.join("scratch")]),
+        repositories: repositories::RepositoryAccess {
+            namespace: config.cairn_namespace.clone(),
+            roots: config.repository_roots.clone(),
+        },
         config,
         discovery,
         jobs: Mutex::new(HashMap::new()),

@@ -119,6 +119,21 @@ pub fn checkpoint_reason(e: &crate::checkpoint::CheckpointError) -> &'static str
     }
 }
 
+/// Stable reason of a repository failure.
+pub fn repository_reason(e: &cairn_repo::RepoError) -> &'static str {
+    use cairn_repo::RepoError as R;
+    use cairn_repo::StorageError as S;
+    match e {
+        R::WrongKey | R::EncryptionMismatch(_) => "RepositoryKeyMismatch",
+        R::ChunkSizeMismatch { .. } => "ChunkSizeMismatch",
+        R::Storage(S::Credentials(_)) => "RepositoryCredentialsRefused",
+        R::Storage(S::MissingBucket { .. }) => "RepositoryBucketMissing",
+        R::Storage(_) => "RepositoryUnavailable",
+        R::Source { .. } => "ExportBroken",
+        _ => "RepositoryError",
+    }
+}
+
 fn selection_reason(e: &crate::inventory::SelectionError) -> &'static str {
     use crate::inventory::SelectionError as S;
     match e {
@@ -139,6 +154,8 @@ pub fn backup_reason(e: &crate::backup::BackupError) -> &'static str {
         E::Inventory(_) => "VirtualMachineUnreachable",
         E::InvalidName { .. } => "InvalidName",
         E::OutsideAllowedRoots { .. } => "TargetNotAllowed",
+        E::Repository { source, .. } => repository_reason(source),
+        E::Export { .. } => "ExportBroken",
         E::InsufficientSpace { .. } | E::NoSpace { .. } => "NoSpace",
         E::BaseUnusable { .. } => "IncrementalBaseUnusable",
         E::JobFailed { .. } => "JobFailed",
