@@ -56,6 +56,9 @@ pub struct ImageView {
     /// Backing file name, if any.
     #[serde(rename = "backing-filename", default)]
     pub backing_filename: Option<String>,
+    /// Bytes the image occupies on the host (allocated).
+    #[serde(rename = "actual-size", default)]
+    pub actual_size: Option<u64>,
 }
 
 /// A block node (`BlockDeviceInfo`, the fields Cairn needs).
@@ -526,6 +529,92 @@ impl QmpClient {
             cpu_index: None,
         })
         .await
+    }
+
+    /// `blockdev-add` of a `copy-before-write` filter over `file` that copies
+    /// old data to `target` before a write reaches `file`. With
+    /// `on-cbw-error: break-snapshot` a failed (or, after `cbw_timeout_seconds`,
+    /// slow) copy drops the point-in-time view instead of failing the guest's
+    /// write.
+    pub async fn add_copy_before_write(
+        &self,
+        node: &str,
+        file: &str,
+        target: &str,
+        cbw_timeout_seconds: u32,
+    ) -> Result<(), QmpError> {
+        let args = serde_json::json!({
+            "driver": "copy-before-write",
+            "node-name": node,
+            "file": file,
+            "target": target,
+            "on-cbw-error": "break-snapshot",
+            "cbw-timeout": cbw_timeout_seconds,
+        });
+        self.execute_raw("blockdev-add", Some(args)).await.map(drop)
+    }
+
+    /// `blockdev-add` of a `snapshot-access` node reading the point-in-time
+    /// view of the `copy-before-write` filter `file`.
+    pub async fn add_snapshot_access(&self, node: &str, file: &str) -> Result<(), QmpError> {
+        let args = serde_json::json!({
+            "driver": "snapshot-access",
+            "node-name": node,
+            "file": file,
+        });
+        self.execute_raw("blockdev-add", Some(args)).await.map(drop)
+    }
+
+    /// `qom-set <qdev> drive <node>`: attaches a running device to another
+    /// root node (inserting or removing a filter above its disk).
+    pub async fn set_device_drive(&self, qdev: &str, node: &str) -> Result<(), QmpError> {
+        let path = if qdev.starts_with('/') {
+            qdev.to_string()
+        } else {
+            format!("/machine/peripheral/{qdev}")
+        };
+        let args = serde_json::json!({"path": path, "property": "drive", "value": node});
+        self.execute_raw("qom-set", Some(args)).await.map(drop)
+    }
+
+    /// The node attached as child `role` (e.g. `file`) of `parent`, from
+    /// `x-debug-query-block-graph`.
+    pub async fn child_node(&self, parent: &str, role: &str) -> Result<Option<String>, QmpError> {
+        #[derive(Deserialize)]
+        struct Node {
+            id: u64,
+            name: String,
+        }
+        #[derive(Deserialize)]
+        struct Edge {
+            parent: u64,
+            child: u64,
+            name: String,
+        }
+        #[derive(Deserialize)]
+        struct Graph {
+            nodes: Vec<Node>,
+            edges: Vec<Edge>,
+        }
+        let g: Graph = self.query("x-debug-query-block-graph", None).await?;
+        let Some(pid) = g.nodes.iter().find(|n| n.name == parent).map(|n| n.id) else {
+            return Ok(None);
+        };
+        Ok(g.edges
+            .iter()
+            .find(|e| e.parent == pid && e.name == role)
+            .and_then(|e| g.nodes.iter().find(|n| n.id == e.child))
+            .map(|n| n.name.clone()))
+    }
+
+    /// `stop`: pauses the vCPUs and drains in-flight I/O.
+    pub async fn stop_vm(&self) -> Result<(), QmpError> {
+        self.execute_raw("stop", None).await.map(drop)
+    }
+
+    /// `cont`: resumes the vCPUs.
+    pub async fn cont_vm(&self) -> Result<(), QmpError> {
+        self.execute_raw("cont", None).await.map(drop)
     }
 
     /// `quit`: QEMU closes images cleanly (persistent bitmaps are stored) and exits.
