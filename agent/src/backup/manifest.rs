@@ -59,8 +59,8 @@ pub struct ManifestDisk {
 /// A finished push backup.
 ///
 /// Identity is the backup's UID, not its name: the files of backup `name`
-/// with UID `uid` are `<name>.<uid[..8]>.<disk>.qcow2` and
-/// `<name>.<uid[..8]>.manifest.json` ([`Manifest::stem`]), so a backup
+/// with UID `uid` are `<name>.<uid>.<disk>.qcow2` and
+/// `<name>.<uid>.manifest.json` ([`Manifest::stem`]), so a backup
 /// re-created under the same name never finds (or overwrites) an older one's
 /// files, and the manifest records the full UID, the VM and the UIDs of the
 /// checkpoints it used and created, so a base lookup never crosses VMs or
@@ -113,19 +113,19 @@ pub struct RecordedFile {
     pub uid: String,
 }
 
-/// The short UID part of a backup's file names: the first 8 characters of the
-/// UID (letters, digits and `-` only).
+/// The UID part of a backup's file names: the UID itself (letters, digits
+/// and `-` only, at most 64 characters; a Kubernetes UID has 36).
 pub fn uid_tag(uid: &str) -> String {
     let tag: String = uid
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-        .take(8)
+        .take(64)
         .collect();
     if tag.is_empty() { "0".into() } else { tag }
 }
 
 impl Manifest {
-    /// File name stem of backup `name` with UID `uid`: `<name>.<uid[..8]>`.
+    /// File name stem of backup `name` with UID `uid`: `<name>.<uid>`.
     pub fn stem(name: &str, uid: &str) -> String {
         format!("{name}.{}", uid_tag(uid))
     }

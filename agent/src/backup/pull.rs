@@ -119,7 +119,19 @@ impl PullPolicy {
                 };
                 let name = name.to_string_lossy().to_string();
                 // `<dir>/..` has no file name; `..` elsewhere is refused by TenantDir.
-                let dir = TenantDir::open(&roots, namespace, Some(parent), mode)?;
+                let dir = TenantDir::open(&roots, namespace, Some(parent), mode).map_err(|e| {
+                    match e {
+                        // Name the socket path the tenant gave, not its directory.
+                        TenantDirError::Outside {
+                            allowed, reason, ..
+                        } => TenantDirError::Outside {
+                            path: p.to_path_buf(),
+                            allowed,
+                            reason,
+                        },
+                        e => e,
+                    }
+                })?;
                 crate::tenant_dir::check_name(&name)?;
                 Ok((dir, name))
             }

@@ -379,6 +379,8 @@ pub fn tree(dir: &Path) -> Vec<String> {
 
 /// A pull policy rooted in `base`: exports in `base/exports`, scratch in `base/scratch`.
 pub fn pull_policy(base: &Path) -> cairn_agent::backup::PullPolicy {
+    std::fs::create_dir_all(base.join("exports")).unwrap();
+    std::fs::create_dir_all(base.join("scratch")).unwrap();
     cairn_agent::backup::PullPolicy {
         export_dir: base.join("exports"),
         socket_group: None,
