@@ -443,6 +443,7 @@ pub async fn cleanup_leftovers(
         }
     }
 
+    remove_fdsets(client, &prefix).await?;
     if let Some(scope) = files {
         report.files = remove_partial_files(scope.dir, scope.stem, &prefix);
     }
@@ -450,6 +451,57 @@ pub async fn cleanup_leftovers(
         info!(identity = %op.identity(), ?report, "removed leftovers");
     }
     Ok(report)
+}
+
+/// Hands QEMU an open file as `/dev/fdset/<n>` (QMP `add-fd`, SCM_RIGHTS):
+/// QEMU then opens exactly this inode, never a path a tenant could swap, and
+/// needs no access to the directory. With `direct`, a second descriptor of
+/// the same file opened `O_DIRECT` joins the set (when the filesystem allows
+/// it), for `cache.direct`. The set is tagged with `opaque` (the operation's
+/// prefix), so [`cleanup_leftovers`] finds it again.
+pub(crate) async fn qemu_file(
+    client: &QmpClient,
+    file: &std::fs::File,
+    opaque: &str,
+    direct: bool,
+) -> Result<String, BackupError> {
+    let io = |e: std::io::Error| BackupError::TargetIo {
+        path: PathBuf::from(opaque),
+        source: e,
+    };
+    let dup = file.try_clone().map_err(io)?;
+    let vm = client.socket().display().to_string();
+    let id = client
+        .add_fd(dup.into(), None, opaque)
+        .await
+        .map_err(qmp_err(&vm, "add-fd"))?;
+    if direct {
+        use rustix::fs::{Mode, OFlags};
+        let reopened = rustix::fs::open(
+            crate::tenant_dir::fd_path(file),
+            OFlags::RDWR | OFlags::DIRECT | OFlags::CLOEXEC,
+            Mode::empty(),
+        );
+        if let Ok(fd) = reopened {
+            client
+                .add_fd(fd, Some(id), opaque)
+                .await
+                .map_err(qmp_err(&vm, "add-fd"))?;
+        }
+    }
+    Ok(format!("/dev/fdset/{id}"))
+}
+
+/// Removes the fd sets tagged with `prefix` ([`qemu_file`]).
+pub(crate) async fn remove_fdsets(client: &QmpClient, prefix: &str) -> Result<usize, QmpError> {
+    let mut n = 0;
+    for (id, tags) in client.query_fdsets().await? {
+        if tags.iter().any(|t| t.starts_with(prefix)) {
+            client.remove_fdset(id).await?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// Puts every device whose root node is one of our filters back onto the

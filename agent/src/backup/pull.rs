@@ -19,14 +19,15 @@
 //! - the socket: `<export dir>/<namespace>/<backup>.sock` by default; a path
 //!   the tenant names must lie inside `<export dir>/<namespace>/` (opened
 //!   with [`TenantDir`]); anything already at that name that is not a dead
-//!   socket is refused, so QEMU (which unlinks the path before binding) never
-//!   removes a foreign file. QEMU binds through `/proc/<agent pid>/fd/<dir>/`
-//!   (the directory the agent holds open); the socket then gets mode `0660`
-//!   and the configured group; the directories are `0750`, so other local
-//!   users can neither reach nor connect to it.
+//!   socket is refused, never replaced. QEMU is not given the path (its
+//!   `nbd-server-start` would unlink whatever is there before binding): the
+//!   agent binds the socket itself inside the directory it holds open, gives it mode `0660` and the configured group,
+//!   and hands QEMU the listening descriptor (`getfd` + `nbd-server-start`
+//!   with `addr.type: fd`). The directories are `0750`, so other local users
+//!   can neither reach nor connect to it.
 //! - scratch images: `<scratch dir>/<namespace>/cairn-<op>-fleece-<disk>.qcow2`,
-//!   created exclusively through a [`TenantDir`] and handed to QEMU as
-//!   `/proc/<agent pid>/fd/<n>`.
+//!   created exclusively through a [`TenantDir`] and handed to QEMU as an
+//!   open descriptor (`add-fd`, opened as `/dev/fdset/<n>`).
 //!
 //! [`stop_pull_export`] removes everything again.
 
@@ -43,7 +44,7 @@ use crate::identity::{NodeRole, OperationId};
 use crate::image;
 use crate::inventory::{Disk, VmRef, read_inventory, select_disks};
 use crate::qmp::{BackingChoice, BitmapSpec, QmpClient, QmpError, TransactionStep};
-use crate::tenant_dir::{DirMode, TenantDir, TenantDirError, fd_path};
+use crate::tenant_dir::{DirMode, TenantDir, TenantDirError};
 
 /// How much free scratch space a pull export must find before it starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -467,10 +468,13 @@ async fn setup(
                     false,
                 )
             })?;
+        let file = super::qemu_file(client, &handle, &p.scratch_node, false)
+            .await
+            .map_err(|e| (e, false))?;
         client
             .add_qcow2_node(
                 &p.scratch_node,
-                &fd_path(&handle).to_string_lossy(),
+                &file,
                 false,
                 false,
                 &BackingChoice::Detached,
@@ -510,12 +514,28 @@ async fn setup(
             .map_err(|e| (qmp_err(vm, "blockdev-add snapshot-access")(e), created))?;
     }
 
-    // QEMU binds inside the directory the agent holds open.
-    let bind_path = sock_dir.proc_path().join(sock_name);
-    if let Err(e) = client
-        .nbd_server_start_unix(&bind_path.to_string_lossy())
+    // The agent binds the socket inside the directory it holds open, sets its
+    // mode and group, and hands QEMU the listening descriptor (getfd): QEMU
+    // never resolves or unlinks a path.
+    let listener = std::os::unix::net::UnixListener::bind(sock_dir.proc_path().join(sock_name))
+        .map_err(|source| {
+            (
+                BackupError::TargetIo {
+                    path: sock_dir.display_path(sock_name),
+                    source,
+                },
+                created,
+            )
+        })?;
+    sock_dir
+        .set_mode(sock_name, 0o660, policy_group(policy))
+        .map_err(|e| (BackupError::from(e), created))?;
+    let fd_name = format!("{}nbd", op.prefix());
+    client
+        .getfd(&fd_name, std::os::fd::OwnedFd::from(listener))
         .await
-    {
+        .map_err(|e| (qmp_err(vm, "getfd")(e), created))?;
+    if let Err(e) = client.nbd_server_start_fd(&fd_name).await {
         return Err(match e {
             QmpError::Command { ref desc, .. } if desc.contains("already running") => {
                 (BackupError::NbdServerBusy { vm: vm.to_string() }, created)
@@ -523,9 +543,6 @@ async fn setup(
             e => (qmp_err(vm, "nbd-server-start")(e), created),
         });
     }
-    sock_dir
-        .set_mode(sock_name, 0o660, policy_group(policy))
-        .map_err(|e| (BackupError::from(e), created))?;
     let socket = sock_dir.display_path(sock_name);
     let mut exported = Vec::new();
     for p in disks {

@@ -21,7 +21,7 @@ use crate::inventory::{Disk, VmInventory, VmRef, read_inventory, select_disks};
 use crate::qmp::{
     BackingChoice, BackupSpec, BackupSync, QmpClient, QmpError, QmpEvent, TransactionStep,
 };
-use crate::tenant_dir::{TenantDir, check_name, fd_path};
+use crate::tenant_dir::{TenantDir, check_name};
 
 /// A push backup to run.
 #[derive(Debug, Clone)]
@@ -370,7 +370,8 @@ impl RunningBackup {
                     step: format!("create {}", self.dir.display_path(&p.file).display()),
                     source,
                 })?;
-            let file = fd_path(handle).to_string_lossy().to_string();
+            // QEMU gets the open file (add-fd), not its path.
+            let file = super::qemu_file(&self.client, handle, &p.target_node, true).await?;
             // O_DIRECT first (twice as fast, see QEMU-NOTES); buffered if the filesystem refuses.
             let direct = self
                 .client
@@ -566,6 +567,9 @@ impl RunningBackup {
                 .await
                 .map_err(qmp_err(&vm, "blockdev-del"))?;
         }
+        super::remove_fdsets(&self.client, &self.request.operation.prefix())
+            .await
+            .map_err(qmp_err(&vm, "remove-fd"))?;
         let mut disks = Vec::new();
         for p in &self.plan {
             // QEMU flushed and closed the file at blockdev-del.
@@ -639,6 +643,7 @@ impl RunningBackup {
             let _ = self.client.job_dismiss(&p.job_id).await;
             let _ = self.client.blockdev_del(&p.target_node).await;
         }
+        let _ = super::remove_fdsets(&self.client, &self.request.operation.prefix()).await;
         if let (true, Some(cp)) = (self.created_checkpoint, &self.request.new_checkpoint) {
             for p in &self.plan {
                 let _ = self.client.remove_bitmap(&p.node, cp).await;

@@ -607,6 +607,74 @@ impl QmpClient {
             .map(|n| n.name.clone()))
     }
 
+    /// `add-fd`: hands QEMU an open file (SCM_RIGHTS) in fd set `fdset` (a
+    /// new one when `None`), tagged `opaque`; QEMU then opens it as
+    /// `/dev/fdset/<id>`, never by a path. Returns the fd set id.
+    pub async fn add_fd(
+        &self,
+        fd: std::os::fd::OwnedFd,
+        fdset: Option<u64>,
+        opaque: &str,
+    ) -> Result<u64, QmpError> {
+        #[derive(Deserialize)]
+        struct Added {
+            #[serde(rename = "fdset-id")]
+            fdset_id: u64,
+        }
+        let mut args = serde_json::json!({ "opaque": opaque });
+        if let Some(id) = fdset {
+            args["fdset-id"] = id.into();
+        }
+        let v = self.execute_with_fd("add-fd", Some(args), fd).await?;
+        let added: Added = serde_json::from_value(v).map_err(|source| QmpError::Decode {
+            command: "add-fd".into(),
+            source,
+        })?;
+        Ok(added.fdset_id)
+    }
+
+    /// `query-fdsets`: `(fd set id, opaque tags of its fds)`.
+    pub async fn query_fdsets(&self) -> Result<Vec<(u64, Vec<String>)>, QmpError> {
+        #[derive(Deserialize)]
+        struct Fd {
+            #[serde(default)]
+            opaque: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Set {
+            #[serde(rename = "fdset-id")]
+            id: u64,
+            fds: Vec<Fd>,
+        }
+        let sets: Vec<Set> = self.query("query-fdsets", None).await?;
+        Ok(sets
+            .into_iter()
+            .map(|s| (s.id, s.fds.into_iter().filter_map(|f| f.opaque).collect()))
+            .collect())
+    }
+
+    /// `remove-fd` of a whole fd set (QEMU closes its fds once nothing uses them).
+    pub async fn remove_fdset(&self, fdset: u64) -> Result<(), QmpError> {
+        self.execute_raw("remove-fd", Some(serde_json::json!({ "fdset-id": fdset })))
+            .await
+            .map(drop)
+    }
+
+    /// `getfd`: hands QEMU an open descriptor under `name` (SCM_RIGHTS).
+    pub async fn getfd(&self, name: &str, fd: std::os::fd::OwnedFd) -> Result<(), QmpError> {
+        self.execute_with_fd("getfd", Some(serde_json::json!({ "fdname": name })), fd)
+            .await
+            .map(drop)
+    }
+
+    /// `nbd-server-start` on a listening socket passed earlier with [`Self::getfd`].
+    pub async fn nbd_server_start_fd(&self, fd_name: &str) -> Result<(), QmpError> {
+        let args = serde_json::json!({ "addr": { "type": "fd", "data": { "str": fd_name } } });
+        self.execute_raw("nbd-server-start", Some(args))
+            .await
+            .map(drop)
+    }
+
     /// `stop`: pauses the vCPUs and drains in-flight I/O.
     pub async fn stop_vm(&self) -> Result<(), QmpError> {
         self.execute_raw("stop", None).await.map(drop)
