@@ -342,7 +342,8 @@ async fn redefine_without_domain() -> Result<()> {
     );
     assert_eq!(bs.disks[0].incremental_from.as_deref(), Some("redef"));
     assert_eq!(bs.disks[0].backing_file, None);
-    let file = dir.join("inc-redef.disk0.qcow2");
+    let file = PathBuf::from(bs.disks[0].target.clone().context("target")?);
+    assert_eq!(file.parent(), Some(dir.as_path()));
     let info = Command::new("qemu-img")
         .args(["info", "--output=json"])
         .arg(&file)
