@@ -23,6 +23,10 @@ pub enum NodeRole {
     Target,
     /// A pull export's fleecing scratch image.
     Scratch,
+    /// A pull export's copy-before-write filter above the disk.
+    CopyBeforeWrite,
+    /// A pull export's snapshot-access node (what the NBD export reads).
+    SnapshotAccess,
 }
 
 impl OperationId {
@@ -58,6 +62,8 @@ impl OperationId {
         let r = match role {
             NodeRole::Target => "tgt",
             NodeRole::Scratch => "fls",
+            NodeRole::CopyBeforeWrite => "cbw",
+            NodeRole::SnapshotAccess => "acc",
         };
         format!("{}{r}-{}", self.prefix(), Self::disk_tag(disk))
     }
@@ -84,7 +90,12 @@ mod tests {
         assert_eq!(a, OperationId::new(a.identity()));
         assert_ne!(a.prefix(), b.prefix());
         for disk in ["disk0", "a-very-long-disk-name-that-users-might-pick"] {
-            for role in [NodeRole::Target, NodeRole::Scratch] {
+            for role in [
+                NodeRole::Target,
+                NodeRole::Scratch,
+                NodeRole::CopyBeforeWrite,
+                NodeRole::SnapshotAccess,
+            ] {
                 let n = a.node_name(disk, role);
                 assert!(n.len() <= 31, "{n} too long");
                 assert!(n.starts_with(&a.prefix()));

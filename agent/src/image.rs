@@ -117,6 +117,26 @@ pub async fn create_qcow2(
     run("qemu-img", &args).await.map(drop)
 }
 
+/// Formats `file` (created empty by the caller through a [`crate::tenant_dir::TenantDir`])
+/// as a qcow2 image of `size` bytes whose header names `backing` (a file name
+/// relative to the image's directory) without opening it (`-u`). `qemu-img`
+/// is given `/proc/<agent pid>/fd/<n>` of `file`, so it writes exactly that
+/// inode, whatever happened to its path since.
+pub async fn create_qcow2_at(
+    file: &std::fs::File,
+    size: u64,
+    backing: Option<&str>,
+) -> Result<(), ImageError> {
+    let path = crate::tenant_dir::fd_path(file);
+    let size = size.to_string();
+    let mut args = os(&[&"create", &"-q", &"-f", &"qcow2"]);
+    if let Some(b) = backing {
+        args.extend(os(&[&"-u", &"-b", &b, &"-F", &"qcow2"]));
+    }
+    args.extend(os(&[&path, &size]));
+    run("qemu-img", &args).await.map(drop)
+}
+
 /// A bitmap as `qemu-img info` shows it.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 pub struct ImageBitmap {
@@ -309,7 +329,23 @@ pub async fn content_sha256(path: &Path, format: &str) -> Result<String, ImageEr
 /// `qemu-img convert -T writeback`). ring uses SHA-NI where the CPU has it.
 pub async fn file_sha256_and_size(path: &Path) -> Result<(String, u64), ImageError> {
     let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || hash_file_blocking(&path))
+    tokio::task::spawn_blocking(move || {
+        let f = std::fs::File::open(&path).map_err(|source| ImageError::Io {
+            tool: "sha256".into(),
+            source,
+        })?;
+        hash_file_blocking(f)
+    })
+    .await
+    .map_err(|e| ImageError::Io {
+        tool: "sha256".into(),
+        source: std::io::Error::other(e),
+    })?
+}
+
+/// SHA-256 (hex) and length of the bytes of an already open file.
+pub async fn open_file_sha256_and_size(f: std::fs::File) -> Result<(String, u64), ImageError> {
+    tokio::task::spawn_blocking(move || hash_file_blocking(f))
         .await
         .map_err(|e| ImageError::Io {
             tool: "sha256".into(),
@@ -322,13 +358,12 @@ pub async fn file_sha256(path: &Path) -> Result<String, ImageError> {
     file_sha256_and_size(path).await.map(|(h, _)| h)
 }
 
-fn hash_file_blocking(path: &Path) -> Result<(String, u64), ImageError> {
+fn hash_file_blocking(mut f: std::fs::File) -> Result<(String, u64), ImageError> {
     use std::io::Read;
     let io = |source| ImageError::Io {
         tool: "sha256".into(),
         source,
     };
-    let mut f = std::fs::File::open(path).map_err(io)?;
     // Sequential hint: larger kernel readahead.
     let _ = nix::fcntl::posix_fadvise(
         &f,

@@ -11,6 +11,7 @@ pub mod image;
 pub mod inventory;
 pub mod qmp;
 pub mod restore;
+pub mod tenant_dir;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -52,7 +52,7 @@ struct Cli {
     /// QemuInstances and reconciles the checkpoints and backups routed here.
     #[arg(long, env = "NODE_NAME", global = true)]
     node_name: Option<String>,
-    /// Where NBD export sockets and fleecing scratch images live.
+    /// Agent runtime state directory.
     #[arg(
         long,
         env = "CAIRN_RUNTIME_DIR",
@@ -60,6 +60,45 @@ struct Cli {
         global = true
     )]
     runtime_dir: PathBuf,
+    /// Pull export sockets go in `<export dir>/<namespace>/` (mode 0660,
+    /// directories 0750); a tenant-given socket path must lie there.
+    #[arg(
+        long,
+        env = "CAIRN_EXPORT_DIR",
+        default_value = "/run/cairn/exports",
+        global = true
+    )]
+    export_dir: PathBuf,
+    /// Group (name or numeric id) that owns export sockets and directories:
+    /// the local users allowed to read exports. Unset: the agent's group.
+    #[arg(long, env = "CAIRN_EXPORT_GROUP", global = true)]
+    export_group: Option<String>,
+    /// Fleecing scratch images of pull exports go in `<scratch dir>/<namespace>/`.
+    #[arg(
+        long,
+        env = "CAIRN_SCRATCH_DIR",
+        default_value = "/var/lib/cairn/scratch",
+        global = true
+    )]
+    scratch_dir: PathBuf,
+    /// Free scratch space a pull export needs before it starts: `allocated`
+    /// (every allocated byte of the exported disks) or `virtual` (their full size).
+    #[arg(
+        long,
+        env = "CAIRN_SCRATCH_RESERVE",
+        default_value = "allocated",
+        global = true
+    )]
+    scratch_reserve: cairn_agent::backup::ScratchReserve,
+    /// Seconds one copy-before-write of a pull export may take before the
+    /// export's point-in-time view is dropped (the guest write then goes on).
+    #[arg(
+        long,
+        env = "CAIRN_CBW_TIMEOUT_SECONDS",
+        default_value_t = 30,
+        global = true
+    )]
+    cbw_timeout_seconds: u32,
     /// Seconds between full refreshes of QemuInstance status. A VM is also
     /// re-read as soon as its QEMU reports a change (QMP event, reconnect, or
     /// a state-changing command from the agent); the periodic pass catches
@@ -156,11 +195,19 @@ async fn main() -> anyhow::Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
+            let socket_group = cli.export_group.as_deref().map(resolve_group).transpose()?;
             let config = cairn_agent::controller::NodeAgentConfig {
                 node_name: cli.node_name.unwrap_or_default(),
                 socket_dir: cli.socket_dir,
                 backup_roots: cli.allowed_root,
                 runtime_dir: cli.runtime_dir,
+                pull: cairn_agent::backup::PullPolicy {
+                    export_dir: cli.export_dir,
+                    socket_group,
+                    scratch_dir: cli.scratch_dir,
+                    scratch_reserve: cli.scratch_reserve,
+                    cbw_timeout_seconds: cli.cbw_timeout_seconds.max(1),
+                },
                 rescan_interval: Duration::from_secs(cli.rescan_seconds.max(1)),
                 qmp_timeout: Duration::from_secs(cli.qmp_timeout_seconds.max(1)),
                 resync_interval: Duration::from_secs(cli.resync_seconds.max(1)),
@@ -216,4 +263,15 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A group name or numeric id, as a gid.
+fn resolve_group(group: &str) -> anyhow::Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let found = nix::unistd::Group::from_name(group)
+        .with_context(|| format!("cannot look up group {group:?}"))?
+        .with_context(|| format!("no group {group:?} on this node"))?;
+    Ok(found.gid.as_raw())
 }

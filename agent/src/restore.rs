@@ -16,8 +16,10 @@ use std::path::{Path, PathBuf};
 use futures::stream::{self, StreamExt};
 use tracing::info;
 
+use crate::backup::manifest::RecordedFile;
 use crate::backup::{BackupError, Manifest};
 use crate::image::{self, ImageError, OutputFormat, SourceCache};
+use crate::tenant_dir::TenantDir;
 
 /// What to restore.
 #[derive(Debug, Clone)]
@@ -109,6 +111,21 @@ pub enum RestoreError {
         /// What differs.
         detail: String,
     },
+    /// A chain file was written by a backup of another VM: the chain was
+    /// stitched together from different VMs' backups.
+    #[error(
+        "backup file {path} of disk {disk} was written by a backup of VM {other_vm}, not of {vm}; the chain mixes VMs and is refused"
+    )]
+    ForeignChainFile {
+        /// Disk name.
+        disk: String,
+        /// The file.
+        path: PathBuf,
+        /// The VM of the backup being restored.
+        vm: String,
+        /// The VM whose backup wrote the file.
+        other_vm: String,
+    },
     /// A chain file has no recorded checksum.
     #[error(
         "backup file {path} of disk {disk} has no recorded checksum: its backup is not verified yet (wait for its Verified condition) or no manifest in the directory names it; use --no-verify to restore anyway"
@@ -131,43 +148,75 @@ pub enum RestoreError {
 }
 
 /// Finds the manifest: the file itself, or the newest in a directory.
-pub fn locate_manifest(path: &Path) -> Result<(PathBuf, Manifest), RestoreError> {
+/// Returns the directory (opened as given: the restore CLI is run by an
+/// administrator), the manifest's file name and the manifest.
+pub fn locate_manifest(path: &Path) -> Result<(TenantDir, String, Manifest), RestoreError> {
+    let missing = || RestoreError::NoManifest {
+        path: path.to_path_buf(),
+    };
+    let bad = |e: BackupError| RestoreError::Manifest(Box::new(e));
     if path.is_dir() {
-        return Manifest::list(path)
-            .pop()
-            .ok_or_else(|| RestoreError::NoManifest {
-                path: path.to_path_buf(),
-            });
+        let dir = TenantDir::open_trusted(path).map_err(|e| bad(e.into()))?;
+        let (name, m) = Manifest::list(&dir).pop().ok_or_else(missing)?;
+        return Ok((dir, name, m));
     }
-    if !path.exists() {
-        return Err(RestoreError::NoManifest {
-            path: path.to_path_buf(),
-        });
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(missing());
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let dir = TenantDir::open_trusted(parent).map_err(|_| missing())?;
+    let name = name.to_string_lossy().to_string();
+    if !dir.exists(&name) {
+        return Err(missing());
     }
-    Ok((
-        path.to_path_buf(),
-        Manifest::load(path).map_err(|e| RestoreError::Manifest(Box::new(e)))?,
-    ))
+    let m = Manifest::load(&dir, &name).map_err(bad)?;
+    Ok((dir, name, m))
 }
 
 /// Checks each chain file of `disk` against the checksum and size recorded in
-/// the manifests of `dir`, hashing several files at a time.
+/// the manifests of `dir`, and that each was written by a backup of `vm`,
+/// hashing several files at a time. Files are opened through the directory
+/// handle without following symlinks.
 async fn verify_chain(
-    dir: &Path,
+    dir: &TenantDir,
+    vm: &str,
     disk: &str,
     chain: &[String],
-    recorded: &HashMap<String, (Option<String>, u64)>,
+    recorded: &HashMap<String, RecordedFile>,
 ) -> Result<(), RestoreError> {
     let mut checks = Vec::new();
     for f in chain {
-        let path = dir.join(f);
-        let Some((Some(want), want_size)) = recorded.get(f).cloned() else {
+        let path = dir.display_path(f);
+        let Some(RecordedFile {
+            sha256: Some(want),
+            size: want_size,
+            vm: file_vm,
+            ..
+        }) = recorded.get(f).cloned()
+        else {
             return Err(RestoreError::Unverified {
                 disk: disk.into(),
                 path,
             });
         };
-        let size = std::fs::metadata(&path)
+        if file_vm != vm {
+            return Err(RestoreError::ForeignChainFile {
+                disk: disk.into(),
+                path,
+                vm: vm.into(),
+                other_vm: file_vm,
+            });
+        }
+        let handle = dir.open_read(f).map_err(|e| RestoreError::Output {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        let size = handle
+            .metadata()
             .map_err(|source| RestoreError::Output {
                 path: path.clone(),
                 source,
@@ -180,11 +229,13 @@ async fn verify_chain(
                 detail: format!("it is {size} bytes but the backup wrote {want_size}"),
             });
         }
-        checks.push((path, want));
+        checks.push((path, handle, want));
     }
     let parallel = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
-    let mut results = stream::iter(checks.into_iter().map(|(path, want)| async move {
-        let got = image::file_sha256(&path).await;
+    let mut results = stream::iter(checks.into_iter().map(|(path, handle, want)| async move {
+        let got = image::open_file_sha256_and_size(handle)
+            .await
+            .map(|(h, _)| h);
         (path, want, got)
     }))
     .buffer_unordered(parallel);
@@ -219,11 +270,8 @@ fn staging_path(output: &Path) -> Option<PathBuf> {
 /// false) and converts its newest backup file, with its backing chain, into
 /// a standalone image.
 pub async fn restore(request: &RestoreRequest) -> Result<Vec<RestoredDisk>, RestoreError> {
-    let (manifest_path, manifest) = locate_manifest(&request.manifest)?;
-    let dir = manifest_path
-        .parent()
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
+    let (handle, _, manifest) = locate_manifest(&request.manifest)?;
+    let dir = handle.path().to_path_buf();
     let disks: Vec<_> = match &request.disk {
         Some(name) => vec![manifest.disk(name).ok_or_else(|| {
             RestoreError::UnknownDisk {
@@ -256,7 +304,7 @@ pub async fn restore(request: &RestoreRequest) -> Result<Vec<RestoredDisk>, Rest
         })?;
     }
     let recorded = if request.verify {
-        Manifest::file_checksums(&dir)
+        Manifest::file_checksums(&handle)
     } else {
         HashMap::new()
     };
@@ -292,7 +340,8 @@ pub async fn restore(request: &RestoreRequest) -> Result<Vec<RestoredDisk>, Rest
         } else if let Some(staging) = staging_path(&output) {
             // Hash and convert at once, both reading the chain through the page
             // cache; the output takes its name only when every file checked out.
-            let verified = verify_chain(&dir, &d.disk, &d.backing_chain, &recorded);
+            let verified =
+                verify_chain(&handle, &manifest.vm, &d.disk, &d.backing_chain, &recorded);
             let converted = convert(staging.clone(), SourceCache::PageCache);
             if let Err(e) = tokio::try_join!(verified, converted) {
                 let _ = tokio::fs::remove_file(&staging).await;
@@ -306,7 +355,7 @@ pub async fn restore(request: &RestoreRequest) -> Result<Vec<RestoredDisk>, Rest
                 })?;
         } else {
             // A device (or other non-file) output is only written once verified.
-            verify_chain(&dir, &d.disk, &d.backing_chain, &recorded).await?;
+            verify_chain(&handle, &manifest.vm, &d.disk, &d.backing_chain, &recorded).await?;
             convert(output.clone(), SourceCache::PageCache).await?;
         }
         info!(disk = %d.disk, output = %output.display(), verified = request.verify, "disk restored");

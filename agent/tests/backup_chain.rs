@@ -11,6 +11,11 @@ use cairn_agent::restore::{RestoreRequest, restore};
 use common::*;
 use rand::{Rng, SeedableRng};
 
+/// File stem of test backup `name` (its UID is `uid-<name>`).
+fn stem(name: &str) -> String {
+    cairn_agent::backup::Manifest::stem(name, &format!("uid-{name}"))
+}
+
 fn request(
     name: &str,
     dir: &std::path::Path,
@@ -22,7 +27,9 @@ fn request(
         name: name.to_string(),
         disks: None,
         incremental: inc.map(str::to_string),
+        incremental_uid: None,
         new_checkpoint: new_cp.map(str::to_string),
+        new_checkpoint_uid: None,
         target_dir: dir.to_path_buf(),
         fallback_to_full: false,
         standalone_incremental: false,
@@ -41,7 +48,7 @@ async fn twenty_round_incremental_chain_restores_every_point() {
     let backups = vm.path().join("backups");
     std::fs::create_dir_all(&backups).unwrap();
     let policy = TargetPolicy::new([backups.clone()]);
-    let target = backups.join("chain");
+    let target = backups.join("default/chain");
     let mut models = [DiskModel::new(size), DiskModel::new(size)];
     let seed: u64 = rand::rng().random();
     eprintln!("seed {seed}");
@@ -107,7 +114,7 @@ async fn twenty_round_incremental_chain_restores_every_point() {
     let restored = vm.path().join("restored");
     std::fs::create_dir_all(&restored).unwrap();
     for (name, d0, d1) in &expected {
-        let manifest = target.join(format!("{name}.manifest.json"));
+        let manifest = target.join(format!("{}.manifest.json", stem(name)));
         for (disk, want) in [("disk0", d0), ("disk1", d1)] {
             let out = restored.join(format!("{name}-{disk}.raw"));
             let r = restore(&RestoreRequest {
@@ -152,7 +159,7 @@ async fn twenty_round_incremental_chain_restores_every_point() {
     assert!(image_bytes(&out.join("disk1.qcow2")) == last.2);
 
     // A damaged newest file is detected by its checksum.
-    let newest = target.join("b20.disk0.qcow2");
+    let newest = target.join(format!("{}.disk0.qcow2", stem("b20")));
     let st = std::process::Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", "write -P 0x01 0 4096"])
         .arg(&newest)
@@ -161,7 +168,7 @@ async fn twenty_round_incremental_chain_restores_every_point() {
     assert!(st.success());
     let restore_one = |name: &str, disk: &str, verify: bool| {
         let request = RestoreRequest {
-            manifest: target.join(format!("{name}.manifest.json")),
+            manifest: target.join(format!("{}.manifest.json", stem(name))),
             output: restored.join("one.raw"),
             format: OutputFormat::Raw,
             disk: Some(disk.into()),
@@ -171,7 +178,10 @@ async fn twenty_round_incremental_chain_restores_every_point() {
     };
     let err = restore_one("b20", "disk0", true).await.unwrap_err();
     assert!(
-        err.to_string().contains("damaged") && err.to_string().contains("b20.disk0.qcow2"),
+        err.to_string().contains("damaged")
+            && err
+                .to_string()
+                .contains(&format!("{}.disk0.qcow2", stem("b20"))),
         "{err}"
     );
     assert!(
@@ -181,7 +191,7 @@ async fn twenty_round_incremental_chain_restores_every_point() {
 
     // One flipped byte in an older member of a chain: every later point of
     // that disk is refused, earlier points and the other disk still restore.
-    let older = target.join("b05.disk1.qcow2");
+    let older = target.join(format!("{}.disk1.qcow2", stem("b05")));
     let mut bytes = std::fs::read(&older).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
@@ -189,7 +199,10 @@ async fn twenty_round_incremental_chain_restores_every_point() {
     for later in ["b05", "b12", "b20"] {
         let err = restore_one(later, "disk1", true).await.unwrap_err();
         assert!(
-            err.to_string().contains("damaged") && err.to_string().contains("b05.disk1.qcow2"),
+            err.to_string().contains("damaged")
+                && err
+                    .to_string()
+                    .contains(&format!("{}.disk1.qcow2", stem("b05"))),
             "{later}: {err}"
         );
     }
@@ -210,7 +223,7 @@ async fn twenty_round_incremental_chain_restores_every_point() {
     // --no-verify restores whatever the files hold, and says so.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_cairn-agent"))
         .args(["restore", "--no-verify", "--disk", "disk1", "--manifest"])
-        .arg(target.join("b20.manifest.json"))
+        .arg(target.join(format!("{}.manifest.json", stem("b20"))))
         .arg("--output")
         .arg(restored.join("nv.qcow2"))
         .output()
@@ -223,7 +236,7 @@ async fn twenty_round_incremental_chain_restores_every_point() {
     );
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_cairn-agent"))
         .args(["restore", "--disk", "disk1", "--manifest"])
-        .arg(target.join("b20.manifest.json"))
+        .arg(target.join(format!("{}.manifest.json", stem("b20"))))
         .arg("--output")
         .arg(restored.join("v.qcow2"))
         .output()
@@ -239,7 +252,7 @@ async fn incremental_from_older_checkpoint_after_newer_backups() {
     let backups = vm.path().join("backups");
     std::fs::create_dir_all(&backups).unwrap();
     let policy = TargetPolicy::new([backups.clone()]);
-    let target = backups.join("c");
+    let target = backups.join("default/c");
     let mut model = DiskModel::new(size);
 
     vm.write("disk0", 0x11, 0, MIB).await;
@@ -289,8 +302,8 @@ async fn incremental_from_older_checkpoint_after_newer_backups() {
     assert_eq!(
         d.backing_chain,
         vec![
-            "branch.disk0.qcow2".to_string(),
-            "full.disk0.qcow2".to_string()
+            format!("{}.disk0.qcow2", stem("branch")),
+            format!("{}.disk0.qcow2", stem("full"))
         ]
     );
     assert!(
@@ -310,7 +323,9 @@ async fn incremental_from_older_checkpoint_after_newer_backups() {
     let err = restore(&restore_branch).await.unwrap_err();
     assert!(
         err.to_string().contains("no recorded checksum")
-            && err.to_string().contains("branch.disk0.qcow2"),
+            && err
+                .to_string()
+                .contains(&format!("{}.disk0.qcow2", stem("branch"))),
         "{err}"
     );
     let m = verify_and_check(&out.manifest_path).await;
@@ -350,6 +365,42 @@ async fn incremental_from_older_checkpoint_after_newer_backups() {
     )
     .await
     .unwrap();
+    // Same backup (same UID) again: idempotent, reports the finished backup.
     assert!(again.already_complete);
+
+    // Delete and re-create under the same name (TTL + GitOps re-apply): a new
+    // UID, so a new backup of the current data, beside the old one's files.
+    vm.write("disk0", 0x99, 12 * MIB, MIB).await;
+    model.write(0x99, 12 * MIB, MIB);
+    let mut again = request("inc-e", &target, None, None);
+    again.operation = OperationId::new("uid-inc-e-recreated");
+    let out2 = run_push_backup(&vm.client, &vm.vm, &policy, &again)
+        .await
+        .unwrap();
+    assert!(
+        !out2.already_complete,
+        "a re-created backup must copy the current data"
+    );
+    assert_ne!(out2.manifest_path, out.manifest_path);
+    assert_eq!(out2.manifest.uid, "uid-inc-e-recreated");
+    assert!(
+        out.manifest_path.exists(),
+        "the older backup's manifest is kept"
+    );
+    verify_and_check(&out2.manifest_path).await;
+    let raw = vm.path().join("recreated.raw");
+    restore(&RestoreRequest {
+        manifest: out2.manifest_path.clone(),
+        output: raw.clone(),
+        format: OutputFormat::Raw,
+        disk: None,
+        verify: true,
+    })
+    .await
+    .unwrap();
+    assert!(
+        read_raw(&raw) == model.bytes,
+        "re-created backup holds old data"
+    );
     assert_no_leftovers(&vm.client).await;
 }

@@ -177,7 +177,9 @@ fn push(uid: &str, dir: &std::path::Path) -> PushRequest {
         name: "b".into(),
         disks: None,
         incremental: None,
+        incremental_uid: None,
         new_checkpoint: Some("newcp".into()),
+        new_checkpoint_uid: None,
         target_dir: dir.to_path_buf(),
         fallback_to_full: false,
         standalone_incremental: false,
@@ -203,12 +205,13 @@ async fn backup_errors_leave_nothing_behind() {
             .unwrap_err();
         assert!(matches!(e, BackupError::OutsideAllowedRoots { .. }), "{e}");
     }
-    std::os::unix::fs::symlink(vm.path(), root.join("link")).unwrap();
+    std::fs::create_dir_all(root.join("default")).unwrap();
+    std::os::unix::fs::symlink(vm.path(), root.join("default/link")).unwrap();
     let e = run_push_backup(
         &vm.client,
         &vm.vm,
         &policy,
-        &push("u", &root.join("link/x")),
+        &push("u", &root.join("default/link/x")),
     )
     .await
     .unwrap_err();
@@ -216,7 +219,7 @@ async fn backup_errors_leave_nothing_behind() {
     assert!(!vm.path().join("x").exists());
 
     // Raw disk named explicitly; unknown disk; unknown incremental base.
-    let mut r = push("u", &root.join("t"));
+    let mut r = push("u", &root.join("default/t"));
     r.disks = Some(vec!["vdb".into()]);
     let e = run_push_backup(&vm.client, &vm.vm, &policy, &r)
         .await
@@ -236,7 +239,7 @@ async fn backup_errors_leave_nothing_behind() {
         ),
         "{e}"
     );
-    let mut r = push("u", &root.join("t"));
+    let mut r = push("u", &root.join("default/t"));
     r.incremental = Some("never-made".into());
     let e = run_push_backup(&vm.client, &vm.vm, &policy, &r)
         .await
@@ -246,18 +249,23 @@ async fn backup_errors_leave_nothing_behind() {
     create_checkpoint(&vm.client, &vm.vm, &cp("newcp", None))
         .await
         .unwrap();
-    let e = run_push_backup(&vm.client, &vm.vm, &policy, &push("u", &root.join("t")))
-        .await
-        .unwrap_err();
+    let e = run_push_backup(
+        &vm.client,
+        &vm.vm,
+        &policy,
+        &push("u", &root.join("default/t")),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(e, BackupError::Checkpoint(_)), "{e}");
     delete_checkpoint(&vm.client, &vm.vm, "newcp", None)
         .await
         .unwrap();
-    assert!(files_in(&root.join("t")).is_empty());
+    assert!(files_in(&root.join("default/t")).is_empty());
     assert_no_leftovers(&vm.client).await;
 
     // Target filesystem too small: refused before anything starts.
-    let small = root.join("small");
+    let small = root.join("default/small");
     std::fs::create_dir_all(&small).unwrap();
     mount_tmpfs(&small, "8m");
     let e = run_push_backup(&vm.client, &vm.vm, &policy, &push("u", &small))
@@ -268,7 +276,7 @@ async fn backup_errors_leave_nothing_behind() {
 
     // Space runs out mid-job: the filesystem fits the estimate, then fills up.
     vm.write("disk0", 0x5a, 0, 30 * MIB).await;
-    let tight = root.join("tight");
+    let tight = root.join("default/tight");
     std::fs::create_dir_all(&tight).unwrap();
     mount_tmpfs(&tight, "40m");
     let mut r = push("u2", &tight);

@@ -25,7 +25,9 @@ fn req(
         name: name.into(),
         disks: None,
         incremental: inc.map(str::to_string),
+        incremental_uid: None,
         new_checkpoint: cp.map(str::to_string),
+        new_checkpoint_uid: None,
         target_dir: dir.to_path_buf(),
         fallback_to_full: false,
         standalone_incremental: false,
@@ -40,7 +42,7 @@ async fn agent_dropped_mid_backup_reattaches_or_cleans_up() {
     let backups = vm.path().join("backups");
     std::fs::create_dir_all(&backups).unwrap();
     let policy = TargetPolicy::new([backups.clone()]);
-    let target = backups.join("t");
+    let target = backups.join("default/t");
     let mut model = DiskModel::new(size);
     for i in 0..8u64 {
         vm.write("disk0", 0x40 + i as u8, i * 4 * MIB, 2 * MIB)
@@ -88,8 +90,8 @@ async fn agent_dropped_mid_backup_reattaches_or_cleans_up() {
         &agent,
         &r2.operation,
         Some(FileScope {
-            dir: &target,
-            backup_name: "inc",
+            dir: &policy.resolve_dir("default", &target).unwrap(),
+            stem: &r2.stem(),
         }),
     )
     .await
@@ -151,7 +153,7 @@ async fn restarts_keep_or_invalidate_bitmaps() {
     let backups = vm.path().join("backups");
     std::fs::create_dir_all(&backups).unwrap();
     let policy = TargetPolicy::new([backups.clone()]);
-    let target = backups.join("t");
+    let target = backups.join("default/t");
     run_push_backup(
         &vm.client,
         &vm.vm,
@@ -198,7 +200,7 @@ async fn vm_gone_mid_job_is_a_clear_error_without_files() {
     let backups = vm.path().join("backups");
     std::fs::create_dir_all(&backups).unwrap();
     let policy = TargetPolicy::new([backups.clone()]);
-    let target = backups.join("t");
+    let target = backups.join("default/t");
     let agent = vm.client.clone();
     let mut r = req("u", "b", &target, None, Some("cp"));
     r.speed_limit = Some(4 * MIB);

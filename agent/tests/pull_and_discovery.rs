@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use cairn_agent::backup::{PullRequest, TargetPolicy, start_pull_export, stop_pull_export};
+use cairn_agent::backup::{PullRequest, start_pull_export, stop_pull_export};
 use cairn_agent::checkpoint::{CheckpointRequest, create_checkpoint};
 use cairn_agent::discovery::{Discovery, DiscoveryEvent, DiscoveryOptions};
 use cairn_agent::identity::OperationId;
@@ -31,23 +31,32 @@ async fn pull_export_is_point_in_time_with_dirty_bitmap() {
     vm.write("disk0", 0x20, 8 * MIB, MIB).await;
     model.write(0x20, 8 * MIB, MIB);
 
-    let root = vm.path().join("scratch");
-    std::fs::create_dir_all(&root).unwrap();
-    let policy = TargetPolicy::new([root.clone()]);
-    let sock = vm.path().join("nbd.sock");
+    let policy = pull_policy(vm.path());
+    let root = policy.scratch_dir.join("default");
     let req = PullRequest {
         operation: OperationId::new("pull-uid"),
+        name: "pull".into(),
         disks: None,
         incremental: Some("base".into()),
         new_checkpoint: Some("next".into()),
-        socket: sock.clone(),
-        scratch_dir: root.clone(),
+        socket: None,
         fallback_to_full: false,
     };
     let export = start_pull_export(&vm.client, &vm.vm, &policy, &req)
         .await
         .unwrap();
     assert_eq!(export.disks.len(), 1);
+    // Default socket: <export dir>/<namespace>/<backup>.sock, mode 0660, dir 0750.
+    let sock = policy.export_dir.join("default/pull.sock");
+    assert_eq!(export.socket, sock);
+    {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let m = std::fs::symlink_metadata(&sock).unwrap();
+        assert!(m.file_type().is_socket());
+        assert_eq!(m.permissions().mode() & 0o777, 0o660);
+        let d = std::fs::metadata(policy.export_dir.join("default")).unwrap();
+        assert_eq!(d.permissions().mode() & 0o777, 0o750);
+    }
     let d = &export.disks[0];
     let ctx = d.bitmap_context.clone().unwrap();
     // Guest writes after the export started are not visible in it.
@@ -89,10 +98,13 @@ async fn pull_export_is_point_in_time_with_dirty_bitmap() {
             .contains(&"next".to_string())
     );
 
-    stop_pull_export(&vm.client, &req.operation, &root)
+    stop_pull_export(&vm.client, &req.operation, &policy, &vm.vm, None, "pull")
         .await
         .unwrap();
     assert_no_leftovers(&vm.client).await;
+    assert!(!sock.exists(), "socket left after teardown");
+    // The device is back on its own disk, and guest writes reach it.
+    vm.write("disk0", 0x40, 0, MIB).await;
     assert!(files_in(&root).is_empty(), "{:?}", files_in(&root));
     let gone = Command::new("nbdinfo").arg(&d.url).output().unwrap();
     assert!(
@@ -100,7 +112,7 @@ async fn pull_export_is_point_in_time_with_dirty_bitmap() {
         "export still reachable after teardown"
     );
     // Teardown is idempotent.
-    stop_pull_export(&vm.client, &req.operation, &root)
+    stop_pull_export(&vm.client, &req.operation, &policy, &vm.vm, None, "pull")
         .await
         .unwrap();
 }

@@ -164,10 +164,10 @@ impl BackupDisk {
 #[x_kube(validation = Rule::new("(has(self.directory) ? 1 : 0) + (has(self.nbd) ? 1 : 0) + (has(self.repository) ? 1 : 0) <= 1").message("target takes one of directory, nbd or repository"))]
 #[serde(rename_all = "camelCase")]
 pub struct BackupTarget {
-    /// Push: directory on the node (under a root the chart allows) for the qcow2 files.
+    /// Push: directory on the node for the qcow2 files, inside `<backup root>/<namespace>/`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub directory: Option<DirectoryTarget>,
-    /// Pull: where the NBD export listens. Default: a unix socket the agent chooses.
+    /// Pull: where the NBD export listens. Default: the unix socket `<export dir>/<namespace>/<backup>.sock`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd: Option<NbdTarget>,
     /// Push into a BackupRepository (deduplicated, off the node): the agent reads a
@@ -202,7 +202,9 @@ pub enum DeletionPolicy {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct DirectoryTarget {
-    /// Absolute path; must lie under one of the agent's allowed backup roots.
+    /// Absolute path inside `<allowed backup root>/<namespace>/` on the node, e.g.
+    /// `/var/lib/cairn/backups/<namespace>/vm1`; missing directories are created.
+    /// Symlinks below the root are not followed (refused), and so is `..`.
     #[schemars(length(min = 2, max = 4096))]
     #[x_kube(validation = Rule::new("self.startsWith('/')").message("target.directory.path must be absolute"))]
     #[x_kube(validation = Rule::new("!self.contains('/../') && !self.endsWith('/..')").message("target.directory.path must not contain '..'"))]
@@ -223,12 +225,15 @@ pub struct NbdTarget {
 }
 
 /// A unix socket path on the node.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct UnixSocketTarget {
-    /// Absolute socket path; when omitted the agent picks one under its runtime directory.
+    /// Absolute socket path inside the agent's `<export dir>/<namespace>/`; when
+    /// omitted, `<export dir>/<namespace>/<backup>.sock`. The socket is mode 0660
+    /// (the chart's export group); an existing file of that name is never replaced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 2, max = 107), regex(pattern = r"^/"))]
+    #[x_kube(validation = Rule::new("!self.contains('/../') && !self.endsWith('/..')").message("target.nbd.unixSocket.path must not contain '..'"))]
     pub path: Option<String>,
 }
 
@@ -391,7 +396,7 @@ pub struct BackupDiskStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackupExport {
-    /// NBD URL of the server, e.g. `nbd+unix:///?socket=/run/cairn/nbd/x.sock`.
+    /// NBD URL of the server, e.g. `nbd+unix:///?socket=/run/cairn/exports/<namespace>/<backup>.sock`.
     pub url: String,
     /// When the export is torn down if the resource still exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]

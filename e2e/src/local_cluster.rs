@@ -1,7 +1,9 @@
 //! The local cluster of DESIGN.md: a control plane with Cairn's CRDs, the
 //! operator, and one agent per simulated node (`node-1` …), all as local
 //! processes. Node `X`'s agent watches `$CAIRN_STATE_DIR/nodes/X/qmp` and may
-//! write backups under `$CAIRN_STATE_DIR/nodes/X/backups`.
+//! write a namespace's backups under `$CAIRN_STATE_DIR/nodes/X/backups/<ns>/`;
+//! its pull export sockets go in `$CAIRN_STATE_DIR/nodes/X/exports/<ns>/`
+//! and fleecing scratch images in `$CAIRN_STATE_DIR/nodes/X/scratch/<ns>/`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -86,6 +88,16 @@ impl LocalCluster {
         self.state_dir.join("nodes").join(node).join("backups")
     }
 
+    /// Export socket directory of `node` (`<ns>/<backup>.sock` below it).
+    pub fn export_dir(&self, node: &str) -> PathBuf {
+        self.state_dir.join("nodes").join(node).join("exports")
+    }
+
+    /// Fleecing scratch directory of `node` (`<ns>/` below it).
+    pub fn scratch_dir(&self, node: &str) -> PathBuf {
+        self.state_dir.join("nodes").join(node).join("scratch")
+    }
+
     /// Starts one operator replica named `id` (leader election picks the active one).
     pub fn start_operator(&self, id: &str) -> Result<u32> {
         spawn_service(
@@ -130,6 +142,14 @@ impl LocalCluster {
                 (
                     "CAIRN_RUNTIME_DIR",
                     node_dir.join("run").display().to_string(),
+                ),
+                (
+                    "CAIRN_EXPORT_DIR",
+                    self.export_dir(node).display().to_string(),
+                ),
+                (
+                    "CAIRN_SCRATCH_DIR",
+                    self.scratch_dir(node).display().to_string(),
                 ),
                 ("RUST_LOG", "info,cairn=debug".into()),
                 ("CAIRN_METRICS_ADDR", "127.0.0.1:0".into()),

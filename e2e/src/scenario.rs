@@ -218,7 +218,7 @@ pub fn restore(dir: &Path, name: &str, out: &Path) -> Result<String> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {
             let f = p.file_name().unwrap().to_string_lossy();
-            f.starts_with(name) && f.ends_with(".json")
+            f.starts_with(&format!("{name}.")) && f.ends_with(".manifest.json")
         })
         .with_context(|| format!("no manifest of {name} in {}", dir.display()))?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);

@@ -843,6 +843,12 @@ fn check_rendered(objs: &[Value], values: &Value) -> Result<()> {
     );
     assert_eq!(env["CAIRN_SOCKET_DIR"]["value"], values["socketDir"]);
     assert_eq!(env["CAIRN_RUNTIME_DIR"]["value"], values["runtimeDir"]);
+    assert_eq!(env["CAIRN_EXPORT_DIR"]["value"], values["exportDir"]);
+    assert_eq!(env["CAIRN_SCRATCH_DIR"]["value"], values["scratchDir"]);
+    assert_eq!(
+        env["CAIRN_SCRATCH_RESERVE"]["value"],
+        values["scratchReserve"]
+    );
     assert!(
         !env.contains_key("CAIRN_BACKUP_ROOTS"),
         "one variable names the roots"
@@ -853,10 +859,15 @@ fn check_rendered(objs: &[Value], values: &Value) -> Result<()> {
     );
 
     // Exactly the host paths the values name, each mounted at the same path; /tmp an emptyDir.
-    let mut want_paths: BTreeSet<String> = [&values["socketDir"], &values["runtimeDir"]]
-        .iter()
-        .map(|v| v.as_str().unwrap().to_string())
-        .collect();
+    let mut want_paths: BTreeSet<String> = [
+        &values["socketDir"],
+        &values["runtimeDir"],
+        &values["exportDir"],
+        &values["scratchDir"],
+    ]
+    .iter()
+    .map(|v| v.as_str().unwrap().to_string())
+    .collect();
     want_paths.extend(strings(&values["backupRoots"]));
     want_paths.extend(strings(&values["imageRoots"]));
     let volumes = pod["volumes"].as_array().unwrap();

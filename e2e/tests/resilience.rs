@@ -219,12 +219,23 @@ async fn pull_export_of_a_restarted_qemu_fails_clearly() -> Result<()> {
     let mut vm = start_vm1(cluster, &env, 16 * MIB).await?;
     apply(&env, &backup_yaml("p", "vm1", "  mode: Pull\n"))?;
     let b = wait_backup(&env, "p", BackupPhase::Exporting).await?;
-    let uid = b.uid().context("uid")?;
-    let scratch = cluster
-        .state_dir
-        .join("nodes/node-1/run/scratch")
-        .join(&uid);
-    assert!(scratch.exists(), "no scratch dir {}", scratch.display());
+    let _ = b.uid().context("uid")?;
+    // Scratch images live in <scratch dir>/<namespace>/.
+    let scratch = cluster.scratch_dir("node-1").join(&env.namespace);
+    let scratch_files = || -> Vec<String> {
+        std::fs::read_dir(&scratch)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        !scratch_files().is_empty(),
+        "no scratch image in {}",
+        scratch.display()
+    );
 
     vm.kill();
     vm.launch()?;
@@ -242,9 +253,10 @@ async fn pull_export_of_a_restarted_qemu_fails_clearly() -> Result<()> {
         "{message}"
     );
     assert!(
-        !scratch.exists(),
-        "scratch files left in {}",
-        scratch.display()
+        scratch_files().is_empty(),
+        "scratch files left in {}: {:?}",
+        scratch.display(),
+        scratch_files()
     );
     assert_clean(&vm)?;
     kubectl(&env, &["delete", "vmb", "p", "--timeout=60s"])?;
@@ -330,7 +342,8 @@ async fn redefine_without_domain() -> Result<()> {
     );
     assert_eq!(bs.disks[0].incremental_from.as_deref(), Some("redef"));
     assert_eq!(bs.disks[0].backing_file, None);
-    let file = dir.join("inc-redef.disk0.qcow2");
+    let file = PathBuf::from(bs.disks[0].target.clone().context("target")?);
+    assert_eq!(file.parent(), Some(dir.as_path()));
     let info = Command::new("qemu-img")
         .args(["info", "--output=json"])
         .arg(&file)

@@ -206,7 +206,17 @@ fn demo(cluster: &LocalCluster, started: Instant) -> Result<()> {
     std::fs::create_dir_all(&restore_dir)?;
     let mut rows = Vec::new();
     for (name, expected) in [("full-1", &full_sha), ("inc-1", &inc_sha)] {
-        let manifest = target.join(format!("{name}.manifest.json"));
+        // Backup files are keyed by the backup's UID: <name>.<uid>.manifest.json.
+        let uid = k.run(&[
+            "get",
+            "vmbackup",
+            name,
+            "-n",
+            "demo",
+            "-o",
+            "jsonpath={.metadata.uid}",
+        ])?;
+        let manifest = target.join(format!("{name}.{}.manifest.json", uid.trim()));
         let out = restore_dir.join(format!("{name}.raw"));
         let t = Instant::now();
         println!(

@@ -1,15 +1,16 @@
 //! The JSON manifest written next to a push backup's qcow2 files.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
 use super::BackupError;
 use crate::checkpoint::Domain;
+use crate::tenant_dir::{TenantDir, check_name};
 
 /// Manifest format version.
-pub const MANIFEST_VERSION: u32 = 1;
+pub const MANIFEST_VERSION: u32 = 2;
 
 /// Full or incremental.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,22 +57,40 @@ pub struct ManifestDisk {
 }
 
 /// A finished push backup.
+///
+/// Identity is the backup's UID, not its name: the files of backup `name`
+/// with UID `uid` are `<name>.<uid>.<disk>.qcow2` and
+/// `<name>.<uid>.manifest.json` ([`Manifest::stem`]), so a backup
+/// re-created under the same name never finds (or overwrites) an older one's
+/// files, and the manifest records the full UID, the VM and the UIDs of the
+/// checkpoints it used and created, so a base lookup never crosses VMs or
+/// re-used checkpoint names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Manifest {
     /// [`MANIFEST_VERSION`].
     pub version: u32,
-    /// Backup name (file name stem).
+    /// Backup name.
     pub name: String,
+    /// UID of the backup (the VirtualMachineBackup's `metadata.uid`); empty in
+    /// manifests written before version 2, which are never used as a base.
+    #[serde(default)]
+    pub uid: String,
     /// `<namespace>/<vm>`.
     pub vm: String,
     /// Completion time, RFC 3339.
     pub completed_at: String,
     /// Requested base checkpoint, if incremental.
     pub incremental_from: Option<String>,
+    /// UID of the base checkpoint, if incremental.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incremental_from_uid: Option<String>,
     /// Checkpoint created at the backup point, if any; later incrementals
     /// from it chain onto this backup.
     pub checkpoint: Option<String>,
+    /// UID of that checkpoint (the VirtualMachineCheckpoint's `metadata.uid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_uid: Option<String>,
     /// Per-disk results.
     pub disks: Vec<ManifestDisk>,
     /// The VM's disk layout at backup time.
@@ -81,72 +100,129 @@ pub struct Manifest {
     pub verified: bool,
 }
 
+/// What the manifests of a directory record about one backup file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedFile {
+    /// SHA-256 once verified.
+    pub sha256: Option<String>,
+    /// Size the backup wrote.
+    pub size: u64,
+    /// `<namespace>/<vm>` of the backup that wrote it.
+    pub vm: String,
+    /// UID of the backup that wrote it.
+    pub uid: String,
+}
+
+/// The UID part of a backup's file names: the UID itself (letters, digits
+/// and `-` only, at most 64 characters; a Kubernetes UID has 36).
+pub fn uid_tag(uid: &str) -> String {
+    let tag: String = uid
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(64)
+        .collect();
+    if tag.is_empty() { "0".into() } else { tag }
+}
+
 impl Manifest {
-    /// File name of a backup's manifest.
-    pub fn file_name(backup: &str) -> String {
-        format!("{backup}.manifest.json")
+    /// File name stem of backup `name` with UID `uid`: `<name>.<uid>`.
+    pub fn stem(name: &str, uid: &str) -> String {
+        format!("{name}.{}", uid_tag(uid))
     }
 
-    /// Reads a manifest file.
-    pub fn load(path: &Path) -> Result<Self, BackupError> {
-        let bytes = std::fs::read(path).map_err(|source| BackupError::TargetIo {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        serde_json::from_slice(&bytes).map_err(|source| BackupError::BadManifest {
-            path: path.to_path_buf(),
-            source,
-        })
+    /// File name of the manifest of the backup with file stem `stem`.
+    pub fn file_name(stem: &str) -> String {
+        format!("{stem}.manifest.json")
     }
 
-    /// Writes atomically (temporary file + rename) into `dir`.
-    pub fn store(&self, dir: &Path) -> Result<PathBuf, BackupError> {
-        let path = dir.join(Self::file_name(&self.name));
-        let tmp = dir.join(format!("{}.tmp", Self::file_name(&self.name)));
-        let io = |source| BackupError::TargetIo {
-            path: path.clone(),
-            source,
-        };
+    /// This manifest's own file name.
+    pub fn own_file_name(&self) -> String {
+        Self::file_name(&Self::stem(&self.name, &self.uid))
+    }
+
+    /// Reads the manifest `file` in `dir` (no symlinks followed) and checks
+    /// that every file name in it is a single path component.
+    pub fn load(dir: &TenantDir, file: &str) -> Result<Self, BackupError> {
+        let path = dir.display_path(file);
+        let bytes = dir.read(file)?;
+        let m: Manifest =
+            serde_json::from_slice(&bytes).map_err(|source| BackupError::BadManifest {
+                path: path.clone(),
+                source,
+            })?;
+        for d in &m.disks {
+            for f in std::iter::once(&d.file).chain(&d.backing_chain) {
+                if check_name(f).is_err() {
+                    return Err(BackupError::ManifestFileName {
+                        path,
+                        name: f.clone(),
+                    });
+                }
+            }
+        }
+        Ok(m)
+    }
+
+    /// Writes atomically (temporary file + rename) into `dir`; returns its path.
+    pub fn store(&self, dir: &TenantDir) -> Result<PathBuf, BackupError> {
+        let name = self.own_file_name();
         let json = serde_json::to_vec_pretty(self).expect("manifest serialises");
-        std::fs::write(&tmp, json).map_err(io)?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        Ok(path)
+        dir.write_atomic(&name, &json)?;
+        Ok(dir.display_path(&name))
     }
 
-    /// Every manifest in `dir` (unreadable ones are skipped).
-    pub fn list(dir: &Path) -> Vec<(PathBuf, Manifest)> {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return Vec::new();
-        };
-        let mut out: Vec<(PathBuf, Manifest)> = rd
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.to_string_lossy().ends_with(".manifest.json"))
-            .filter_map(|p| Some((p.clone(), Manifest::load(&p).ok()?)))
+    /// Every valid manifest in `dir` with its file name, oldest first
+    /// (unreadable or invalid ones are skipped).
+    pub fn list(dir: &TenantDir) -> Vec<(String, Manifest)> {
+        let mut out: Vec<(String, Manifest)> = dir
+            .names()
+            .into_iter()
+            .filter(|n| n.ends_with(".manifest.json"))
+            .filter_map(|n| Some((n.clone(), Manifest::load(dir, &n).ok()?)))
             .collect();
         out.sort_by(|a, b| a.1.completed_at.cmp(&b.1.completed_at));
         out
     }
 
-    /// The backup in `dir` that created `checkpoint` (the base of an incremental from it).
-    pub fn find_by_checkpoint(dir: &Path, checkpoint: &str) -> Option<Manifest> {
+    /// The backup in `dir` of VM `vm` (`<namespace>/<vm>`) that created
+    /// checkpoint `checkpoint` with UID `checkpoint_uid`: the base of an
+    /// incremental from it. Name, VM and UID must all match, so a checkpoint
+    /// name re-used on another VM (or re-created on the same one) is never
+    /// taken as the base.
+    pub fn find_by_checkpoint(
+        dir: &TenantDir,
+        vm: &str,
+        checkpoint: &str,
+        checkpoint_uid: Option<&str>,
+    ) -> Option<Manifest> {
         Self::list(dir)
             .into_iter()
             .rev()
-            .find(|(_, m)| m.checkpoint.as_deref() == Some(checkpoint))
+            .find(|(_, m)| {
+                m.version >= 2
+                    && !m.uid.is_empty()
+                    && m.vm == vm
+                    && m.checkpoint.as_deref() == Some(checkpoint)
+                    && m.checkpoint_uid.as_deref() == checkpoint_uid
+            })
             .map(|(_, m)| m)
     }
 
-    /// Every backup file named by a manifest in `dir` (as its own `file`),
-    /// with its recorded checksum (if verified) and size.
-    pub fn file_checksums(dir: &Path) -> HashMap<String, (Option<String>, u64)> {
+    /// Every backup file named by a manifest in `dir` (as its own `file`):
+    /// what the backup that wrote it recorded.
+    pub fn file_checksums(dir: &TenantDir) -> HashMap<String, RecordedFile> {
         let mut out = HashMap::new();
         for (_, m) in Self::list(dir) {
             for d in m.disks {
-                out.insert(d.file, (d.file_sha256, d.file_size));
+                out.insert(
+                    d.file,
+                    RecordedFile {
+                        sha256: d.file_sha256,
+                        size: d.file_size,
+                        vm: m.vm.clone(),
+                        uid: m.uid.clone(),
+                    },
+                );
             }
         }
         out

@@ -19,24 +19,28 @@ pub mod repository;
 pub mod target;
 pub mod verify;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::checkpoint::CheckpointError;
 use crate::identity::OperationId;
 use crate::image::ImageError;
 use crate::inventory::{InventoryError, SelectionError};
 use crate::qmp::{QmpClient, QmpError};
+use crate::tenant_dir::{TenantDir, TenantDirError};
 
 pub use manifest::{BackupKind, Manifest, ManifestDisk};
-pub use pull::{ExportedDisk, PullExport, PullRequest, start_pull_export, stop_pull_export};
+pub use pull::{
+    ExportedDisk, PullExport, PullPolicy, PullRequest, ScratchReserve, check_pull_export,
+    remove_local_files, start_pull_export, stop_pull_export,
+};
 pub use push::{
     BackupOutcome, BackupProgress, PushRequest, RunningBackup, run_push_backup, start_push_backup,
 };
 pub use target::TargetPolicy;
-pub use verify::verify_backup;
+pub use verify::{verify_backup, verify_backup_file};
 
 /// Failures of backup operations. Whatever the variant, the operation has
 /// cleaned up what it created (nodes, jobs, files, the new checkpoint's bitmaps)
@@ -58,15 +62,67 @@ pub enum BackupError {
         /// The name.
         name: String,
     },
-    /// The target is not under an allowed root.
-    #[error("target {path} is refused ({reason}); allowed roots: {roots}")]
+    /// A path the tenant named does not resolve inside its namespace's allowed directory.
+    #[error("{path} is refused: {reason}; it must lie inside {allowed}")]
     OutsideAllowedRoots {
         /// Requested path.
         path: PathBuf,
-        /// Allowed roots, comma separated.
-        roots: String,
+        /// The allowed directory, `<root>/<namespace>/`.
+        allowed: String,
         /// Why.
         reason: String,
+    },
+    /// A file in the way, a file name that is not a single component, or an
+    /// I/O failure in a tenant directory.
+    #[error(transparent)]
+    TenantPath(TenantDirError),
+    /// A manifest names a file that is not a single path component.
+    #[error("manifest {path} names file {name:?}, which is not a plain file name; it is ignored")]
+    ManifestFileName {
+        /// The manifest.
+        path: PathBuf,
+        /// The offending name.
+        name: String,
+    },
+    /// A manifest with this backup's file names belongs to another backup.
+    #[error(
+        "{path} belongs to backup {other_uid} of VM {other_vm}, not to this one ({uid}); Cairn never reuses another backup's files: remove it or choose another target"
+    )]
+    ForeignManifest {
+        /// The manifest.
+        path: PathBuf,
+        /// This backup's UID.
+        uid: String,
+        /// UID recorded in the manifest.
+        other_uid: String,
+        /// VM recorded in the manifest.
+        other_vm: String,
+    },
+    /// The fleecing scratch of a pull export filled up: copy-before-write
+    /// broke the point-in-time view (guest writes carried on).
+    #[error(
+        "the fleecing scratch in {path} of disk {disk} of VM {vm} filled up during the export, so the point-in-time view was dropped (guest writes were not affected); the export was torn down: give the scratch directory more room and retry"
+    )]
+    ScratchFull {
+        /// Which VM.
+        vm: String,
+        /// Disk name.
+        disk: String,
+        /// Scratch directory.
+        path: PathBuf,
+    },
+    /// The point-in-time view of a pull export broke (copy-before-write
+    /// failed or exceeded its timeout); guest writes carried on.
+    #[error(
+        "the point-in-time view of disk {disk} of VM {vm} broke during the export ({detail}); guest writes were not affected; the export was torn down: retry"
+    )]
+    ExportBroken {
+        /// Which VM.
+        vm: String,
+        /// Disk name.
+        disk: String,
+        /// What QEMU said.
+        detail: String,
     },
     /// Not enough free space for the backup.
     #[error(
@@ -210,6 +266,23 @@ pub enum BackupError {
     },
 }
 
+impl From<TenantDirError> for BackupError {
+    fn from(e: TenantDirError) -> Self {
+        match e {
+            TenantDirError::Outside {
+                path,
+                allowed,
+                reason,
+            } => BackupError::OutsideAllowedRoots {
+                path,
+                allowed,
+                reason,
+            },
+            e => BackupError::TenantPath(e),
+        }
+    }
+}
+
 impl From<CheckpointError> for BackupError {
     fn from(e: CheckpointError) -> Self {
         BackupError::Checkpoint(Box::new(e))
@@ -260,12 +333,13 @@ impl LeftoverReport {
 }
 
 /// Where an operation's files live, for [`cleanup_leftovers`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct FileScope<'a> {
-    /// Directory (already resolved under the allowed roots).
-    pub dir: &'a Path,
-    /// Backup name: files `<name>.*.qcow2` without `<name>.manifest.json` are partial.
-    pub backup_name: &'a str,
+    /// Directory (opened inside the namespace's allowed directory).
+    pub dir: &'a TenantDir,
+    /// The backup's file stem ([`Manifest::stem`], name + UID): files
+    /// `<stem>.*.qcow2` without `<stem>.manifest.json` are partial.
+    pub stem: &'a str,
 }
 
 fn qmp_err(vm: &str, step: &str) -> impl FnOnce(QmpError) -> BackupError + use<> {
@@ -351,14 +425,30 @@ pub async fn cleanup_leftovers(
         report.jobs.push(id.clone());
     }
 
-    for n in client.query_named_block_nodes().await? {
-        let Some(name) = n.node_name else { continue };
-        if name.starts_with(&prefix) {
+    // Nodes depend on each other (snapshot-access → copy-before-write →
+    // scratch) and a device may sit on our filter: delete what can go, put
+    // devices back on the filter's child, repeat.
+    for pass in 0..4 {
+        let ours: Vec<String> = client
+            .query_named_block_nodes()
+            .await?
+            .into_iter()
+            .filter_map(|n| n.node_name)
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        if ours.is_empty() {
+            break;
+        }
+        for name in ours {
             match client.blockdev_del(&name).await {
                 Ok(()) => report.nodes.push(name),
-                Err(err) => warn!(node = %name, error = %err, "cannot remove block node"),
+                Err(err) if pass == 3 => {
+                    warn!(node = %name, error = %err, "cannot remove block node")
+                }
+                Err(_) => {}
             }
         }
+        detach_filters(client, &prefix).await?;
     }
     for n in client.query_named_block_nodes().await? {
         let Some(node) = n.node_name else { continue };
@@ -373,13 +463,89 @@ pub async fn cleanup_leftovers(
         }
     }
 
+    remove_fdsets(client, &prefix).await?;
     if let Some(scope) = files {
-        report.files = remove_partial_files(scope.dir, scope.backup_name, &prefix);
+        report.files = remove_partial_files(scope.dir, scope.stem, &prefix);
     }
     if !report.is_empty() {
         info!(identity = %op.identity(), ?report, "removed leftovers");
     }
     Ok(report)
+}
+
+/// Hands QEMU an open file as `/dev/fdset/<n>` (QMP `add-fd`, SCM_RIGHTS):
+/// QEMU then opens exactly this inode, never a path a tenant could swap, and
+/// needs no access to the directory. With `direct`, a second descriptor of
+/// the same file opened `O_DIRECT` joins the set (when the filesystem allows
+/// it), for `cache.direct`. The set is tagged with `opaque` (the operation's
+/// prefix), so [`cleanup_leftovers`] finds it again.
+pub(crate) async fn qemu_file(
+    client: &QmpClient,
+    file: &std::fs::File,
+    opaque: &str,
+    direct: bool,
+) -> Result<String, BackupError> {
+    let io = |e: std::io::Error| BackupError::TargetIo {
+        path: PathBuf::from(opaque),
+        source: e,
+    };
+    let dup = file.try_clone().map_err(io)?;
+    let vm = client.socket().display().to_string();
+    let id = client
+        .add_fd(dup.into(), None, opaque)
+        .await
+        .map_err(qmp_err(&vm, "add-fd"))?;
+    if direct {
+        use rustix::fs::{Mode, OFlags};
+        let reopened = rustix::fs::open(
+            crate::tenant_dir::fd_path(file),
+            OFlags::RDWR | OFlags::DIRECT | OFlags::CLOEXEC,
+            Mode::empty(),
+        );
+        if let Ok(fd) = reopened {
+            client
+                .add_fd(fd, Some(id), opaque)
+                .await
+                .map_err(qmp_err(&vm, "add-fd"))?;
+        }
+    }
+    Ok(format!("/dev/fdset/{id}"))
+}
+
+/// Removes the fd sets tagged with `prefix` ([`qemu_file`]).
+pub(crate) async fn remove_fdsets(client: &QmpClient, prefix: &str) -> Result<usize, QmpError> {
+    let mut n = 0;
+    for (id, tags) in client.query_fdsets().await? {
+        if tags.iter().any(|t| t.starts_with(prefix)) {
+            client.remove_fdset(id).await?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Puts every device whose root node is one of our filters back onto the
+/// filter's `file` child (what it used before the export).
+async fn detach_filters(client: &QmpClient, prefix: &str) -> Result<(), QmpError> {
+    for dev in client.query_block().await? {
+        let (Some(qdev), Some(root)) = (dev.qdev.as_deref(), dev.inserted.as_ref()) else {
+            continue;
+        };
+        let Some(root) = root.node_name.as_deref().filter(|n| n.starts_with(prefix)) else {
+            continue;
+        };
+        if let Some(child) = client.child_node(root, "file").await? {
+            match client.set_device_drive(qdev, &child).await {
+                Ok(()) => {
+                    info!(device = %qdev, node = %child, "device detached from the export filter")
+                }
+                Err(err) => {
+                    debug!(device = %qdev, error = %err, "cannot detach the export filter yet")
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn wait_exports_gone(client: &QmpClient, prefix: &str) -> Result<(), QmpError> {
@@ -393,22 +559,20 @@ async fn wait_exports_gone(client: &QmpClient, prefix: &str) -> Result<(), QmpEr
     Ok(())
 }
 
-/// Removes `<name>.*.qcow2` when `<name>.manifest.json` is absent, the
-/// manifest's temporary file, and scratch files carrying `prefix`.
-fn remove_partial_files(dir: &Path, name: &str, prefix: &str) -> Vec<PathBuf> {
-    let complete = dir.join(Manifest::file_name(name)).exists();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
+/// Removes `<stem>.*.qcow2` when `<stem>.manifest.json` is absent, the
+/// manifest's temporary file, and scratch files carrying `prefix`: only files
+/// of this backup's UID (the stem carries it), never another backup's.
+fn remove_partial_files(dir: &TenantDir, stem: &str, prefix: &str) -> Vec<PathBuf> {
+    let manifest = Manifest::file_name(stem);
+    let complete = dir.exists(&manifest);
+    let tmp_manifest = format!("{manifest}.tmp");
     let mut removed = Vec::new();
-    for entry in rd.flatten() {
-        let file = entry.file_name().to_string_lossy().to_string();
+    for file in dir.names() {
         let partial_data =
-            !complete && file.starts_with(&format!("{name}.")) && file.ends_with(".qcow2");
-        let tmp_manifest = file == format!("{}.tmp", Manifest::file_name(name));
+            !complete && file.starts_with(&format!("{stem}.")) && file.ends_with(".qcow2");
         let scratch = file.starts_with(prefix);
-        if (partial_data || tmp_manifest || scratch) && std::fs::remove_file(entry.path()).is_ok() {
-            removed.push(entry.path());
+        if (partial_data || file == tmp_manifest || scratch) && dir.remove(&file).is_ok() {
+            removed.push(dir.display_path(&file));
         }
     }
     removed

@@ -2,6 +2,7 @@
 //! the previous backup's file.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 
 use super::manifest::{BackupKind, MANIFEST_VERSION, Manifest, ManifestDisk};
-use super::target::{TargetPolicy, available_bytes, qcow2_estimate};
+use super::target::{TargetPolicy, qcow2_estimate};
 use super::{
     BackupError, FileScope, cleanup_leftovers, qmp_err, validate_backup_name, wait_jobs_settled,
 };
@@ -22,21 +23,27 @@ use crate::inventory::{
 use crate::qmp::{
     BackingChoice, BackupSpec, BackupSync, QmpClient, QmpError, QmpEvent, TransactionStep,
 };
+use crate::tenant_dir::{TenantDir, check_name};
 
 /// A push backup to run.
 #[derive(Debug, Clone)]
 pub struct PushRequest {
-    /// Names every QEMU-side object (use the resource UID).
+    /// Names every QEMU-side object and keys the files: its identity is the
+    /// backup's UID ([`Manifest::stem`]).
     pub operation: OperationId,
-    /// Backup name: the stem of the files and manifest in `target_dir`.
+    /// Backup name: with the UID, the stem of the files and manifest in `target_dir`.
     pub name: String,
     /// Disk names; `None` = every writable qcow2 disk.
     pub disks: Option<Vec<String>>,
     /// Base checkpoint; `None` = full.
     pub incremental: Option<String>,
+    /// UID of the base checkpoint: the base backup must have recorded the same.
+    pub incremental_uid: Option<String>,
     /// Checkpoint to create at the backup point, in the same transaction.
     pub new_checkpoint: Option<String>,
-    /// Directory under an allowed root (created if missing).
+    /// UID of that checkpoint (recorded in the manifest for later base lookups).
+    pub new_checkpoint_uid: Option<String>,
+    /// Directory inside `<allowed root>/<namespace>/` (created if missing).
     pub target_dir: PathBuf,
     /// Back up a disk fully when its base bitmap is missing or inconsistent.
     pub fallback_to_full: bool,
@@ -80,6 +87,13 @@ pub struct DiskPlan {
     pub missing_base: Option<String>,
 }
 
+impl PushRequest {
+    /// The file stem of this backup: name and UID ([`Manifest::stem`]).
+    pub fn stem(&self) -> String {
+        Manifest::stem(&self.name, self.operation.identity())
+    }
+}
+
 /// Decides, per disk, full or incremental and the backing file: pure.
 /// `base` is the manifest of the backup that created the base checkpoint.
 pub fn plan_push(
@@ -107,6 +121,7 @@ fn plan_disk(
     base: Option<&Manifest>,
 ) -> Result<DiskPlan, BackupError> {
     let op = &request.operation;
+    check_name(&format!("{}.{}.qcow2", request.stem(), d.name))?;
     let mut plan = DiskPlan {
         disk: d.name.clone(),
         node: d.node_name.clone(),
@@ -114,7 +129,7 @@ fn plan_disk(
         kind: BackupKind::Full,
         base_bitmap: None,
         fell_back_to_full: false,
-        file: format!("{}.{}.qcow2", request.name, d.name),
+        file: format!("{}.{}.qcow2", request.stem(), d.name),
         backing_chain: Vec::new(),
         estimate: qcow2_estimate(d.virtual_size, d.virtual_size),
         job_id: op.job_id(&d.name),
@@ -192,7 +207,9 @@ pub struct RunningBackup {
     client: QmpClient,
     vm: VmRef,
     request: PushRequest,
-    dir: PathBuf,
+    dir: TenantDir,
+    /// Target files created by this process, held open while QEMU uses them.
+    files: Vec<File>,
     plan: Vec<DiskPlan>,
     domain: Domain,
     /// Whether the new checkpoint's bitmaps were created by this operation.
@@ -201,6 +218,10 @@ pub struct RunningBackup {
 }
 
 /// Starts (or re-attaches to, or reports the finished) push backup described by `request`.
+///
+/// The target is opened inside `<allowed root>/<vm namespace>/`; a manifest
+/// with this backup's stem counts as "already complete" only when it records
+/// this backup's UID and VM.
 pub async fn start_push_backup(
     client: &QmpClient,
     vm: &VmRef,
@@ -209,32 +230,54 @@ pub async fn start_push_backup(
 ) -> Result<RunningBackup, BackupError> {
     validate_backup_name(&request.name)?;
     let vm_name = vm.to_string();
-    let dir = policy.resolve_dir(&request.target_dir)?;
-    let manifest_path = dir.join(Manifest::file_name(&request.name));
+    let dir = policy.resolve_dir(&vm.namespace, &request.target_dir)?;
+    let stem = request.stem();
+    let manifest_file = Manifest::file_name(&stem);
+    if dir.exists(&manifest_file) {
+        let manifest = Manifest::load(&dir, &manifest_file)?;
+        if manifest.uid != request.operation.identity() || manifest.vm != vm_name {
+            return Err(BackupError::ForeignManifest {
+                path: dir.display_path(&manifest_file),
+                uid: request.operation.identity().to_string(),
+                other_uid: manifest.uid,
+                other_vm: manifest.vm,
+            });
+        }
+        return Ok(RunningBackup {
+            client: client.clone(),
+            vm: vm.clone(),
+            request: request.clone(),
+            finished: Some(BackupOutcome {
+                manifest_path: dir.display_path(&manifest_file),
+                manifest,
+                already_complete: true,
+            }),
+            dir,
+            files: Vec::new(),
+            plan: Vec::new(),
+            domain: Domain::default(),
+            created_checkpoint: false,
+        });
+    }
     let mut running = RunningBackup {
         client: client.clone(),
         vm: vm.clone(),
         request: request.clone(),
-        dir: dir.clone(),
+        dir,
+        files: Vec::new(),
         plan: Vec::new(),
         domain: Domain::default(),
         created_checkpoint: request.new_checkpoint.is_some(),
         finished: None,
     };
-    if manifest_path.exists() {
-        let manifest = Manifest::load(&manifest_path)?;
-        running.finished = Some(BackupOutcome {
-            manifest_path,
-            manifest,
-            already_complete: true,
-        });
-        return Ok(running);
-    }
+    let dir = &running.dir;
 
     let inv = read_inventory(client, vm).await?;
     running.domain = Domain::observe(&inv);
     let base = match &request.incremental {
-        Some(cp) => Manifest::find_by_checkpoint(&dir, cp),
+        Some(cp) => {
+            Manifest::find_by_checkpoint(dir, &vm_name, cp, request.incremental_uid.as_deref())
+        }
         None => None,
     };
     let plan = plan_push(&inv, request, base.as_ref())?;
@@ -254,10 +297,7 @@ pub async fn start_push_backup(
     cleanup_leftovers(
         client,
         &request.operation,
-        Some(FileScope {
-            dir: &dir,
-            backup_name: &request.name,
-        }),
+        Some(FileScope { dir, stem: &stem }),
     )
     .await
     .map_err(qmp_err(&vm_name, "cleanup"))?;
@@ -269,11 +309,11 @@ pub async fn start_push_backup(
     }
 
     let needed: u64 = plan.iter().map(|p| p.estimate).sum();
-    let available = available_bytes(&dir)?;
+    let available = dir.available_bytes()?;
     if needed > available {
         return Err(BackupError::InsufficientSpace {
             vm: vm_name,
-            path: dir,
+            path: dir.path().to_path_buf(),
             needed,
             available,
         });
@@ -307,9 +347,14 @@ impl RunningBackup {
         &self.plan
     }
 
-    /// The resolved target directory.
-    pub fn target_dir(&self) -> &Path {
+    /// The opened target directory.
+    pub fn target_dir(&self) -> &TenantDir {
         &self.dir
+    }
+
+    /// The target directory's path, for status and messages.
+    pub fn target_path(&self) -> &Path {
+        self.dir.path()
     }
 
     fn vm_name(&self) -> String {
@@ -319,15 +364,21 @@ impl RunningBackup {
     async fn launch(&mut self, mut steps: Vec<TransactionStep>) -> Result<(), BackupError> {
         let vm = self.vm_name();
         for p in &self.plan {
-            let path = self.dir.join(&p.file);
-            let backing = p.backing_chain.first().map(PathBuf::from);
-            image::create_qcow2(&path, p.virtual_size, backing.as_deref())
+            // Created exclusively through the directory handle (no symlink
+            // followed); qemu-img and QEMU get /proc/<pid>/fd/<n> of it, so
+            // they open exactly this inode.
+            let handle = self.dir.create_new(&p.file, 0o640)?;
+            self.files.push(handle);
+            let handle = self.files.last().expect("just pushed");
+            let backing = p.backing_chain.first().map(String::as_str);
+            image::create_qcow2_at(handle, p.virtual_size, backing)
                 .await
                 .map_err(|source| BackupError::Image {
-                    step: format!("create {}", path.display()),
+                    step: format!("create {}", self.dir.display_path(&p.file).display()),
                     source,
                 })?;
-            let file = path.to_string_lossy().to_string();
+            // QEMU gets the open file (add-fd), not its path.
+            let file = super::qemu_file(&self.client, handle, &p.target_node, true).await?;
             // O_DIRECT first (twice as fast, see QEMU-NOTES); buffered if the filesystem refuses.
             let direct = self
                 .client
@@ -523,16 +574,13 @@ impl RunningBackup {
                 .await
                 .map_err(qmp_err(&vm, "blockdev-del"))?;
         }
+        super::remove_fdsets(&self.client, &self.request.operation.prefix())
+            .await
+            .map_err(qmp_err(&vm, "remove-fd"))?;
         let mut disks = Vec::new();
         for p in &self.plan {
-            let path = self.dir.join(&p.file);
             // QEMU flushed and closed the file at blockdev-del.
-            let file_size = std::fs::metadata(&path)
-                .map_err(|source| BackupError::TargetIo {
-                    path: path.clone(),
-                    source,
-                })?
-                .len();
+            let (_, _, file_size) = self.dir.identity(&p.file)?;
             let mut chain = vec![p.file.clone()];
             chain.extend(p.backing_chain.iter().cloned());
             disks.push(ManifestDisk {
@@ -552,10 +600,21 @@ impl RunningBackup {
         let manifest = Manifest {
             version: MANIFEST_VERSION,
             name: self.request.name.clone(),
+            uid: self.request.operation.identity().to_string(),
             vm: vm.clone(),
             completed_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             incremental_from: self.request.incremental.clone(),
+            incremental_from_uid: self
+                .request
+                .incremental
+                .as_ref()
+                .and(self.request.incremental_uid.clone()),
             checkpoint: self.request.new_checkpoint.clone(),
+            checkpoint_uid: self
+                .request
+                .new_checkpoint
+                .as_ref()
+                .and(self.request.new_checkpoint_uid.clone()),
             disks,
             domain: self.domain.clone(),
             verified: false,
@@ -571,12 +630,12 @@ impl RunningBackup {
 
     fn remove_files(&self) {
         for p in &self.plan {
-            let _ = std::fs::remove_file(self.dir.join(&p.file));
+            let _ = self.dir.remove(&p.file);
         }
-        let _ = std::fs::remove_file(
-            self.dir
-                .join(format!("{}.tmp", Manifest::file_name(&self.request.name))),
-        );
+        let _ = self.dir.remove(&format!(
+            "{}.tmp",
+            Manifest::file_name(&self.request.stem())
+        ));
     }
 
     /// Best-effort cleanup after a failure: jobs, nodes, files and the new
@@ -591,6 +650,7 @@ impl RunningBackup {
             let _ = self.client.job_dismiss(&p.job_id).await;
             let _ = self.client.blockdev_del(&p.target_node).await;
         }
+        let _ = super::remove_fdsets(&self.client, &self.request.operation.prefix()).await;
         if let (true, Some(cp)) = (self.created_checkpoint, &self.request.new_checkpoint) {
             for p in &self.plan {
                 let _ = self.client.remove_bitmap(&p.node, cp).await;

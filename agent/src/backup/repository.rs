@@ -13,7 +13,6 @@
 //! visible only when complete) → [`stop_pull_export`]. Whatever fails, the
 //! export is torn down and the new checkpoint's bitmaps are removed.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use cairn_nbd::{Client, ConnectOptions};
@@ -24,8 +23,7 @@ use cairn_repo::{
 use tracing::info;
 
 use super::BackupError;
-use super::pull::{PullExport, PullRequest, start_pull_export, stop_pull_export};
-use super::target::TargetPolicy;
+use super::pull::{PullExport, PullPolicy, PullRequest, start_pull_export, stop_pull_export};
 use crate::identity::OperationId;
 use crate::inventory::VmRef;
 use crate::qmp::QmpClient;
@@ -35,6 +33,8 @@ use crate::qmp::QmpClient;
 pub struct RepositoryBackupRequest {
     /// Names every QEMU-side object (the backup's UID).
     pub operation: OperationId,
+    /// Backup name (names the export socket, `<export dir>/<namespace>/<name>.sock`).
+    pub name: String,
     /// UID of the VirtualMachineBackup (recorded in the snapshot).
     pub backup_uid: String,
     /// Disk names; `None` = the default selection.
@@ -45,10 +45,6 @@ pub struct RepositoryBackupRequest {
     pub new_checkpoint: Option<CheckpointRef>,
     /// Read a disk whole when its base bitmap is unusable.
     pub fallback_to_full: bool,
-    /// Agent-private unix socket for the export.
-    pub socket: PathBuf,
-    /// Directory for the fleecing scratch images.
-    pub scratch_dir: PathBuf,
 }
 
 /// A written snapshot.
@@ -94,7 +90,7 @@ impl DiskSource for NbdDisk {
 pub async fn run_repository_backup(
     client: &QmpClient,
     vm: &VmRef,
-    scratch: &TargetPolicy,
+    policy: &PullPolicy,
     repo: &Repository,
     request: &RepositoryBackupRequest,
     progress: Option<ProgressFn>,
@@ -115,20 +111,21 @@ pub async fn run_repository_backup(
     // full index; dedup still skips uploading what the repository has).
     let pull = PullRequest {
         operation: request.operation.clone(),
+        name: request.name.clone(),
         disks: request.disks.clone(),
         incremental: base
             .as_ref()
             .and(request.incremental.as_ref())
             .map(|c| c.name.clone()),
         new_checkpoint: request.new_checkpoint.as_ref().map(|c| c.name.clone()),
-        socket: request.socket.clone(),
-        scratch_dir: request.scratch_dir.clone(),
+        socket: None,
         fallback_to_full: request.fallback_to_full,
     };
-    let export = start_pull_export(client, vm, scratch, &pull).await?;
+    let export = start_pull_export(client, vm, policy, &pull).await?;
     let result = ingest(vm, repo, request, base, &export, progress).await;
     // The export goes in every case; the new checkpoint only with a failure.
-    let teardown = stop_pull_export(client, &request.operation, &request.scratch_dir).await;
+    let teardown =
+        stop_pull_export(client, &request.operation, policy, vm, None, &request.name).await;
     match result {
         Ok(outcome) => {
             teardown?;

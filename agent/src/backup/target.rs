@@ -1,11 +1,14 @@
-//! Where push backups may be written: allowed roots, path resolution that
-//! refuses `..` and symlink escapes, and free-space checks.
+//! Where push backups may be written: `<allowed root>/<namespace>/…`, opened
+//! through [`TenantDir`] (no `..`, no symlinks, nothing created on refusal),
+//! and how much room a backup may need.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use super::BackupError;
+use crate::tenant_dir::{DirMode, TenantDir};
 
-/// The directories under which backups and scratch files may be written.
+/// The roots under which a namespace's backups may be written: namespace
+/// `ns` may use `<root>/<ns>/` and anything below it.
 #[derive(Debug, Clone, Default)]
 pub struct TargetPolicy {
     allowed_roots: Vec<PathBuf>,
@@ -24,75 +27,18 @@ impl TargetPolicy {
         &self.allowed_roots
     }
 
-    /// Resolves `requested` to a canonical directory under an allowed root,
-    /// creating missing directories. Rejects relative paths, `..`
-    /// components, and paths that leave the roots through symlinks.
-    pub fn resolve_dir(&self, requested: &Path) -> Result<PathBuf, BackupError> {
-        let outside = |reason: &str| BackupError::OutsideAllowedRoots {
-            path: requested.to_path_buf(),
-            roots: self.roots_text(),
-            reason: reason.to_string(),
-        };
-        if !requested.is_absolute() {
-            return Err(outside("the path is not absolute"));
-        }
-        if requested
-            .components()
-            .any(|c| matches!(c, Component::ParentDir))
-        {
-            return Err(outside("the path contains `..`"));
-        }
-        let roots: Vec<PathBuf> = self
-            .allowed_roots
-            .iter()
-            .filter_map(|r| r.canonicalize().ok())
-            .collect();
-        let inside = |p: &Path| roots.iter().any(|r| p.starts_with(r));
-        // Check the deepest existing ancestor before creating anything.
-        let mut existing = requested.to_path_buf();
-        while !existing.exists() {
-            if !existing.pop() {
-                return Err(outside("no part of the path exists"));
-            }
-        }
-        let existing = existing
-            .canonicalize()
-            .map_err(|_| outside("cannot resolve the path"))?;
-        if !inside(&existing) {
-            return Err(outside("it is not under an allowed root"));
-        }
-        std::fs::create_dir_all(requested).map_err(|source| BackupError::TargetIo {
-            path: requested.to_path_buf(),
-            source,
-        })?;
-        let resolved = requested
-            .canonicalize()
-            .map_err(|_| outside("cannot resolve the path"))?;
-        if !inside(&resolved) || !resolved.is_dir() {
-            return Err(outside("it leaves the allowed roots through a symlink"));
-        }
-        Ok(resolved)
+    /// Opens `requested` (creating missing directories beneath the
+    /// namespace's directory without following symlinks) when it lies inside
+    /// `<root>/<namespace>/` of an allowed root; refuses anything else with
+    /// [`BackupError::OutsideAllowedRoots`], creating nothing.
+    pub fn resolve_dir(&self, namespace: &str, requested: &Path) -> Result<TenantDir, BackupError> {
+        Ok(TenantDir::open(
+            &self.allowed_roots,
+            namespace,
+            Some(requested),
+            DirMode::PRIVATE,
+        )?)
     }
-
-    fn roots_text(&self) -> String {
-        if self.allowed_roots.is_empty() {
-            return "none configured".into();
-        }
-        self.allowed_roots
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-}
-
-/// Bytes available to unprivileged writers on the filesystem holding `dir`.
-pub fn available_bytes(dir: &Path) -> Result<u64, BackupError> {
-    let st = nix::sys::statvfs::statvfs(dir).map_err(|e| BackupError::TargetIo {
-        path: dir.to_path_buf(),
-        source: std::io::Error::from(e),
-    })?;
-    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
 /// Worst-case size of a qcow2 file holding `data` bytes of a `virtual_size` disk.
@@ -110,21 +56,24 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let other = tempfile::tempdir().unwrap();
         let policy = TargetPolicy::new([root.path().to_path_buf()]);
-        let ok = policy.resolve_dir(&root.path().join("a/b")).unwrap();
-        assert!(ok.is_dir());
+        let ok = policy
+            .resolve_dir("ns", &root.path().join("ns/a/b"))
+            .unwrap();
+        assert!(ok.path().is_dir());
+        for bad in [
+            root.path().join("ns/a/../../x"),
+            other.path().to_path_buf(),
+            root.path().join("other-ns/a"),
+            PathBuf::from("relative"),
+        ] {
+            let e = policy.resolve_dir("ns", &bad).unwrap_err();
+            assert!(matches!(e, BackupError::OutsideAllowedRoots { .. }), "{e}");
+        }
+        std::os::unix::fs::symlink(other.path(), root.path().join("ns/link")).unwrap();
         let e = policy
-            .resolve_dir(&root.path().join("a/../../x"))
-            .unwrap_err();
-        assert!(matches!(e, BackupError::OutsideAllowedRoots { .. }));
-        let e = policy.resolve_dir(other.path()).unwrap_err();
-        assert!(matches!(e, BackupError::OutsideAllowedRoots { .. }));
-        std::os::unix::fs::symlink(other.path(), root.path().join("link")).unwrap();
-        let e = policy
-            .resolve_dir(&root.path().join("link/sub"))
+            .resolve_dir("ns", &root.path().join("ns/link/sub"))
             .unwrap_err();
         assert!(matches!(e, BackupError::OutsideAllowedRoots { .. }), "{e}");
         assert!(!other.path().join("sub").exists());
-        let e = policy.resolve_dir(Path::new("relative")).unwrap_err();
-        assert!(matches!(e, BackupError::OutsideAllowedRoots { .. }));
     }
 }

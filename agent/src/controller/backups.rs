@@ -24,12 +24,14 @@ use super::status::{
 };
 use super::{Context, ControllerError};
 use crate::backup::{
-    BackupError, FileScope, Manifest, PullRequest, PushRequest, cleanup_leftovers,
-    start_pull_export, start_push_backup, stop_pull_export, verify_backup,
+    BackupError, FileScope, Manifest, PullRequest, PushRequest, check_pull_export,
+    cleanup_leftovers, remove_local_files, start_pull_export, start_push_backup, stop_pull_export,
+    verify_backup,
 };
 use crate::identity::OperationId;
 use crate::inventory::VmRef;
 use crate::qmp::QmpClient;
+use crate::tenant_dir::TenantDir;
 
 /// Condition type of the post-job verification of a push backup.
 const VERIFIED: &str = cairn_api::condition_types::VERIFIED;
@@ -46,17 +48,46 @@ fn uid(b: &VirtualMachineBackup) -> Result<String, ControllerError> {
         .ok_or(ControllerError::MissingField("metadata.uid"))
 }
 
-pub(super) fn scratch_dir(ctx: &Context, uid: &str) -> PathBuf {
-    ctx.config.runtime_dir.join("scratch").join(uid)
-}
-
-/// The resolved target directory of a push backup, when it is allowed.
-fn push_dir(b: &VirtualMachineBackup, ctx: &Context) -> Option<PathBuf> {
+/// The opened target directory of a push backup, when it is allowed.
+fn push_dir(b: &VirtualMachineBackup, ctx: &Context) -> Option<TenantDir> {
     if b.spec.mode != BackupMode::Push {
         return None;
     }
     let dir = b.spec.target.as_ref()?.directory.as_ref()?;
-    ctx.targets.resolve_dir(Path::new(&dir.path)).ok()
+    let ns = b.namespace()?;
+    ctx.targets.resolve_dir(&ns, Path::new(&dir.path)).ok()
+}
+
+/// The unix socket path the tenant asked for, if any.
+fn requested_socket(b: &VirtualMachineBackup) -> Option<PathBuf> {
+    b.spec
+        .target
+        .as_ref()
+        .and_then(|t| t.nbd.as_ref())
+        .and_then(|n| n.unix_socket.as_ref())
+        .and_then(|u| u.path.clone())
+        .map(PathBuf::from)
+}
+
+/// The VM as a data-path reference, for file cleanup when its QEMU is gone.
+fn vm_ref(b: &VirtualMachineBackup) -> VmRef {
+    VmRef {
+        namespace: b.namespace().unwrap_or_default(),
+        name: b.spec.virtual_machine.clone(),
+        socket: PathBuf::new(),
+    }
+}
+
+/// UID of the checkpoint `name` of this namespace when `backup` created it
+/// (the operator creates it before routing the backup here).
+async fn new_checkpoint_uid(b: &VirtualMachineBackup, ctx: &Context, ns: &str) -> Option<String> {
+    let name = &b.spec.checkpoint.as_ref()?.name;
+    let cps: Api<VirtualMachineCheckpoint> = Api::namespaced(ctx.client.clone(), ns);
+    let cp = cps.get_opt(name).await.ok().flatten()?;
+    (cp.spec.virtual_machine == b.spec.virtual_machine
+        && cp.labels().get(CREATED_BY_BACKUP_LABEL) == Some(&b.name_any()))
+    .then(|| cp.metadata.uid.clone())
+    .flatten()
 }
 
 pub(super) fn selected_disks(b: &VirtualMachineBackup) -> Option<Vec<String>> {
@@ -165,7 +196,7 @@ async fn base_bitmap(
     b: &VirtualMachineBackup,
     ctx: &Context,
     ns: &str,
-) -> Result<Option<(String, bool)>, (String, String)> {
+) -> Result<Option<(String, bool, Option<String>)>, (String, String)> {
     let Some(base) = b.spec.incremental.as_deref() else {
         return Ok(None);
     };
@@ -179,7 +210,13 @@ async fn base_bitmap(
             ),
         )),
         Ok(Some(cp)) => super::checkpoints::plan_request(&cp)
-            .map(|r| Some((r.name, !cp.labels().contains_key(CREATED_BY_BACKUP_LABEL))))
+            .map(|r| {
+                Some((
+                    r.name,
+                    !cp.labels().contains_key(CREATED_BY_BACKUP_LABEL),
+                    cp.metadata.uid.clone(),
+                ))
+            })
             .map_err(|m| ("InvalidIncrementalBase".into(), m)),
         Ok(None) => Err((
             "UnknownIncrementalBase".into(),
@@ -221,10 +258,11 @@ async fn start(
         )
         .await;
     };
-    let (incremental, base_standalone) = match base_bitmap(b, ctx, &ns).await {
+    let (incremental, base_standalone, incremental_uid) = match base_bitmap(b, ctx, &ns).await {
         Ok(x) => (
-            x.as_ref().map(|(n, _)| n.clone()),
-            x.is_some_and(|(_, r)| r),
+            x.as_ref().map(|(n, _, _)| n.clone()),
+            x.as_ref().is_some_and(|(_, r, _)| *r),
+            x.and_then(|(_, _, u)| u),
         ),
         Err((reason, msg)) => return fail(api, &name, status, generation, &reason, msg).await,
     };
@@ -276,20 +314,15 @@ async fn start(
                 )
                 .await;
             };
-            if ctx
-                .targets
-                .allowed_roots()
-                .iter()
-                .any(|r| dir.starts_with(r))
-            {
-                let _ = std::fs::create_dir_all(&dir);
-            }
+            let new_checkpoint_uid = new_checkpoint_uid(b, ctx, &ns).await;
             let request = PushRequest {
                 operation,
                 name: name.clone(),
                 disks: selected_disks(b),
                 incremental,
+                incremental_uid,
                 new_checkpoint,
+                new_checkpoint_uid,
                 target_dir: dir,
                 fallback_to_full: b.spec.fallback_to_full,
                 standalone_incremental: base_standalone,
@@ -316,7 +349,22 @@ async fn start(
                     }
                     let job_ids: Vec<String> =
                         running.plan().iter().map(|p| p.job_id.clone()).collect();
-                    let dir = running.target_dir().to_path_buf();
+                    let dir = running.target_path().to_path_buf();
+                    let handle = match running.target_dir().try_clone() {
+                        Ok(h) => h,
+                        Err(e) => {
+                            let e = BackupError::from(e);
+                            return fail(
+                                api,
+                                &name,
+                                status,
+                                generation,
+                                backup_reason(&e),
+                                error_chain(&e),
+                            )
+                            .await;
+                        }
+                    };
                     info!(backup = %name, vm = %vmref, jobs = ?job_ids, "push backup running");
                     let api = api.clone();
                     let base_checkpoint = b.spec.incremental.clone();
@@ -328,17 +376,14 @@ async fn start(
                             r = running.wait() => r,
                             () = progress => unreachable!("progress reporting never ends"),
                         };
-                        let (reason, manifest_path, finish) = match result {
+                        let (reason, manifest_file, finish) = match result {
                             Ok(mut outcome) => {
+                                let file = outcome.manifest.own_file_name();
                                 name_base_checkpoint(
                                     &mut outcome.manifest,
                                     base_checkpoint.as_deref(),
                                 );
-                                (
-                                    "Completed",
-                                    Some(outcome.manifest_path),
-                                    Ok(outcome.manifest),
-                                )
+                                ("Completed", Some(file), Ok(outcome.manifest))
                             }
                             Err(e) => (backup_reason(&e), None, Err(e)),
                         };
@@ -362,8 +407,9 @@ async fn start(
                             }
                         };
                         // Off the critical path: the result is already reported.
-                        if let Some(path) = manifest_path {
-                            report_verification(&api, &name, status, generation, &path).await;
+                        if let Some(file) = manifest_file {
+                            report_verification(&api, &name, status, generation, &handle, &file)
+                                .await;
                         }
                     });
                     ctx.jobs
@@ -404,34 +450,18 @@ async fn start(
                 )
                 .await;
             }
-            let socket = b
-                .spec
-                .target
-                .as_ref()
-                .and_then(|t| t.nbd.as_ref())
-                .and_then(|n| n.unix_socket.as_ref())
-                .and_then(|u| u.path.clone())
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    ctx.config
-                        .runtime_dir
-                        .join("nbd")
-                        .join(format!("{uid}.sock"))
-                });
-            let scratch = scratch_dir(ctx, uid);
-            let _ = std::fs::create_dir_all(&scratch);
             let request = PullRequest {
                 operation,
+                name: name.clone(),
                 disks: selected_disks(b),
                 incremental,
                 new_checkpoint,
-                socket: socket.clone(),
-                scratch_dir: scratch,
+                socket: requested_socket(b),
                 fallback_to_full: b.spec.fallback_to_full,
             };
             status.phase = Some(BackupPhase::Running);
             apply_status(api, &name, &status).await?;
-            match start_pull_export(&client, &vmref, &ctx.scratch, &request).await {
+            match start_pull_export(&client, &vmref, &ctx.pull, &request).await {
                 Ok(export) => {
                     let expires = b.spec.export_timeout_seconds.map(|s| {
                         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
@@ -545,11 +575,14 @@ fn resume_verification(
     let name = b.name_any();
     let generation = b.metadata.generation;
     let api = api.clone();
-    let path = push_dir(b, ctx).map(|d| d.join(Manifest::file_name(&name)));
+    let dir = push_dir(b, ctx);
+    let manifest_file = Manifest::file_name(&Manifest::stem(&name, uid));
     info!(backup = %name, "backup succeeded but is not verified yet; verifying");
     let task = tokio::spawn(async move {
-        match path {
-            Some(path) => report_verification(&api, &name, status, generation, &path).await,
+        match dir {
+            Some(dir) => {
+                report_verification(&api, &name, status, generation, &dir, &manifest_file).await
+            }
             None => {
                 let mut status = status;
                 status.conditions = agent_conditions(
@@ -582,9 +615,10 @@ async fn report_verification(
     name: &str,
     mut status: VirtualMachineBackupStatus,
     generation: Option<i64>,
-    manifest_path: &Path,
+    dir: &TenantDir,
+    manifest_file: &str,
 ) {
-    let update = match verify_backup(manifest_path).await {
+    let update = match verify_backup(dir, manifest_file).await {
         Ok(m) => {
             for d in &mut status.disks {
                 d.sha256 = m.disk(&d.name).and_then(|md| md.file_sha256.clone());
@@ -720,9 +754,16 @@ async fn watch_export(
 ) -> Result<Action, ControllerError> {
     let name = b.name_any();
     let generation = b.metadata.generation;
+    let socket = requested_socket(b);
     let Some((vmref, client)) = session else {
         // QEMU is gone and its export with it; only the scratch files remain.
-        let _ = std::fs::remove_dir_all(scratch_dir(ctx, uid));
+        remove_local_files(
+            &OperationId::new(uid),
+            &ctx.pull,
+            &vm_ref(b),
+            socket.as_deref(),
+            &name,
+        );
         return fail(
             api,
             &name,
@@ -748,7 +789,15 @@ async fn watch_export(
         {
             // A restarted QEMU (the socket came back before we looked) or a
             // hand-removed export: the URL in status leads nowhere.
-            let _ = stop_pull_export(&client, &OperationId::new(uid), &scratch_dir(ctx, uid)).await;
+            let _ = stop_pull_export(
+                &client,
+                &OperationId::new(uid),
+                &ctx.pull,
+                &vmref,
+                socket.as_deref(),
+                &name,
+            )
+            .await;
             return fail(
                 api,
                 &name,
@@ -761,9 +810,40 @@ async fn watch_export(
             )
             .await;
         }
+        // The point-in-time view still holds (the scratch did not fill up)?
+        let disks: Vec<String> = status.disks.iter().map(|d| d.name.clone()).collect();
+        if let Err(e) = check_pull_export(&ctx.pull, &vmref, socket.as_deref(), &name, &disks).await
+        {
+            let _ = stop_pull_export(
+                &client,
+                &OperationId::new(uid),
+                &ctx.pull,
+                &vmref,
+                socket.as_deref(),
+                &name,
+            )
+            .await;
+            return fail(
+                api,
+                &name,
+                status,
+                generation,
+                backup_reason(&e),
+                error_chain(&e),
+            )
+            .await;
+        }
         return Ok(requeue_until_expiry(&status));
     }
-    if let Err(e) = stop_pull_export(&client, &OperationId::new(uid), &scratch_dir(ctx, uid)).await
+    if let Err(e) = stop_pull_export(
+        &client,
+        &OperationId::new(uid),
+        &ctx.pull,
+        &vmref,
+        socket.as_deref(),
+        &name,
+    )
+    .await
     {
         warn!(backup = %name, vm = %vmref, error = %error_chain(&e), "cannot stop the export yet");
         return Ok(Action::requeue(Duration::from_secs(5)));
@@ -815,18 +895,19 @@ async fn delete(
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
     let msg = match (&session, phase) {
-        (Some((_, client)), BackupPhase::Exporting | BackupPhase::Running) => {
+        (Some((vmref, client)), BackupPhase::Exporting | BackupPhase::Running) => {
             let op = OperationId::new(uid);
             // No task of ours watches the job (the agent restarted since it
             // started): cancel it here and remove the partial push files, as
             // the task would have.
+            let stem = Manifest::stem(&name, uid);
             if let Some(dir) = push_dir(b, ctx)
                 && let Err(e) = cleanup_leftovers(
                     client,
                     &op,
                     Some(FileScope {
                         dir: &dir,
-                        backup_name: &name,
+                        stem: &stem,
                     }),
                 )
                 .await
@@ -834,7 +915,11 @@ async fn delete(
                 warn!(backup = %name, error = %error_chain(&e), "cleanup failed; retrying");
                 return Ok(Action::requeue(Duration::from_secs(5)));
             }
-            if let Err(e) = stop_pull_export(client, &op, &scratch_dir(ctx, uid)).await {
+            let socket = requested_socket(b);
+            if b.spec.mode == BackupMode::Pull
+                && let Err(e) =
+                    stop_pull_export(client, &op, &ctx.pull, vmref, socket.as_deref(), &name).await
+            {
                 warn!(backup = %name, error = %error_chain(&e), "teardown failed; retrying");
                 return Ok(Action::requeue(Duration::from_secs(5)));
             }

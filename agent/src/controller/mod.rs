@@ -42,8 +42,11 @@ pub struct NodeAgentConfig {
     pub socket_dir: PathBuf,
     /// Roots under which backups may be written.
     pub backup_roots: Vec<PathBuf>,
-    /// Where NBD export sockets and fleecing scratch images live.
+    /// Agent state that is not a tenant's (kept for compatibility; unused by backups).
     pub runtime_dir: PathBuf,
+    /// Pull exports: socket directory (`<export dir>/<namespace>/`), socket
+    /// group, scratch directory and its size policy, copy-before-write timeout.
+    pub pull: crate::backup::PullPolicy,
     /// Periodic rescan of the socket directory.
     pub rescan_interval: Duration,
     /// QMP command timeout.
@@ -70,8 +73,8 @@ pub struct Context {
     pub discovery: Discovery,
     /// Backup targets allowed on this node.
     pub targets: TargetPolicy,
-    /// Scratch space for pull exports (under the runtime directory).
-    pub scratch: TargetPolicy,
+    /// Where pull exports put sockets and scratch images.
+    pub pull: crate::backup::PullPolicy,
     /// How BackupRepositories are opened on this node.
     pub repositories: repositories::RepositoryAccess,
     /// Backup jobs this process watches, by backup UID.
@@ -153,14 +156,30 @@ where
         .await;
 }
 
+/// The export directory is reachable by the socket group only (0750), so
+/// other local users cannot reach any export socket below it.
+fn restrict_export_dir(pull: &crate::backup::PullPolicy) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(&pull.export_dir, std::fs::Permissions::from_mode(0o750));
+    if let Some(g) = pull.socket_group {
+        let _ = std::os::unix::fs::chown(&pull.export_dir, None, Some(g));
+    }
+}
+
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(
     client: Client,
     config: NodeAgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ControllerError> {
-    std::fs::create_dir_all(config.runtime_dir.join("scratch")).ok();
-    std::fs::create_dir_all(config.runtime_dir.join("nbd")).ok();
+    // The roots are the administrator's: created here, once. Everything below
+    // them is created per namespace through TenantDir.
+    for root in &config.backup_roots {
+        std::fs::create_dir_all(root).ok();
+    }
+    std::fs::create_dir_all(&config.pull.scratch_dir).ok();
+    std::fs::create_dir_all(&config.pull.export_dir).ok();
+    restrict_export_dir(&config.pull);
     let discovery = Discovery::start(DiscoveryOptions {
         root: config.socket_dir.clone(),
         rescan_interval: config.rescan_interval,
@@ -182,7 +201,7 @@ pub async fn run(
     let ctx = Arc::new(Context {
         client,
         targets: TargetPolicy::new(config.backup_roots.clone()),
-        scratch: TargetPolicy::new([config.runtime_dir.join("scratch")]),
+        pull: config.pull.clone(),
         repositories: repositories::RepositoryAccess {
             namespace: config.cairn_namespace.clone(),
             roots: config.repository_roots.clone(),

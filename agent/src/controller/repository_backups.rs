@@ -60,10 +60,9 @@ pub async fn start(
     let generation = b.metadata.generation;
     let mut status = s.status;
     let operation = OperationId::new(s.uid);
-    let scratch = super::backups::scratch_dir(ctx, s.uid);
     if status.phase == Some(BackupPhase::Running) {
         // Started by an earlier agent process whose upload died with it.
-        let _ = stop_pull_export(&s.client, &operation, &scratch).await;
+        let _ = stop_pull_export(&s.client, &operation, &ctx.pull, &s.vm, None, &name).await;
         remove_new_checkpoint(&s.client, &s.vm, status.checkpoint.as_deref()).await;
         return super::backups::fail(
             api,
@@ -113,17 +112,14 @@ pub async fn start(
         _ => None,
     };
     let new_checkpoint = uid_of(b.spec.checkpoint.as_ref().map(|c| c.name.clone())).await?;
-    let socket_dir = ctx.config.runtime_dir.join("ingest");
-    create_private_dir(&socket_dir);
     let request = RepositoryBackupRequest {
         operation,
+        name: name.clone(),
         backup_uid: s.uid.to_string(),
         disks: super::backups::selected_disks(b),
         incremental,
         new_checkpoint,
         fallback_to_full: b.spec.fallback_to_full,
-        socket: socket_dir.join(format!("{}.sock", s.uid)),
-        scratch_dir: scratch,
     };
     status.phase = Some(BackupPhase::Running);
     status.node_name = Some(ctx.config.node_name.clone());
@@ -152,8 +148,7 @@ pub async fn start(
     let (vm, client, repository) = (s.vm, s.client, s.repository);
     let incremental_cp = b.spec.incremental.clone();
     let task = tokio::spawn(async move {
-        let run =
-            run_repository_backup(&client, &vm, &ctx2.scratch, &repo, &request, Some(progress));
+        let run = run_repository_backup(&client, &vm, &ctx2.pull, &repo, &request, Some(progress));
         let report = report_progress(&api, &name, status.clone(), &cell);
         let result = tokio::select! {
             r = run => r,
@@ -275,7 +270,10 @@ pub async fn cancel(
         let _ = stop_pull_export(
             client,
             &OperationId::new(uid),
-            &super::backups::scratch_dir(ctx, uid),
+            &ctx.pull,
+            vm,
+            None,
+            &b.name_any(),
         )
         .await;
         let created = b.status.as_ref().is_some_and(|s| {
@@ -303,13 +301,4 @@ async fn remove_new_checkpoint(client: &QmpClient, vm: &VmRef, checkpoint: Optio
             }
         }
     }
-}
-
-/// A directory only the agent can enter (export sockets nobody else may reach).
-fn create_private_dir(dir: &std::path::Path) {
-    use std::os::unix::fs::DirBuilderExt;
-    let _ = std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir);
 }

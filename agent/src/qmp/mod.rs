@@ -56,6 +56,9 @@ pub struct ImageView {
     /// Backing file name, if any.
     #[serde(rename = "backing-filename", default)]
     pub backing_filename: Option<String>,
+    /// Bytes the image occupies on the host (allocated).
+    #[serde(rename = "actual-size", default)]
+    pub actual_size: Option<u64>,
 }
 
 /// A block node (`BlockDeviceInfo`, the fields Cairn needs).
@@ -526,6 +529,160 @@ impl QmpClient {
             cpu_index: None,
         })
         .await
+    }
+
+    /// `blockdev-add` of a `copy-before-write` filter over `file` that copies
+    /// old data to `target` before a write reaches `file`. With
+    /// `on-cbw-error: break-snapshot` a failed (or, after `cbw_timeout_seconds`,
+    /// slow) copy drops the point-in-time view instead of failing the guest's
+    /// write.
+    pub async fn add_copy_before_write(
+        &self,
+        node: &str,
+        file: &str,
+        target: &str,
+        cbw_timeout_seconds: u32,
+    ) -> Result<(), QmpError> {
+        let args = serde_json::json!({
+            "driver": "copy-before-write",
+            "node-name": node,
+            "file": file,
+            "target": target,
+            "on-cbw-error": "break-snapshot",
+            "cbw-timeout": cbw_timeout_seconds,
+        });
+        self.execute_raw("blockdev-add", Some(args)).await.map(drop)
+    }
+
+    /// `blockdev-add` of a `snapshot-access` node reading the point-in-time
+    /// view of the `copy-before-write` filter `file`.
+    pub async fn add_snapshot_access(&self, node: &str, file: &str) -> Result<(), QmpError> {
+        let args = serde_json::json!({
+            "driver": "snapshot-access",
+            "node-name": node,
+            "file": file,
+        });
+        self.execute_raw("blockdev-add", Some(args)).await.map(drop)
+    }
+
+    /// `qom-set <qdev> drive <node>`: attaches a running device to another
+    /// root node (inserting or removing a filter above its disk).
+    pub async fn set_device_drive(&self, qdev: &str, node: &str) -> Result<(), QmpError> {
+        let path = if qdev.starts_with('/') {
+            qdev.to_string()
+        } else {
+            format!("/machine/peripheral/{qdev}")
+        };
+        let args = serde_json::json!({"path": path, "property": "drive", "value": node});
+        self.execute_raw("qom-set", Some(args)).await.map(drop)
+    }
+
+    /// The node attached as child `role` (e.g. `file`) of `parent`, from
+    /// `x-debug-query-block-graph`.
+    pub async fn child_node(&self, parent: &str, role: &str) -> Result<Option<String>, QmpError> {
+        #[derive(Deserialize)]
+        struct Node {
+            id: u64,
+            name: String,
+        }
+        #[derive(Deserialize)]
+        struct Edge {
+            parent: u64,
+            child: u64,
+            name: String,
+        }
+        #[derive(Deserialize)]
+        struct Graph {
+            nodes: Vec<Node>,
+            edges: Vec<Edge>,
+        }
+        let g: Graph = self.query("x-debug-query-block-graph", None).await?;
+        let Some(pid) = g.nodes.iter().find(|n| n.name == parent).map(|n| n.id) else {
+            return Ok(None);
+        };
+        Ok(g.edges
+            .iter()
+            .find(|e| e.parent == pid && e.name == role)
+            .and_then(|e| g.nodes.iter().find(|n| n.id == e.child))
+            .map(|n| n.name.clone()))
+    }
+
+    /// `add-fd`: hands QEMU an open file (SCM_RIGHTS) in fd set `fdset` (a
+    /// new one when `None`), tagged `opaque`; QEMU then opens it as
+    /// `/dev/fdset/<id>`, never by a path. Returns the fd set id.
+    pub async fn add_fd(
+        &self,
+        fd: std::os::fd::OwnedFd,
+        fdset: Option<u64>,
+        opaque: &str,
+    ) -> Result<u64, QmpError> {
+        #[derive(Deserialize)]
+        struct Added {
+            #[serde(rename = "fdset-id")]
+            fdset_id: u64,
+        }
+        let mut args = serde_json::json!({ "opaque": opaque });
+        if let Some(id) = fdset {
+            args["fdset-id"] = id.into();
+        }
+        let v = self.execute_with_fd("add-fd", Some(args), fd).await?;
+        let added: Added = serde_json::from_value(v).map_err(|source| QmpError::Decode {
+            command: "add-fd".into(),
+            source,
+        })?;
+        Ok(added.fdset_id)
+    }
+
+    /// `query-fdsets`: `(fd set id, opaque tags of its fds)`.
+    pub async fn query_fdsets(&self) -> Result<Vec<(u64, Vec<String>)>, QmpError> {
+        #[derive(Deserialize)]
+        struct Fd {
+            #[serde(default)]
+            opaque: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Set {
+            #[serde(rename = "fdset-id")]
+            id: u64,
+            fds: Vec<Fd>,
+        }
+        let sets: Vec<Set> = self.query("query-fdsets", None).await?;
+        Ok(sets
+            .into_iter()
+            .map(|s| (s.id, s.fds.into_iter().filter_map(|f| f.opaque).collect()))
+            .collect())
+    }
+
+    /// `remove-fd` of a whole fd set (QEMU closes its fds once nothing uses them).
+    pub async fn remove_fdset(&self, fdset: u64) -> Result<(), QmpError> {
+        self.execute_raw("remove-fd", Some(serde_json::json!({ "fdset-id": fdset })))
+            .await
+            .map(drop)
+    }
+
+    /// `getfd`: hands QEMU an open descriptor under `name` (SCM_RIGHTS).
+    pub async fn getfd(&self, name: &str, fd: std::os::fd::OwnedFd) -> Result<(), QmpError> {
+        self.execute_with_fd("getfd", Some(serde_json::json!({ "fdname": name })), fd)
+            .await
+            .map(drop)
+    }
+
+    /// `nbd-server-start` on a listening socket passed earlier with [`Self::getfd`].
+    pub async fn nbd_server_start_fd(&self, fd_name: &str) -> Result<(), QmpError> {
+        let args = serde_json::json!({ "addr": { "type": "fd", "data": { "str": fd_name } } });
+        self.execute_raw("nbd-server-start", Some(args))
+            .await
+            .map(drop)
+    }
+
+    /// `stop`: pauses the vCPUs and drains in-flight I/O.
+    pub async fn stop_vm(&self) -> Result<(), QmpError> {
+        self.execute_raw("stop", None).await.map(drop)
+    }
+
+    /// `cont`: resumes the vCPUs.
+    pub async fn cont_vm(&self) -> Result<(), QmpError> {
+        self.execute_raw("cont", None).await.map(drop)
     }
 
     /// `quit`: QEMU closes images cleanly (persistent bitmaps are stored) and exits.

@@ -163,6 +163,8 @@ struct Request {
     line: String,
     reply: oneshot::Sender<Result<Value, QmpError>>,
     command: String,
+    /// A descriptor sent with the command line (SCM_RIGHTS), for `add-fd` / `getfd`.
+    fd: Option<std::os::fd::OwnedFd>,
 }
 
 struct Shared {
@@ -288,12 +290,39 @@ impl QmpClient {
             .await
     }
 
+    /// [`Self::execute_raw`], passing `fd` to QEMU with the command (SCM_RIGHTS
+    /// on the QMP socket): what `add-fd` and `getfd` take.
+    pub async fn execute_with_fd(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: std::os::fd::OwnedFd,
+    ) -> Result<Value, QmpError> {
+        self.send_command(
+            command,
+            arguments,
+            self.shared.options.command_timeout,
+            Some(fd),
+        )
+        .await
+    }
+
     /// [`Self::execute_raw`] with an explicit timeout.
     pub async fn execute_raw_timeout(
         &self,
         command: &str,
         arguments: Option<Value>,
         limit: Duration,
+    ) -> Result<Value, QmpError> {
+        self.send_command(command, arguments, limit, None).await
+    }
+
+    async fn send_command(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        limit: Duration,
+        fd: Option<std::os::fd::OwnedFd>,
     ) -> Result<Value, QmpError> {
         let deadline = Instant::now() + limit;
         let socket = &self.shared.socket;
@@ -335,6 +364,7 @@ impl QmpClient {
             line: msg.to_string(),
             reply: tx,
             command: command.to_string(),
+            fd,
         };
         debug!(command, id, "qmp send");
         if self.shared.requests.send(request).await.is_err() {
@@ -484,7 +514,15 @@ async fn serve(
                 }
                 let mut line = req.line.into_bytes();
                 line.push(b'\n');
-                match timeout(Duration::from_secs(10), writer.write_all(&line)).await {
+                let write = async {
+                    let mut rest: &[u8] = &line;
+                    if let Some(fd) = &req.fd {
+                        let sent = send_with_fd(&writer, rest, fd).await?;
+                        rest = &rest[sent..];
+                    }
+                    writer.write_all(rest).await
+                };
+                match timeout(Duration::from_secs(10), write).await {
                     Ok(Ok(())) => { pending.insert(req.id, (req.command, req.reply)); }
                     Ok(Err(e)) => {
                         let _ = req.reply.send(Err(QmpError::Disconnected { socket: socket.to_path_buf(), reason: e.to_string() }));
@@ -512,6 +550,38 @@ async fn serve(
         }));
     }
     end
+}
+
+/// Sends (a first part of) `bytes` with `fd` attached as SCM_RIGHTS; returns
+/// how many bytes went out.
+async fn send_with_fd(
+    writer: &OwnedWriteHalf,
+    bytes: &[u8],
+    fd: &std::os::fd::OwnedFd,
+) -> std::io::Result<usize> {
+    use std::os::fd::AsFd;
+    let stream: &UnixStream = writer.as_ref();
+    loop {
+        stream.writable().await?;
+        let r = stream.try_io(tokio::io::Interest::WRITABLE, || {
+            let fds = [fd.as_fd()];
+            let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+            control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds));
+            rustix::net::sendmsg(
+                stream,
+                &[std::io::IoSlice::new(bytes)],
+                &mut control,
+                rustix::net::SendFlags::NOSIGNAL,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match r {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn dispatch(line: &str, pending: &mut Pending, events: &broadcast::Sender<QmpEvent>) {

@@ -323,17 +323,14 @@ pub fn sha256_of_file(path: &Path) -> String {
 /// Runs `verify_backup` on a fresh (unverified) manifest and checks that it
 /// recorded each disk's file size and the SHA-256 of exactly that file.
 pub async fn verify_and_check(manifest_path: &Path) -> cairn_agent::backup::Manifest {
-    let before = cairn_agent::backup::Manifest::load(manifest_path).unwrap();
+    let before = load_manifest(manifest_path);
     assert!(!before.verified, "a fresh manifest is not verified yet");
     assert!(before.disks.iter().all(|d| d.file_sha256.is_none()));
-    let m = cairn_agent::backup::verify_backup(manifest_path)
+    let m = cairn_agent::backup::verify_backup_file(manifest_path)
         .await
         .unwrap();
     assert!(m.verified);
-    assert_eq!(
-        m,
-        cairn_agent::backup::Manifest::load(manifest_path).unwrap()
-    );
+    assert_eq!(m, load_manifest(manifest_path));
     let dir = manifest_path.parent().unwrap();
     for d in &m.disks {
         let file = dir.join(&d.file);
@@ -345,10 +342,50 @@ pub async fn verify_and_check(manifest_path: &Path) -> cairn_agent::backup::Mani
     }
     // Idempotent.
     assert_eq!(
-        cairn_agent::backup::verify_backup(manifest_path)
+        cairn_agent::backup::verify_backup_file(manifest_path)
             .await
             .unwrap(),
         m
     );
     m
+}
+
+/// Reads a manifest by path (through a directory handle, as the agent does).
+pub fn load_manifest(path: &Path) -> cairn_agent::backup::Manifest {
+    let dir = cairn_agent::tenant_dir::TenantDir::open_trusted(path.parent().unwrap()).unwrap();
+    let name = path.file_name().unwrap().to_string_lossy().to_string();
+    cairn_agent::backup::Manifest::load(&dir, &name).unwrap()
+}
+
+/// Every path below `dir` (recursively), sorted: for "nothing changed" checks.
+pub fn tree(dir: &Path) -> Vec<String> {
+    fn walk(dir: &Path, out: &mut Vec<String>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            out.push(p.display().to_string());
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                walk(&p, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, &mut out);
+    out.sort();
+    out
+}
+
+/// A pull policy rooted in `base`: exports in `base/exports`, scratch in `base/scratch`.
+pub fn pull_policy(base: &Path) -> cairn_agent::backup::PullPolicy {
+    std::fs::create_dir_all(base.join("exports")).unwrap();
+    std::fs::create_dir_all(base.join("scratch")).unwrap();
+    cairn_agent::backup::PullPolicy {
+        export_dir: base.join("exports"),
+        socket_group: None,
+        scratch_dir: base.join("scratch"),
+        scratch_reserve: cairn_agent::backup::ScratchReserve::Allocated,
+        cbw_timeout_seconds: 5,
+    }
 }

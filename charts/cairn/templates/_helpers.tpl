@@ -73,7 +73,7 @@ on the host and the agent must agree on every path they exchange over QMP).
 Fails on paths that would alias each other or escape with "..".
 */}}
 {{- define "cairn.agent.hostPaths" -}}
-{{- $paths := list (dict "name" "qmp-sockets" "path" .Values.socketDir) (dict "name" "runtime" "path" .Values.runtimeDir) }}
+{{- $paths := list (dict "name" "qmp-sockets" "path" .Values.socketDir) (dict "name" "runtime" "path" .Values.runtimeDir) (dict "name" "exports" "path" .Values.exportDir) (dict "name" "scratch" "path" .Values.scratchDir) }}
 {{- range $i, $p := .Values.backupRoots }}
 {{- $paths = append $paths (dict "name" (printf "backup-root-%d" $i) "path" $p "propagate" true) }}
 {{- end }}
@@ -87,7 +87,7 @@ Fails on paths that would alias each other or escape with "..".
 {{- fail (printf "cairn: host path %q must be a clean absolute path (no . or .. segments)" .path) }}
 {{- end }}
 {{- if hasKey $seen $clean }}
-{{- fail (printf "cairn: host path %q is listed twice (socketDir, runtimeDir, backupRoots and imageRoots must be distinct)" .path) }}
+{{- fail (printf "cairn: host path %q is listed twice (socketDir, runtimeDir, exportDir, scratchDir, backupRoots and imageRoots must be distinct)" .path) }}
 {{- end }}
 {{- $_ := set $seen $clean true }}
 {{- end }}

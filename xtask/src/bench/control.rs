@@ -235,7 +235,10 @@ async fn measure(
     let backups: Api<VirtualMachineBackup> = Api::namespaced(client.clone(), NS);
     for run_no in 0..cfg.runs {
         eprintln!("bench: end-to-end backup {}/{}", run_no + 1, cfg.runs);
-        let dir = cluster.backup_dir(NODE).join(format!("e2e-{run_no}"));
+        let dir = cluster
+            .backup_dir(NODE)
+            .join(NS)
+            .join(format!("e2e-{run_no}"));
         let name = format!("full-{run_no}");
         let yaml = format!(
             "apiVersion: cairn.dev/v1alpha1\nkind: VirtualMachineBackup\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  virtualMachine: vm\n  target:\n    directory:\n      path: {}\n",

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use cairn_agent::backup::{
-    PullRequest, PushRequest, TargetPolicy, run_push_backup, start_pull_export, start_push_backup,
-    stop_pull_export, verify_backup,
+    PullPolicy, PullRequest, PushRequest, ScratchReserve, TargetPolicy, run_push_backup,
+    start_pull_export, start_push_backup, stop_pull_export, verify_backup_file,
 };
 use cairn_agent::identity::OperationId;
 use serde_json::json;
@@ -78,9 +78,10 @@ fn cold(results: &mut DataResults) {
 pub async fn run_all(cfg: &Config, base: &Path, r: &mut DataResults) -> Result<()> {
     let work = cfg.work.join("data");
     let _ = std::fs::remove_dir_all(&work);
-    let out = work.join("out");
+    // Backups of namespace `bench` go in <root>/bench/.
+    let out = work.join("out").join("bench");
     std::fs::create_dir_all(&out)?;
-    let policy = TargetPolicy::new([out.clone()]);
+    let policy = TargetPolicy::new([work.join("out")]);
     let image = work.join("vm.qcow2");
     copy_image(base, &image)?;
     let vm = BenchVm::start(&work.join("qmp/bench/lib.sock"), "bench", "lib", &image, 64).await?;
@@ -103,7 +104,7 @@ pub async fn run_all(cfg: &Config, base: &Path, r: &mut DataResults) -> Result<(
         r.full_cairn.push(t.elapsed().as_secs_f64());
         cold(r);
         let t = Instant::now();
-        verify_backup(&done.manifest_path).await?;
+        verify_backup_file(&done.manifest_path).await?;
         r.full_checksum.push(t.elapsed().as_secs_f64());
         std::fs::remove_dir_all(&dir)?;
 
@@ -137,7 +138,7 @@ pub async fn run_all(cfg: &Config, base: &Path, r: &mut DataResults) -> Result<(
             &push_request(&format!("chain{run_no}-0"), &chain, None, Some(cp(0))),
         )
         .await?;
-        verify_backup(&first.manifest_path).await?;
+        verify_backup_file(&first.manifest_path).await?;
         add_bitmap(&vm, &raw(0)).await?;
         let mut prev_direct = out.join(format!("chain-direct-{run_no}-0.qcow2"));
         run(Command::new("qemu-img")
@@ -176,7 +177,7 @@ pub async fn run_all(cfg: &Config, base: &Path, r: &mut DataResults) -> Result<(
             add_bitmap(&vm, &raw(i + 1)).await?;
             cold(r);
             let t = Instant::now();
-            verify_backup(&done.manifest_path).await?;
+            verify_backup_file(&done.manifest_path).await?;
             r.inc_checksum[i].push(t.elapsed().as_secs_f64());
         }
         remove_bitmap(&vm, &raw(FRACTIONS.len())).await?;
@@ -232,7 +233,9 @@ fn push_request(
         name: name.into(),
         disks: None,
         incremental,
+        incremental_uid: None,
         new_checkpoint: checkpoint,
+        new_checkpoint_uid: None,
         target_dir: dir.to_path_buf(),
         fallback_to_full: false,
         standalone_incremental: false,
@@ -269,28 +272,34 @@ async fn pull_run(
     run_no: usize,
     r: &mut DataResults,
 ) -> Result<()> {
-    let scratch = out.join("scratch");
-    let socket = out.join(format!("pull-{run_no}.sock"));
+    let _ = policy;
+    let pull = PullPolicy {
+        export_dir: out.join("exports"),
+        socket_group: None,
+        scratch_dir: out.join("scratch"),
+        scratch_reserve: ScratchReserve::Allocated,
+        cbw_timeout_seconds: 30,
+    };
     let base_cp = format!("pull{run_no}");
     let request = |id: &str, inc: Option<String>, new: Option<String>| PullRequest {
         operation: OperationId::new(format!("bench-pull-{run_no}-{id}")),
+        name: format!("pull-{run_no}-{id}"),
         disks: None,
         incremental: inc,
         new_checkpoint: new,
-        socket: socket.clone(),
-        scratch_dir: scratch.clone(),
+        socket: None,
         fallback_to_full: false,
     };
     cold(r);
     let full = request("full", None, Some(base_cp.clone()));
     let t = Instant::now();
-    let export = start_pull_export(&vm.client, &vm.vm, policy, &full).await?;
+    let export = start_pull_export(&vm.client, &vm.vm, &pull, &full).await?;
     r.pull_ready.push(t.elapsed().as_secs_f64());
     let url = export.disks[0].url.clone();
     let t = Instant::now();
     run(Command::new("nbdcopy").arg(&url).arg("null:"))?;
     r.pull_read_full.push(t.elapsed().as_secs_f64());
-    stop_pull_export(&vm.client, &full.operation, &scratch).await?;
+    stop_pull_export(&vm.client, &full.operation, &pull, &vm.vm, None, &full.name).await?;
 
     dirty(
         &vm.writer,
@@ -303,7 +312,7 @@ async fn pull_run(
     cold(r);
     let inc = request("inc", Some(base_cp.clone()), None);
     let t = Instant::now();
-    let export = start_pull_export(&vm.client, &vm.vm, policy, &inc).await?;
+    let export = start_pull_export(&vm.client, &vm.vm, &pull, &inc).await?;
     r.pull_ready_inc.push(t.elapsed().as_secs_f64());
     let d = &export.disks[0];
     let script = super::dirty_read_script(&cfg.work)?;
@@ -314,7 +323,7 @@ async fn pull_run(
         .arg(d.bitmap_context.as_deref().context("no bitmap context")?))?;
     r.pull_read_dirty.push(t.elapsed().as_secs_f64());
     r.pull_dirty_bytes = bytes.trim().parse().unwrap_or(0);
-    stop_pull_export(&vm.client, &inc.operation, &scratch).await?;
+    stop_pull_export(&vm.client, &inc.operation, &pull, &vm.vm, None, &inc.name).await?;
     let _ = vm.client.remove_bitmap(FMT_NODE, &base_cp).await;
 
     // Plain qemu-nbd on the same image.
