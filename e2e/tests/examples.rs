@@ -143,14 +143,8 @@ async fn every_example_reaches_its_documented_outcome() -> Result<()> {
                 }
             }
             "checkpoint-disks.yaml" => {
-                ensure!(
-                    vm.bitmaps("disk0")?
-                        .contains(&"cairn-data-only".to_string())
-                );
-                ensure!(
-                    !vm.bitmaps("disk1")?
-                        .contains(&"cairn-data-only".to_string())
-                );
+                ensure!(vm.bitmaps("disk0")?.contains(&"data-only".to_string()));
+                ensure!(!vm.bitmaps("disk1")?.contains(&"data-only".to_string()));
             }
             "backup-full.yaml" => {
                 wait_checkpoint(&env, "cp-full-1", CheckpointPhase::Ready).await?;
