@@ -335,10 +335,32 @@ pub fn plan_backup(backup: &VirtualMachineBackup, verdict: &Verdict, now: Timest
                 ..Default::default()
             }
         }
-        Verdict::WaitForNode => Plan {
-            requeue: Some(Duration::from_secs(10)),
-            ..Default::default()
-        },
+        // Say `Pending` (kstatus InProgress) while waiting, not nothing: a
+        // status-less object is Current to kstatus.
+        Verdict::WaitForNode => {
+            let phase = may_set_phase.then_some(BackupPhase::Pending);
+            let (conds, _) = operator_conditions(existing, Vec::new(), generation, now);
+            let mut desired = VirtualMachineBackupStatus {
+                phase,
+                conditions: conds,
+                ..Default::default()
+            };
+            let lifecycle_changed = phase.is_some()
+                && routing::with_lifecycle(
+                    &mut desired,
+                    existing,
+                    status.and_then(|s| s.observed_generation),
+                    generation,
+                    now,
+                );
+            let changed =
+                lifecycle_changed || (phase.is_some() && status.and_then(|s| s.phase) != phase);
+            Plan {
+                status: changed.then_some(desired),
+                requeue: Some(Duration::from_secs(10)),
+                ..Default::default()
+            }
+        }
     }
 }
 

@@ -233,10 +233,32 @@ pub fn plan_checkpoint(
                 requeue: Some(routing::RECHECK_MISSING_VM),
             }
         }
-        Verdict::WaitForNode => Plan {
-            requeue: Some(Duration::from_secs(10)),
-            ..Default::default()
-        },
+        // Say `Pending` (kstatus InProgress) while waiting, not nothing: a
+        // status-less object is Current to kstatus.
+        Verdict::WaitForNode => {
+            let phase = may_set_phase.then_some(CheckpointPhase::Pending);
+            let (conds, _) = operator_conditions(existing, Vec::new(), generation, now);
+            let mut desired = VirtualMachineCheckpointStatus {
+                phase,
+                conditions: conds,
+                ..Default::default()
+            };
+            let lifecycle_changed = phase.is_some()
+                && routing::with_lifecycle(
+                    &mut desired,
+                    existing,
+                    status.and_then(|s| s.observed_generation),
+                    generation,
+                    now,
+                );
+            let changed =
+                lifecycle_changed || (phase.is_some() && status.and_then(|s| s.phase) != phase);
+            Plan {
+                status: changed.then_some(desired),
+                requeue: Some(Duration::from_secs(10)),
+                ..Default::default()
+            }
+        }
     }
 }
 
@@ -490,6 +512,23 @@ mod tests {
         assert_eq!(types, ["Accepted", "Reconciling", "Stalled"]);
         assert!(conditions::is_true(&status.conditions, "Reconciling"));
         assert!(!conditions::is_true(&status.conditions, "Stalled"));
+    }
+
+    #[test]
+    fn waiting_for_a_node_is_pending_and_reconciling() {
+        let mut c = cp("a", "vm1", "2026-01-01T00:00:00Z");
+        let plan = plan_checkpoint(&c, &Verdict::WaitForNode, None, T);
+        let status = plan.status.clone().unwrap();
+        assert_eq!(status.phase, Some(CheckpointPhase::Pending));
+        assert!(conditions::is_true(&status.conditions, "Reconciling"));
+        assert!(!conditions::is_true(&status.conditions, "Stalled"));
+        assert_eq!(plan.requeue, Some(Duration::from_secs(10)));
+        // Written once; the next look has nothing to say.
+        c.status = Some(status);
+        assert_eq!(
+            plan_checkpoint(&c, &Verdict::WaitForNode, None, T).status,
+            None
+        );
     }
 
     #[test]
