@@ -29,6 +29,18 @@ use crate::common::Condition;
         json_path = ".spec.incremental"
     ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether the object is usable now (the Ready condition), whatever the phase"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Why it is (not) Ready"
+    ),
     printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName"),
     printcolumn(
         name = "Done",
@@ -271,6 +283,18 @@ pub enum BackupPhase {
 }
 
 impl BackupPhase {
+    /// The phase's name as it appears in `status.phase`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Running => "Running",
+            Self::Exporting => "Exporting",
+            Self::Succeeded => "Succeeded",
+            Self::Failed => "Failed",
+            Self::Cancelled => "Cancelled",
+        }
+    }
+
     /// Whether the backup has reached an end state.
     pub fn is_finished(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
@@ -284,7 +308,8 @@ pub struct VirtualMachineBackupStatus {
     /// Lifecycle phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<BackupPhase>,
-    /// Conditions: `Ready` (finished successfully or export ready), `Failed`,
+    /// Conditions: `Ready` (finished successfully or export ready), `Reconciling`
+    /// (work in progress), `Stalled` (a terminal failure, with its reason),
     /// `Verified` (push: the backup files' checksums were recorded after the job).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
@@ -346,6 +371,32 @@ pub struct RepositorySnapshotStatus {
     /// Chunks already in the repository (dedup) or taken from the base snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunks_reused: Option<i64>,
+}
+
+impl crate::conditions::LifecycleStatus for VirtualMachineBackupStatus {
+    /// `Pending`, `Running`: in progress. `Succeeded`: current. `Exporting`:
+    /// current once the export is served (`Ready=True`), in progress before.
+    /// `Failed`, `Cancelled`: failed (the backup will never complete).
+    fn lifecycle(&self) -> (crate::conditions::Lifecycle, &'static str) {
+        use crate::conditions::{Lifecycle, is_true};
+        let phase = self.phase.unwrap_or_default();
+        let lifecycle = match phase {
+            BackupPhase::Pending | BackupPhase::Running => Lifecycle::InProgress,
+            BackupPhase::Succeeded => Lifecycle::Current,
+            BackupPhase::Exporting if is_true(&self.conditions, crate::condition_types::READY) => {
+                Lifecycle::Current
+            }
+            BackupPhase::Exporting => Lifecycle::InProgress,
+            BackupPhase::Failed | BackupPhase::Cancelled => Lifecycle::Failed,
+        };
+        (lifecycle, phase.as_str())
+    }
+    fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+        &mut self.conditions
+    }
+    fn observed_generation_mut(&mut self) -> &mut Option<i64> {
+        &mut self.observed_generation
+    }
 }
 
 /// Progress counters.

@@ -24,6 +24,18 @@ use crate::common::{Condition, DomainSnapshot};
     doc = "A checkpoint of a QEMU VM: persistent dirty bitmaps that record every write made after it, usable as the base of incremental backups.",
     printcolumn(name = "VM", type_ = "string", json_path = ".spec.virtualMachine"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether the object is usable now (the Ready condition), whatever the phase"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Why it is (not) Ready"
+    ),
     printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName"),
     printcolumn(name = "Parent", type_ = "string", json_path = ".status.parent"),
     printcolumn(
@@ -131,7 +143,8 @@ pub struct VirtualMachineCheckpointStatus {
     /// Lifecycle phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<CheckpointPhase>,
-    /// Conditions: `Ready`, `DomainRecorded`, `Failed`.
+    /// Conditions: `Ready`, `Reconciling` (work in progress), `Stalled` (a
+    /// terminal failure, with its reason), `DomainRecorded`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
@@ -197,5 +210,46 @@ impl VirtualMachineCheckpointSpec {
             .find(|d| d.name == disk)
             .and_then(|d| d.bitmap.as_deref())
             .unwrap_or(checkpoint_name)
+    }
+}
+
+impl CheckpointPhase {
+    /// The phase's name as it appears in `status.phase`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Creating => "Creating",
+            Self::Ready => "Ready",
+            Self::Failed => "Failed",
+            Self::Deleting => "Deleting",
+        }
+    }
+}
+
+impl crate::conditions::LifecycleStatus for VirtualMachineCheckpointStatus {
+    /// `Pending`, `Creating`, `Deleting`: in progress. `Failed`: failed.
+    /// `Ready`: current while the `Ready` condition is not False; a bitmap
+    /// that went missing or inconsistent afterwards is a failure (the
+    /// checkpoint can never be an incremental base again).
+    fn lifecycle(&self) -> (crate::conditions::Lifecycle, &'static str) {
+        use crate::conditions::{Lifecycle, find};
+        let phase = self.phase.unwrap_or_default();
+        let lifecycle = match phase {
+            CheckpointPhase::Pending | CheckpointPhase::Creating | CheckpointPhase::Deleting => {
+                Lifecycle::InProgress
+            }
+            CheckpointPhase::Failed => Lifecycle::Failed,
+            CheckpointPhase::Ready => match find(&self.conditions, crate::condition_types::READY) {
+                Some(c) if c.status == "False" => Lifecycle::Failed,
+                _ => Lifecycle::Current,
+            },
+        };
+        (lifecycle, phase.as_str())
+    }
+    fn conditions_mut(&mut self) -> &mut Vec<Condition> {
+        &mut self.conditions
+    }
+    fn observed_generation_mut(&mut self) -> &mut Option<i64> {
+        &mut self.observed_generation
     }
 }

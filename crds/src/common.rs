@@ -55,6 +55,12 @@ pub mod condition_types {
     pub const FAILED: &str = "Failed";
     /// Work is in progress.
     pub const PROGRESSING: &str = "Progressing";
+    /// kstatus: the controller is still working towards the spec (abnormal-true:
+    /// present only while True means something; written False otherwise).
+    pub const RECONCILING: &str = "Reconciling";
+    /// kstatus: the controller gave up: a terminal failure that needs a person
+    /// (reason and message are the failure's, as in `Ready=False`).
+    pub const STALLED: &str = "Stalled";
     /// A push backup's file checksums were computed after the job and recorded
     /// (`status.disks[].sha256` and the manifest), or why not.
     pub const VERIFIED: &str = "Verified";

@@ -1,6 +1,7 @@
 //! The real components Cairn's tests and demo run: QEMU 10 and NBD tools from
 //! Debian packages, etcd and Kubernetes built from the Go module proxy, helm from
-//! a PyPI wheel. Heavy builds are cached by version outside the work tree.
+//! a PyPI wheel, the GitOps health checker (kstatus + gopher-lua) from the Go
+//! module proxy. Heavy builds are cached by version outside the work tree.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,6 +12,10 @@ use anyhow::{Context, Result, bail};
 pub const K8S_VERSION: &str = "v1.34.4";
 /// etcd version the control plane is built at.
 pub const ETCD_VERSION: &str = "v3.6.16";
+/// Version of sigs.k8s.io/cli-utils whose kstatus the health checker is built from.
+pub const CLI_UTILS_VERSION: &str = "v0.37.2";
+/// Version of the Lua interpreter Argo CD embeds, for the health checker.
+pub const GOPHER_LUA_VERSION: &str = "v1.1.1";
 /// Version of the PyPI wheel that carries helm.
 pub const HELM_WHEEL_VERSION: &str = "2.0.0";
 
@@ -27,6 +32,9 @@ pub struct Tools {
     pub kubectl: PathBuf,
     /// helm.
     pub helm: PathBuf,
+    /// `kstatus-checker`: kstatus and Argo CD's Lua health over an object's
+    /// JSON (e2e/tools/kstatus-checker, built by build-kstatus-checker.sh).
+    pub kstatus_checker: PathBuf,
 }
 
 /// Root of the repository (the workspace).
@@ -68,6 +76,9 @@ impl Tools {
             kube_controller_manager: k8s.join("kube-controller-manager"),
             kubectl: k8s.join("kubectl"),
             helm: helm.join("helm"),
+            kstatus_checker: cache
+                .join(format!("kstatus-checker-{CLI_UTILS_VERSION}"))
+                .join("kstatus-checker"),
         }
     }
 
@@ -97,6 +108,11 @@ impl Tools {
                 &[cache_dir().to_str().context("cache dir is not UTF-8")?],
             )?;
         }
+        // The script keys its cache by version and source, and returns at once when current.
+        run_script(
+            &scripts.join("build-kstatus-checker.sh"),
+            &[cache_dir().to_str().context("cache dir is not UTF-8")?],
+        )?;
         Ok(tools)
     }
 }
@@ -108,6 +124,8 @@ fn run_script(script: &Path, args: &[&str]) -> Result<()> {
         .env("CAIRN_K8S_VERSION", K8S_VERSION)
         .env("CAIRN_ETCD_VERSION", ETCD_VERSION)
         .env("CAIRN_HELM_WHEEL_VERSION", HELM_WHEEL_VERSION)
+        .env("CAIRN_CLI_UTILS_VERSION", CLI_UTILS_VERSION)
+        .env("CAIRN_GOPHER_LUA_VERSION", GOPHER_LUA_VERSION)
         .status()
         .with_context(|| format!("running {}", script.display()))?;
     if !status.success() {

@@ -26,6 +26,13 @@ async fn checkpoint_failure(env: &TestEnv, name: &str) -> Result<(String, String
         "Ready is {} on a Failed checkpoint",
         c.status
     );
+    // kstatus reads Stalled: a terminal failure says so with the same reason.
+    let stalled = condition(&status.conditions, "Stalled")
+        .ok_or_else(|| anyhow::anyhow!("checkpoint {name} Failed without a Stalled condition"))?;
+    ensure!(
+        stalled.status == "True" && stalled.reason == c.reason && stalled.message == c.message,
+        "Stalled does not repeat the failure: {stalled:?} vs Ready {c:?}"
+    );
     Ok((c.reason.clone(), c.message.clone()))
 }
 
@@ -39,6 +46,13 @@ async fn backup_failure(env: &TestEnv, name: &str) -> Result<(String, String)> {
         c.status == "False",
         "Ready is {} on a Failed backup",
         c.status
+    );
+    // kstatus reads Stalled: a terminal failure says so with the same reason.
+    let stalled = condition(&status.conditions, "Stalled")
+        .ok_or_else(|| anyhow::anyhow!("backup {name} Failed without a Stalled condition"))?;
+    ensure!(
+        stalled.status == "True" && stalled.reason == c.reason && stalled.message == c.message,
+        "Stalled does not repeat the failure: {stalled:?} vs Ready {c:?}"
     );
     Ok((c.reason.clone(), c.message.clone()))
 }

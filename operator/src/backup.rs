@@ -316,17 +316,27 @@ pub fn plan_backup(backup: &VirtualMachineBackup, verdict: &Verdict, now: Timest
             let (conds, conds_changed) =
                 operator_conditions(existing, vec![accepted(node, vm)], generation, now);
             let phase = may_set_phase.then_some(BackupPhase::Pending);
+            let mut desired = VirtualMachineBackupStatus {
+                phase,
+                conditions: conds,
+                node_name: Some(node.clone()),
+                ..Default::default()
+            };
+            let lifecycle_changed = phase.is_some()
+                && routing::with_lifecycle(
+                    &mut desired,
+                    existing,
+                    status.and_then(|s| s.observed_generation),
+                    generation,
+                    now,
+                );
             let changed = conds_changed
+                || lifecycle_changed
                 || (phase.is_some() && status.and_then(|s| s.phase) != phase)
                 || status.and_then(|s| s.node_name.as_deref()) != Some(node.as_str());
             Plan {
                 metadata: routing::routing_metadata(backup, node, vm, BACKUP_FINALIZER),
-                status: changed.then(|| VirtualMachineBackupStatus {
-                    phase,
-                    conditions: conds,
-                    node_name: Some(node.clone()),
-                    ..Default::default()
-                }),
+                status: changed.then_some(desired),
                 checkpoint: checkpoint_for_backup(backup, node),
                 event: Some((
                     EventType::Normal,
@@ -340,15 +350,25 @@ pub fn plan_backup(backup: &VirtualMachineBackup, verdict: &Verdict, now: Timest
             let (conds, conds_changed) =
                 operator_conditions(existing, rejected(r), generation, now);
             let phase = may_set_phase.then_some(BackupPhase::Failed);
-            let changed =
-                conds_changed || (phase.is_some() && status.and_then(|s| s.phase) != phase);
+            let mut desired = VirtualMachineBackupStatus {
+                phase,
+                conditions: conds,
+                failure_reason: Some(r.reason.to_string()),
+                ..Default::default()
+            };
+            let lifecycle_changed = phase.is_some()
+                && routing::with_lifecycle(
+                    &mut desired,
+                    existing,
+                    status.and_then(|s| s.observed_generation),
+                    generation,
+                    now,
+                );
+            let changed = conds_changed
+                || lifecycle_changed
+                || (phase.is_some() && status.and_then(|s| s.phase) != phase);
             Plan {
-                status: changed.then(|| VirtualMachineBackupStatus {
-                    phase,
-                    conditions: conds,
-                    failure_reason: Some(r.reason.to_string()),
-                    ..Default::default()
-                }),
+                status: changed.then_some(desired),
                 event: changed.then(|| (EventType::Warning, r.reason, r.message.clone())),
                 // A missing VM is noticed through the QemuInstance watch (and
                 // re-checked rarely); a missing base is polled.
@@ -360,10 +380,32 @@ pub fn plan_backup(backup: &VirtualMachineBackup, verdict: &Verdict, now: Timest
                 ..Default::default()
             }
         }
-        Verdict::WaitForNode => Plan {
-            requeue: Some(Duration::from_secs(10)),
-            ..Default::default()
-        },
+        // Say `Pending` (kstatus InProgress) while waiting, not nothing: a
+        // status-less object is Current to kstatus.
+        Verdict::WaitForNode => {
+            let phase = may_set_phase.then_some(BackupPhase::Pending);
+            let (conds, _) = operator_conditions(existing, Vec::new(), generation, now);
+            let mut desired = VirtualMachineBackupStatus {
+                phase,
+                conditions: conds,
+                ..Default::default()
+            };
+            let lifecycle_changed = phase.is_some()
+                && routing::with_lifecycle(
+                    &mut desired,
+                    existing,
+                    status.and_then(|s| s.observed_generation),
+                    generation,
+                    now,
+                );
+            let changed =
+                lifecycle_changed || (phase.is_some() && status.and_then(|s| s.phase) != phase);
+            Plan {
+                status: changed.then_some(desired),
+                requeue: Some(Duration::from_secs(10)),
+                ..Default::default()
+            }
+        }
     }
 }
 

@@ -160,14 +160,23 @@ pub fn plan_checkpoint(
             let (conds, conds_changed) =
                 operator_conditions(existing, vec![accepted(node, vm)], generation, now);
             let phase = may_set_phase.then_some(CheckpointPhase::Pending);
-            let desired = VirtualMachineCheckpointStatus {
+            let mut desired = VirtualMachineCheckpointStatus {
                 phase,
                 conditions: conds,
                 node_name: Some(node.clone()),
                 parent,
                 ..Default::default()
             };
+            let lifecycle_changed = phase.is_some()
+                && routing::with_lifecycle(
+                    &mut desired,
+                    existing,
+                    status.and_then(|s| s.observed_generation),
+                    generation,
+                    now,
+                );
             let changed = conds_changed
+                || lifecycle_changed
                 || (phase.is_some() && status.and_then(|s| s.phase) != phase)
                 || status.and_then(|s| s.node_name.as_ref()) != desired.node_name.as_ref()
                 || status.and_then(|s| s.parent.as_ref()) != desired.parent.as_ref();
@@ -201,23 +210,55 @@ pub fn plan_checkpoint(
             let (conds, conds_changed) =
                 operator_conditions(existing, rejected(r), generation, now);
             let phase = may_set_phase.then_some(CheckpointPhase::Failed);
-            let changed =
-                conds_changed || (phase.is_some() && status.and_then(|s| s.phase) != phase);
+            let mut desired = VirtualMachineCheckpointStatus {
+                phase,
+                conditions: conds,
+                ..Default::default()
+            };
+            let lifecycle_changed = phase.is_some()
+                && routing::with_lifecycle(
+                    &mut desired,
+                    existing,
+                    status.and_then(|s| s.observed_generation),
+                    generation,
+                    now,
+                );
+            let changed = conds_changed
+                || lifecycle_changed
+                || (phase.is_some() && status.and_then(|s| s.phase) != phase);
             Plan {
                 metadata: None,
-                status: changed.then_some(VirtualMachineCheckpointStatus {
-                    phase,
-                    conditions: conds,
-                    ..Default::default()
-                }),
+                status: changed.then_some(desired),
                 event: changed.then(|| (EventType::Warning, r.reason, r.message.clone())),
                 requeue: Some(routing::RECHECK_MISSING_VM),
             }
         }
-        Verdict::WaitForNode => Plan {
-            requeue: Some(Duration::from_secs(10)),
-            ..Default::default()
-        },
+        // Say `Pending` (kstatus InProgress) while waiting, not nothing: a
+        // status-less object is Current to kstatus.
+        Verdict::WaitForNode => {
+            let phase = may_set_phase.then_some(CheckpointPhase::Pending);
+            let (conds, _) = operator_conditions(existing, Vec::new(), generation, now);
+            let mut desired = VirtualMachineCheckpointStatus {
+                phase,
+                conditions: conds,
+                ..Default::default()
+            };
+            let lifecycle_changed = phase.is_some()
+                && routing::with_lifecycle(
+                    &mut desired,
+                    existing,
+                    status.and_then(|s| s.observed_generation),
+                    generation,
+                    now,
+                );
+            let changed =
+                lifecycle_changed || (phase.is_some() && status.and_then(|s| s.phase) != phase);
+            Plan {
+                status: changed.then_some(desired),
+                requeue: Some(Duration::from_secs(10)),
+                ..Default::default()
+            }
+        }
     }
 }
 
@@ -390,7 +431,15 @@ mod tests {
         let plan = plan_checkpoint(&c, &Verdict::Reject(r.clone()), None, T);
         let status = plan.status.unwrap();
         assert_eq!(status.phase, Some(CheckpointPhase::Failed));
-        assert_eq!(status.conditions.len(), 2);
+        // Accepted=False, Ready=False, and for kstatus Stalled=True (same reason), Reconciling=False.
+        assert_eq!(status.conditions.len(), 4);
+        let stalled = conditions::find(&status.conditions, "Stalled").unwrap();
+        assert_eq!(
+            (stalled.status.as_str(), stalled.reason.as_str()),
+            ("True", "VirtualMachineNotFound")
+        );
+        assert_eq!(stalled.message, r.message);
+        assert!(!conditions::is_true(&status.conditions, "Reconciling"));
         assert!(plan.metadata.is_none());
         assert_eq!(plan.event.unwrap().1, "VirtualMachineNotFound");
     }
@@ -407,6 +456,7 @@ mod tests {
         assert_eq!(status.node_name.as_deref(), Some("node-1"));
         assert_eq!(status.parent.as_deref(), Some("a"));
         assert!(conditions::is_true(&status.conditions, "Accepted"));
+        assert!(conditions::is_true(&status.conditions, "Reconciling"));
         assert!(plan.metadata.is_some());
         assert_eq!(plan.event.as_ref().unwrap().1, "Routed");
 
@@ -457,7 +507,28 @@ mod tests {
         );
         let status = plan.status.unwrap();
         assert_eq!(status.phase, Some(CheckpointPhase::Pending));
-        assert_eq!(status.conditions.len(), 1);
+        // Accepted, and Reconciling=True / Stalled=False: the rejection's Ready and Stalled are gone.
+        let types: Vec<&str> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(types, ["Accepted", "Reconciling", "Stalled"]);
+        assert!(conditions::is_true(&status.conditions, "Reconciling"));
+        assert!(!conditions::is_true(&status.conditions, "Stalled"));
+    }
+
+    #[test]
+    fn waiting_for_a_node_is_pending_and_reconciling() {
+        let mut c = cp("a", "vm1", "2026-01-01T00:00:00Z");
+        let plan = plan_checkpoint(&c, &Verdict::WaitForNode, None, T);
+        let status = plan.status.clone().unwrap();
+        assert_eq!(status.phase, Some(CheckpointPhase::Pending));
+        assert!(conditions::is_true(&status.conditions, "Reconciling"));
+        assert!(!conditions::is_true(&status.conditions, "Stalled"));
+        assert_eq!(plan.requeue, Some(Duration::from_secs(10)));
+        // Written once; the next look has nothing to say.
+        c.status = Some(status);
+        assert_eq!(
+            plan_checkpoint(&c, &Verdict::WaitForNode, None, T).status,
+            None
+        );
     }
 
     #[test]

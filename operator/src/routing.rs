@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 
-use cairn_api::conditions::{self, NewCondition};
+use cairn_api::conditions::{self, LifecycleStatus, NewCondition};
 use cairn_api::{Condition, NODE_LABEL, OPERATOR_MANAGER, QemuInstance, VM_LABEL};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -104,6 +104,39 @@ pub fn operator_conditions(
     }
     all.retain(|c| types.contains(&c.type_));
     (all, changed)
+}
+
+/// Adds to `desired` (a status whose phase the operator writes) the kstatus
+/// conditions and `observedGeneration` that go with that phase, keeping
+/// `lastTransitionTime` from `existing`. Whoever writes the phase writes these
+/// (ownership table in `cairn_api::conditions`), derived by the same function
+/// the agent uses, so the two managers never disagree on them. Returns whether
+/// they differ from what the object has.
+pub fn with_lifecycle<S: LifecycleStatus>(
+    desired: &mut S,
+    existing: &[Condition],
+    existing_generation: Option<i64>,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> bool {
+    let (lifecycle, phase) = desired.lifecycle();
+    *desired.observed_generation_mut() = generation;
+    let changed = existing_generation != generation;
+    // After a rejection `Ready` is the operator's own; when this apply drops
+    // it (the VM appeared), the messages must not repeat the old rejection.
+    let previous: Vec<Condition> = existing
+        .iter()
+        .filter(|c| c.type_ != cairn_api::condition_types::READY || !rejected_by_operator(existing))
+        .cloned()
+        .collect();
+    conditions::set_lifecycle(
+        desired.conditions_mut(),
+        &previous,
+        lifecycle,
+        phase,
+        generation,
+        now,
+    ) || changed
 }
 
 /// `Accepted=True` for a routed object.

@@ -1,5 +1,6 @@
 //! `cargo xtask test`: installs what the tests need (apt packages, Go-built
-//! control plane, helm), then runs every test of the workspace.
+//! control plane, helm, the kstatus/Argo CD health checker), then runs every
+//! test of the workspace.
 
 use std::process::Command;
 
@@ -9,11 +10,12 @@ use cairn_e2e::tools::{ETCD_VERSION, K8S_VERSION, Tools};
 pub fn run(cargo_args: &[String]) -> Result<()> {
     let tools = Tools::ensure()?;
     println!(
-        "cairn test: kube-apiserver {K8S_VERSION} ({}), etcd {ETCD_VERSION} ({}), kubectl {}, helm {}",
+        "cairn test: kube-apiserver {K8S_VERSION} ({}), etcd {ETCD_VERSION} ({}), kubectl {}, helm {}, kstatus-checker {}",
         tools.kube_apiserver.display(),
         tools.etcd.display(),
         tools.kubectl.display(),
-        tools.helm.display()
+        tools.helm.display(),
+        tools.kstatus_checker.display()
     );
     let qemu = Command::new("qemu-system-x86_64")
         .arg("--version")

@@ -937,11 +937,16 @@ async fn delete(
     {
         status = fresh;
     }
-    status.conditions = agent_conditions(
-        &status.conditions,
-        &[cond("CleanedUp", true, "Cleaned", msg)],
-        generation,
-    );
+    let mut updates = vec![cond("CleanedUp", true, "Cleaned", msg)];
+    if status.phase == Some(BackupPhase::Cancelled) {
+        updates.push(cond(
+            "Ready",
+            false,
+            "Cancelled",
+            "the backup was cancelled by deleting it before it finished",
+        ));
+    }
+    status.conditions = agent_conditions(&status.conditions, &updates, generation);
     apply_status(api, &name, &status).await?;
     ctx.jobs.lock().expect("jobs lock").remove(uid);
     Ok(Action::await_change())

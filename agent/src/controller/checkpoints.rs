@@ -767,6 +767,8 @@ async fn verify(
         CheckpointPhase::Failed
     });
     status.conditions = agent_conditions(&status.conditions, &[ready], generation);
+    // Also brings an object written before the kstatus conditions existed up to date.
+    cairn_api::conditions::sync_lifecycle(&mut status, k8s_openapi::jiff::Timestamp::now());
     if status != before {
         apply_status(api, name, &status).await?;
     }

@@ -17,7 +17,7 @@ use kube::{Api, ResourceExt};
 use tracing::{debug, info, warn};
 
 use super::Context;
-use super::status::{apply_status, now};
+use super::status::{apply_any_status, now};
 use crate::discovery::DiscoveryError;
 use crate::inventory::{VmInventory, VmRef};
 
@@ -190,7 +190,7 @@ async fn publish(
         &Patch::Apply(body),
     )
     .await?;
-    apply_status(&api, &vm.name, status).await
+    apply_any_status(&api, &vm.name, status).await
 }
 
 /// The QemuInstance status of a VM that answers.

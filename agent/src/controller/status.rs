@@ -1,7 +1,14 @@
 //! Status writing: server-side apply under the `cairn-agent` field manager,
 //! conditions that keep `lastTransitionTime`, and failure reasons.
+//!
+//! Every checkpoint and backup status goes out through [`apply_status`],
+//! which derives the kstatus conditions (`Reconciling`, `Stalled`) and
+//! `observedGeneration` from the phase and `Ready` first
+//! ([`cairn_api::conditions::sync_lifecycle`]), so no call site can forget
+//! them. The agent owns them from the moment it moves the phase on from
+//! `Pending` (ownership table in `cairn_api::conditions`).
 
-use cairn_api::conditions::{NewCondition, set_condition};
+use cairn_api::conditions::{LifecycleStatus, NewCondition, set_condition, sync_lifecycle};
 use cairn_api::{AGENT_MANAGER, Condition};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -12,14 +19,28 @@ use serde::de::DeserializeOwned;
 /// Condition types the agent owns.
 pub const AGENT_CONDITIONS: &[&str] = &[
     "Ready",
+    "Reconciling",
+    "Stalled",
     "DomainRecorded",
     "CleanedUp",
     "Verified",
     cairn_api::CHECKPOINT_CREATED_CONDITION,
 ];
 
-/// Applies `status` (the agent's whole share of it) to object `name`.
+/// Applies `status` (the agent's whole share of it) to object `name`, with
+/// `Reconciling`, `Stalled` and `observedGeneration` derived from its phase.
 pub async fn apply_status<K, S>(api: &Api<K>, name: &str, status: &S) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+    S: Serialize + LifecycleStatus + Clone,
+{
+    let mut status = status.clone();
+    sync_lifecycle(&mut status, Timestamp::now());
+    apply_any_status(api, name, &status).await
+}
+
+/// Applies a status that has no lifecycle (a QemuInstance's).
+pub async fn apply_any_status<K, S>(api: &Api<K>, name: &str, status: &S) -> Result<(), kube::Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
     S: Serialize,
