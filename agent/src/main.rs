@@ -157,11 +157,38 @@ enum Command {
     /// Verify a backup chain's files against their recorded checksums and turn
     /// the chain into a standalone image. Prints `<disk>\t<output>\tverified`
     /// (or `unverified` with --no-verify) per disk.
+    ///
+    /// With `--repository`, restores a repository snapshot instead, with no
+    /// cluster: only the storage location and the key. Every chunk is
+    /// authenticated as it is read; each disk is written to
+    /// `<output>/<disk>.<format>` under a hidden name and renamed when complete.
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["manifest", "repository"])))]
     Restore {
         /// Manifest file, or a backup directory (its newest manifest).
         #[arg(long, env = "CAIRN_RESTORE_MANIFEST")]
-        manifest: PathBuf,
-        /// Output image (or directory when the backup has several disks).
+        manifest: Option<PathBuf>,
+        /// Repository location: `s3://<bucket>[/<prefix>]?endpoint=<url>[&region=<r>]`
+        /// (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or
+        /// `dir:///<path>`.
+        #[arg(long, env = "CAIRN_RESTORE_REPOSITORY")]
+        repository: Option<String>,
+        /// Repository snapshot id, or `latest` (of --namespace/--vm).
+        #[arg(long, env = "CAIRN_RESTORE_SNAPSHOT", default_value = "latest")]
+        snapshot: String,
+        /// File with the repository key (the Secret's `key`); absent = unencrypted.
+        #[arg(long, env = "CAIRN_RESTORE_KEY_FILE")]
+        key_file: Option<PathBuf>,
+        /// With `--snapshot latest`: the VM's namespace.
+        #[arg(long = "from-namespace")]
+        from_namespace: Option<String>,
+        /// With `--snapshot latest`: the VM.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Replace existing output files (repository restores).
+        #[arg(long)]
+        overwrite: bool,
+        /// Output image (or directory when the backup has several disks; always
+        /// a directory for repository restores).
         #[arg(long, env = "CAIRN_RESTORE_OUTPUT")]
         output: PathBuf,
         /// Output format.
@@ -237,11 +264,53 @@ async fn main() -> anyhow::Result<()> {
             run(config, shutdown).await.context("agent failed")?;
         }
         Command::Restore {
-            manifest,
+            repository: Some(location),
+            snapshot,
+            key_file,
+            from_namespace,
+            vm,
+            overwrite,
+            output,
+            format,
+            disk,
+            ..
+        } => {
+            use cairn_repo::cli;
+            let storage = cli::parse_location(&location, |k| std::env::var(k).ok())?;
+            let key = cli::load_key(key_file.as_deref())?;
+            let repo = cairn_repo::Repository::open(&storage, &key, None)
+                .await
+                .context("opening the repository")?;
+            std::fs::create_dir_all(&output)
+                .with_context(|| format!("creating {}", output.display()))?;
+            let reports = cli::restore(
+                &repo,
+                &cli::RestoreRequest {
+                    snapshot,
+                    namespace: from_namespace,
+                    vm,
+                    disks: disk.into_iter().collect(),
+                    output_dir: output,
+                    format: match format {
+                        Format::Qcow2 => cairn_repo::OutputFormat::Qcow2,
+                        Format::Raw => cairn_repo::OutputFormat::Raw,
+                    },
+                    overwrite,
+                },
+            )
+            .await
+            .context("restore failed")?;
+            for r in reports {
+                println!("{}\t{}\tverified", r.path.display(), r.size);
+            }
+        }
+        Command::Restore {
+            manifest: Some(manifest),
             output,
             format,
             disk,
             no_verify,
+            ..
         } => {
             let format = match format {
                 Format::Qcow2 => OutputFormat::Qcow2,
@@ -261,6 +330,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}\t{}\t{verdict}", d.disk, d.output.display());
             }
         }
+        Command::Restore { .. } => unreachable!("clap requires --manifest or --repository"),
     }
     Ok(())
 }

@@ -676,6 +676,7 @@ fn check_rendered(objs: &[Value], values: &Value) -> Result<()> {
         ("cairn.dev", &["qemuinstances/status"], &["update", "patch"]),
         ("cairn.dev", CP_BK, READ),
         ("cairn.dev", CP_BK_STATUS, &["update", "patch"]),
+        ("cairn.dev", &["backuprepositories"], READ),
     ]);
     want.extend(triples(&events));
     assert_eq!(grants(agent_role), want, "agent ClusterRole");
@@ -691,9 +692,25 @@ fn check_rendered(objs: &[Value], values: &Value) -> Result<()> {
         ),
         ("cairn.dev", CP_BK_STATUS, &["get", "update", "patch"]),
         ("cairn.dev", &["qemuinstances"], READ),
+        ("cairn.dev", &["backuprepositories"], READ),
+        (
+            "cairn.dev",
+            &["backuprepositories/status"],
+            &["get", "update", "patch"],
+        ),
+        ("", &["namespaces"], READ),
     ]);
     want.extend(triples(&events));
     assert_eq!(grants(operator_role), want, "operator ClusterRole");
+    // Repository credentials: `get` on Secrets of the release namespace, nothing more.
+    for who in ["-operator-repository-secrets", "-agent-repository-secrets"] {
+        let role = find(objs, "Role", who)?;
+        assert_eq!(
+            grants(role),
+            triples(&[("", &["secrets"], &["get"])]),
+            "{who} Role"
+        );
+    }
 
     let lease_role = find(objs, "Role", "-operator-leader-election")?;
     assert_eq!(
@@ -1356,7 +1373,7 @@ async fn helm_install_upgrade_and_uninstall_with_least_privilege_service_account
     ])?;
     assert_eq!(
         crds.lines().count(),
-        3,
+        4,
         "CRDs must survive uninstall: {crds}"
     );
     Ok(())
