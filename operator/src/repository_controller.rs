@@ -450,6 +450,17 @@ pub async fn connect(
         Ok(o) => o,
         Err(p) => return Ok(Err(p)),
     };
+    if let (OpenMode::OpenOrInit, StorageConfig::Directory { path }) = (mode, &storage)
+        && let Err(e) = tokio::fs::create_dir_all(path).await
+    {
+        return Ok(Err(Problem::new(
+            REASON_INVALID_SETTINGS,
+            format!(
+                "the repository directory {} cannot be created: {e}",
+                path.display()
+            ),
+        )));
+    }
     let open = async {
         match mode {
             OpenMode::OpenOrInit => Repository::open_or_init(&storage, &key, &options).await,

@@ -112,14 +112,19 @@ async fn ready(
     status: &str,
     reason: &str,
 ) -> Result<BackupRepository> {
-    eventually(&format!("{name} Ready={status} {reason}"), || async {
+    let found = eventually(&format!("{name} Ready={status} {reason}"), || async {
         let r = api.get(name).await?;
         let s = r.status.clone().unwrap_or_default();
         let ok = conditions::find(&s.conditions, "Ready")
             .is_some_and(|c| c.status == status && c.reason == reason);
         Ok(ok.then_some(r))
     })
-    .await
+    .await;
+    if found.is_err() {
+        let r = api.get(name).await?;
+        eprintln!("{name}: {:?}", r.status);
+    }
+    found
 }
 
 /// Writes a one-disk snapshot as the agent would, for backup `backup_uid`.
