@@ -64,7 +64,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Option<T>>>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(100);
     let mut last_err = None;
     loop {
         match f().await {
@@ -196,7 +196,7 @@ async fn repositories_report_status_run_maintenance_and_delete_snapshots() -> Re
     let env = TestEnv::new("op-repos").await?;
     let ns = env.namespace.clone();
     let client = env.client.clone();
-    let s3 = common::S3Server::start();
+    let mut s3 = common::S3Server::start();
     s3.create_bucket("cairn").await;
     let roots = tempfile::tempdir()?;
     let root = std::fs::canonicalize(roots.path())?;
@@ -412,6 +412,53 @@ async fn repositories_report_status_run_maintenance_and_delete_snapshots() -> Re
     .await?;
     assert_eq!(s.last_prune.as_ref().unwrap().result, "Succeeded", "{s:?}");
     assert_eq!(s.snapshot_count, Some(1));
+
+    // A Delete backup whose status names another backup's snapshot: that snapshot stays.
+    let foreign = backup(&backups, "b-foreign", &s3_name, "Delete").await?;
+    record_snapshot(&backups, "b-foreign", &s3_name, &kept_snap).await?;
+    backups
+        .delete("b-foreign", &DeleteParams::default())
+        .await?;
+    eventually("b-foreign gone", || async {
+        Ok(backups.get_opt("b-foreign").await?.is_none().then_some(()))
+    })
+    .await?;
+    direct.manifest(&kept_snap).await?;
+    drop(foreign);
+
+    // The storage goes away: RepositoryUnavailable, and a Delete backup waits
+    // with its finalizer until its snapshot can be deleted.
+    let late = backup(&backups, "b-late", &s3_name, "Delete").await?;
+    let late_snap = write_snapshot(&direct, &ns, &late.metadata.uid.clone().unwrap(), 3).await?;
+    record_snapshot(&backups, "b-late", &s3_name, &late_snap).await?;
+    s3.stop();
+    repos
+        .patch(
+            &s3_name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"maintenance": {"gcGraceSeconds": 1}}})),
+        )
+        .await?;
+    ready(&repos, &s3_name, "False", "RepositoryUnavailable").await?;
+    backups.delete("b-late", &DeleteParams::default()).await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let b = backups.get("b-late").await?;
+    assert!(b.metadata.deletion_timestamp.is_some());
+    assert!(
+        b.metadata
+            .finalizers
+            .unwrap_or_default()
+            .contains(&BACKUP_FINALIZER.to_string())
+    );
+    s3.restart();
+    eventually("b-late gone after the storage is back", || async {
+        Ok(backups.get_opt("b-late").await?.is_none().then_some(()))
+    })
+    .await?;
+    assert!(matches!(
+        direct.manifest(&late_snap).await,
+        Err(RepoError::SnapshotNotFound(_))
+    ));
 
     // A corrupt pack: verify names snapshot, disk and offset.
     let packs = direct.storage().list("packs").await?;
