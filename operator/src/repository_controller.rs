@@ -95,6 +95,11 @@ pub const REASON_UNSUPPORTED_FORMAT: &str = "UnsupportedFormat";
 /// The repository config is unreadable.
 pub const REASON_DAMAGED: &str = "RepositoryDamaged";
 
+/// kstatus condition: work in progress (always False here: a reconcile ends with a verdict).
+pub const RECONCILING: &str = "Reconciling";
+/// kstatus condition: the repository cannot be used until something changes.
+pub const STALLED: &str = "Stalled";
+
 /// Result of a maintenance run.
 pub const RESULT_SUCCEEDED: &str = "Succeeded";
 /// Result of a maintenance run.
@@ -722,7 +727,26 @@ pub fn plan_status(
             message: p.message.clone(),
         },
     };
-    let (conds, _) = routing::operator_conditions(&status.conditions, vec![ready], generation, now);
+    // kstatus reads Reconciling/Stalled, not Ready: a repository that cannot
+    // be used is Stalled (Failed for Flux/kpt), one that can is Current.
+    let (reason, ok, message) = (ready.reason, ready.status, ready.message.clone());
+    let kstatus = [
+        NewCondition {
+            type_: RECONCILING,
+            status: false,
+            reason,
+            message: message.clone(),
+        },
+        NewCondition {
+            type_: STALLED,
+            status: !ok,
+            reason,
+            message,
+        },
+    ];
+    let mut wanted = vec![ready];
+    wanted.extend(kstatus);
+    let (conds, _) = routing::operator_conditions(&status.conditions, wanted, generation, now);
     status.conditions = conds;
     if last_prune.is_some() {
         status.last_prune = last_prune;
@@ -1316,6 +1340,16 @@ mod tests {
         );
         assert_eq!(ready.last_transition_time.0, t1);
         assert_eq!(bad.stored_bytes, Some(100));
+        let stalled = cairn_api::conditions::find(&bad.conditions, STALLED).unwrap();
+        assert_eq!(
+            (stalled.status.as_str(), stalled.reason.as_str()),
+            ("True", REASON_WRONG_KEY)
+        );
+        assert!(!cairn_api::conditions::is_true(
+            &bad.conditions,
+            RECONCILING
+        ));
+        assert!(!cairn_api::conditions::is_true(&s.conditions, STALLED));
         // Maintenance runs are kept until a new one replaces them.
         let r = run("2026-01-01T00:00:30Z", Some("x"));
         let with_run = plan_status(Some(&bad), Err(&p), Some(r.clone()), None, Some(3), t1);
