@@ -26,12 +26,24 @@ struct Args {
     watch_namespace: String,
     /// Cairn's own namespace, the only one repository Secrets are read from
     /// (default: POD_NAMESPACE, else cairn-system).
-    #[arg(long, env = "CAIRN_NAMESPACE")]
-    namespace: Option<String>,
+    #[arg(long, env = "CAIRN_NAMESPACE", default_value_t = default_namespace())]
+    namespace: String,
     /// Directories a directory BackupRepository must lie under, comma
     /// separated (empty: any absolute path).
-    #[arg(long, env = "CAIRN_REPOSITORY_ROOTS", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "CAIRN_REPOSITORY_ROOTS",
+        value_delimiter = ',',
+        default_value = ""
+    )]
     repository_roots: Vec<std::path::PathBuf>,
+}
+
+fn default_namespace() -> String {
+    std::env::var("POD_NAMESPACE")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "cairn-system".into())
 }
 
 fn default_identity() -> String {
@@ -60,15 +72,9 @@ async fn main() -> anyhow::Result<()> {
     settings.lease.name = args.lease_name;
     settings.watch_namespace = Some(args.watch_namespace).filter(|n| !n.is_empty());
     settings.repositories = cairn_operator::RepositorySettings {
-        namespace: args
-            .namespace
+        namespace: Some(args.namespace)
             .filter(|n| !n.is_empty())
-            .or_else(|| {
-                std::env::var("POD_NAMESPACE")
-                    .ok()
-                    .filter(|n| !n.is_empty())
-            })
-            .unwrap_or_else(|| "cairn-system".into()),
+            .unwrap_or_else(default_namespace),
         roots: args
             .repository_roots
             .into_iter()
