@@ -173,10 +173,14 @@ pub fn check_directory(path: &str, roots: &[PathBuf]) -> Result<PathBuf, Problem
     if roots.is_empty() {
         return Ok(p.to_path_buf());
     }
+    // A root is matched as written and as resolved (a root given through a
+    // symlink, e.g. /var/run -> /run, still matches either spelling).
     let under = |candidate: &Path| {
         roots.iter().any(|r| {
-            let r = std::fs::canonicalize(r).unwrap_or_else(|_| r.clone());
-            candidate.starts_with(&r) && candidate != r
+            let resolved = std::fs::canonicalize(r).unwrap_or_else(|_| r.clone());
+            [r.as_path(), resolved.as_path()]
+                .iter()
+                .any(|r| candidate.starts_with(r) && candidate != *r)
         })
     };
     // The deepest existing ancestor, with its symlinks resolved, plus the rest.
