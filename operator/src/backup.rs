@@ -3,7 +3,8 @@
 //! ```text
 //! reconcile(backup)
 //!   1. resolve   the VM's QemuInstance, the incremental base and the checkpoint to create (caches)
-//!   2. deletion  plan_deletion: remove the finalizer once the agent cancelled the job, or wait
+//!   2. deletion  plan_deletion: remove the finalizer once the agent cancelled the job, or wait;
+//!                with deletionPolicy Delete, the repository snapshot is deleted first
 //!   3. ttl       ttl_decision: delete a finished backup once ttlSecondsAfterFinished passed
 //!   4. validate  validate_backup: VM, incremental base, checkpoint name
 //!   5. plan      plan_backup (+ checkpoint_for_backup): labels, finalizer, status, checkpoint to create
@@ -439,6 +440,7 @@ pub async fn reconcile(backup: Arc<VirtualMachineBackup>, ctx: Arc<Context>) -> 
             DeletionPlan::Nothing => Ok(Action::await_change()),
             DeletionPlan::WaitForAgent => Ok(Action::requeue(Duration::from_secs(30))),
             DeletionPlan::RemoveFinalizer(reason) => {
+                delete_repository_snapshot(&ctx, backup.as_ref()).await?;
                 routing::remove_finalizer(&api, backup.as_ref(), BACKUP_FINALIZER).await?;
                 tracing::info!(?reason, "finalizer removed");
                 routing::publish(
@@ -569,6 +571,43 @@ pub async fn reconcile(backup: Arc<VirtualMachineBackup>, ctx: Arc<Context>) -> 
         (a, b) => a.or(b),
     };
     Ok(requeue.map_or_else(Action::await_change, Action::requeue))
+}
+
+/// `deletionPolicy: Delete`: the backup's repository snapshot goes before
+/// its finalizer. A repository that cannot be reached keeps the finalizer
+/// (the error retries with backoff); an already missing snapshot is fine.
+async fn delete_repository_snapshot(ctx: &Context, backup: &VirtualMachineBackup) -> Result<()> {
+    use crate::repository_controller::{SnapshotDeletion, delete_backup_snapshot};
+    match delete_backup_snapshot(ctx, backup).await {
+        Ok(SnapshotDeletion::NotApplicable) => {}
+        Ok(SnapshotDeletion::Deleted(id)) => {
+            tracing::info!(snapshot = %id, "repository snapshot deleted");
+            routing::publish(
+                ctx,
+                backup,
+                EventType::Normal,
+                "SnapshotDeleted",
+                format!("deletionPolicy Delete: deleted repository snapshot {id}"),
+            )
+            .await;
+        }
+        Ok(SnapshotDeletion::Kept(why)) => {
+            tracing::warn!(%why, "repository snapshot kept");
+            routing::publish(ctx, backup, EventType::Warning, "SnapshotKept", why).await;
+        }
+        Err(error) => {
+            routing::publish(
+                ctx,
+                backup,
+                EventType::Warning,
+                "SnapshotDeletionFailed",
+                format!("{error}; retrying (the backup stays until its snapshot is deleted)"),
+            )
+            .await;
+            return Err(error);
+        }
+    }
+    Ok(())
 }
 
 enum Created {

@@ -32,6 +32,8 @@ pub struct Context {
     pub checkpoint_trigger: UnboundedSender<ObjectRef<VirtualMachineCheckpoint>>,
     /// Metrics and health.
     pub health: Arc<Health>,
+    /// Where repository Secrets live and which directories repositories may use.
+    pub repositories: crate::repository_controller::RepositorySettings,
     /// Consecutive failures per object, for exponential backoff.
     pub failures: Mutex<HashMap<String, u32>>,
 }

@@ -36,6 +36,15 @@ pub enum Error {
         /// How long this replica led.
         held: Duration,
     },
+    /// A BackupRepository could not be used (unreachable, wrong key…) for a
+    /// step that needs it, e.g. deleting a backup's snapshot.
+    #[error("BackupRepository {name} is not usable: {message}")]
+    Repository {
+        /// Name of the BackupRepository.
+        name: String,
+        /// What went wrong (never credentials).
+        message: String,
+    },
     /// The controllers stopped although nobody asked them to.
     #[error("the controllers stopped unexpectedly")]
     ControllersStopped,

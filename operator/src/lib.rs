@@ -14,7 +14,8 @@
 //!   error so the process restarts.
 //! - [`run_controllers`] starts one reflector per kind (QemuInstances,
 //!   checkpoints, backups), shared as caches through [`context::Context`],
-//!   and the two controllers ([`checkpoint`], [`backup`]). A QemuInstance
+//!   and the three controllers ([`checkpoint`], [`backup`],
+//!   [`repository_controller`] for the cluster-scoped BackupRepositories). A QemuInstance
 //!   that appears, disappears or changes node re-triggers the objects of
 //!   that VM, so objects applied before their VM recover without user action.
 //! - [`routing`] holds what both controllers share, including the
@@ -29,6 +30,7 @@ pub mod error;
 pub mod leader;
 pub mod metrics;
 pub mod repository;
+pub mod repository_controller;
 pub mod routing;
 
 use std::collections::{HashMap, HashSet};
@@ -37,17 +39,18 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use cairn_api::{QemuInstance, VirtualMachineBackup, VirtualMachineCheckpoint};
+use cairn_api::{BackupRepository, QemuInstance, VirtualMachineBackup, VirtualMachineCheckpoint};
 use futures::channel::mpsc;
 use futures::{FutureExt, Stream, StreamExt};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 
 pub use error::{Error, Result};
 pub use leader::LeaseSettings;
+pub use repository_controller::RepositorySettings;
 
 use crate::context::Context;
 use crate::metrics::{Health, Metrics};
@@ -61,6 +64,8 @@ pub struct Settings {
     pub lease: LeaseSettings,
     /// Watch only this namespace (`None`: the whole cluster).
     pub watch_namespace: Option<String>,
+    /// Cairn's namespace (repository Secrets) and the allowed repository roots.
+    pub repositories: RepositorySettings,
 }
 
 impl Settings {
@@ -76,6 +81,10 @@ impl Settings {
                 renew_interval: Duration::from_secs(5),
             },
             watch_namespace: None,
+            repositories: RepositorySettings {
+                namespace: lease_namespace.into(),
+                roots: Vec::new(),
+            },
         }
     }
 }
@@ -168,6 +177,7 @@ impl Operator {
                 self.client.clone(),
                 self.settings.watch_namespace.clone(),
                 self.settings.lease.identity.clone(),
+                self.settings.repositories.clone(),
                 health.clone(),
             );
             let error = tokio::select! {
@@ -264,12 +274,15 @@ pub async fn run_controllers(
     client: Client,
     namespace: Option<String>,
     identity: String,
+    repositories: RepositorySettings,
     health: Arc<Health>,
 ) {
     let ns = namespace.as_deref();
     let (vms, vm_events) = cached(api_for::<QemuInstance>(&client, ns));
     let (checkpoints, checkpoint_events) = cached(api_for::<VirtualMachineCheckpoint>(&client, ns));
     let (backups, backup_events) = cached(api_for::<VirtualMachineBackup>(&client, ns));
+    // Repositories are cluster-scoped: watched whole, whatever the namespace limit.
+    let (repos, repo_events) = cached(Api::<BackupRepository>::all(client.clone()));
 
     // QemuInstance changes that matter for routing: created, deleted, moved.
     let (vm_tx_cp, vm_rx_cp) = mpsc::unbounded::<(String, String)>();
@@ -352,6 +365,7 @@ pub async fn run_controllers(
         backups: backups.clone(),
         checkpoint_trigger: cp_tx,
         health: health.clone(),
+        repositories,
         failures: Mutex::new(HashMap::new()),
     });
 
@@ -418,6 +432,31 @@ pub async fn run_controllers(
                 }
             });
 
+    // Spec changes (generation) and the periodic refresh; its own status writes do not re-trigger it.
+    let repository_controller = Controller::for_stream(
+        repo_events
+            .applied_objects()
+            .predicate_filter(predicates::generation, Default::default()),
+        repos,
+    )
+    .with_config(kube::runtime::controller::Config::default().concurrency(4))
+    .run(
+        |o, c| repository_controller::reconcile(o, c).boxed(),
+        |o, e, c| error_policy(repository_controller::CONTROLLER, o.as_ref(), e, &c),
+        ctx.clone(),
+    )
+    .for_each(|r| async move {
+        if let Err(error) = r {
+            tracing::debug!(%error, "repository reconcile failed");
+        }
+    });
+    // Prune reads the backup cache.
+    let backups_for_repos = backups.clone();
+    let repository_after_backups = async {
+        let _ = backups_for_repos.wait_until_ready().await;
+        repository_controller.await;
+    };
+
     // The backup controller reads the checkpoint and VM caches: start it once they are filled.
     let backup_after_caches = async {
         let _ = vms.wait_until_ready().await;
@@ -429,7 +468,12 @@ pub async fn run_controllers(
         checkpoint_controller.await;
     };
     tracing::info!(namespace = ?namespace, "controllers started");
-    tokio::join!(vm_forwarder, checkpoint_after_vms, backup_after_caches);
+    tokio::join!(
+        vm_forwarder,
+        checkpoint_after_vms,
+        backup_after_caches,
+        repository_after_backups
+    );
 }
 
 /// Transient errors retry with exponential backoff per object; an object

@@ -24,6 +24,26 @@ struct Args {
     /// Watch only this namespace (empty: all namespaces).
     #[arg(long, env = "CAIRN_WATCH_NAMESPACE", default_value = "")]
     watch_namespace: String,
+    /// Cairn's own namespace, the only one repository Secrets are read from
+    /// (default: POD_NAMESPACE, else cairn-system).
+    #[arg(long, env = "CAIRN_NAMESPACE", default_value_t = default_namespace())]
+    namespace: String,
+    /// Directories a directory BackupRepository must lie under, comma
+    /// separated (empty: any absolute path).
+    #[arg(
+        long,
+        env = "CAIRN_REPOSITORY_ROOTS",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    repository_roots: Vec<std::path::PathBuf>,
+}
+
+fn default_namespace() -> String {
+    std::env::var("POD_NAMESPACE")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "cairn-system".into())
 }
 
 fn default_identity() -> String {
@@ -51,6 +71,16 @@ async fn main() -> anyhow::Result<()> {
         cairn_operator::Settings::new(&args.metrics_addr, &args.lease_namespace, &args.identity);
     settings.lease.name = args.lease_name;
     settings.watch_namespace = Some(args.watch_namespace).filter(|n| !n.is_empty());
+    settings.repositories = cairn_operator::RepositorySettings {
+        namespace: Some(args.namespace)
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(default_namespace),
+        roots: args
+            .repository_roots
+            .into_iter()
+            .filter(|r| !r.as_os_str().is_empty())
+            .collect(),
+    };
     cairn_operator::run(client, settings).await?;
     Ok(())
 }
