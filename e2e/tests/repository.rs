@@ -39,10 +39,17 @@ async fn snapshot_of(env: &TestEnv, name: &str) -> Result<cairn_api::RepositoryS
         .context("a Succeeded repository backup without status.repository")
 }
 
+/// A repository location string, the environment it needs and a key file.
+struct Access {
+    location: String,
+    env: Vec<(String, String)>,
+    key_file: Option<std::path::PathBuf>,
+}
+
 /// How `cairn-agent restore --repository` reaches a repository of the local
 /// cluster: its location string, the environment and a key file, read from
 /// the cluster as an admin with no other knowledge.
-fn location_of(env: &TestEnv, repo: &str, dir: &Path) -> Result<(String, Vec<(String, String)>, Option<std::path::PathBuf>)> {
+fn location_of(env: &TestEnv, repo: &str, dir: &Path) -> Result<Access> {
     let spec: serde_json::Value = serde_json::from_str(&kubectl(
         env,
         &["get", "backuprepository", repo, "-o", "jsonpath={.spec}"],
@@ -71,10 +78,16 @@ fn location_of(env: &TestEnv, repo: &str, dir: &Path) -> Result<(String, Vec<(St
         None => None,
     };
     if let Some(path) = spec["storage"]["directory"]["path"].as_str() {
-        return Ok((format!("dir://{path}"), vec![], key_file));
+        return Ok(Access {
+            location: format!("dir://{path}"),
+            env: vec![],
+            key_file,
+        });
     }
     let s3 = &spec["storage"]["s3"];
-    let creds = s3["credentialsSecret"].as_str().context("credentialsSecret")?;
+    let creds = s3["credentialsSecret"]
+        .as_str()
+        .context("credentialsSecret")?;
     let text = |k: &str| -> Result<String> { Ok(String::from_utf8(secret(creds, k)?)?) };
     let mut location = format!(
         "s3://{}?endpoint={}",
@@ -84,20 +97,27 @@ fn location_of(env: &TestEnv, repo: &str, dir: &Path) -> Result<(String, Vec<(St
     if let Some(r) = s3["region"].as_str() {
         location.push_str(&format!("&region={r}"));
     }
-    Ok((
+    Ok(Access {
         location,
-        vec![
+        env: vec![
             ("AWS_ACCESS_KEY_ID".into(), text("AWS_ACCESS_KEY_ID")?),
-            ("AWS_SECRET_ACCESS_KEY".into(), text("AWS_SECRET_ACCESS_KEY")?),
+            (
+                "AWS_SECRET_ACCESS_KEY".into(),
+                text("AWS_SECRET_ACCESS_KEY")?,
+            ),
         ],
         key_file,
-    ))
+    })
 }
 
 /// Restores `snapshot`'s `disk` to raw with the CLI and returns its SHA-256.
 fn restore_sha(env: &TestEnv, repo: &str, snapshot: &str, disk: &str) -> Result<String> {
     let dir = tempfile::tempdir()?;
-    let (location, envs, key) = location_of(env, repo, dir.path())?;
+    let Access {
+        location,
+        env: envs,
+        key_file: key,
+    } = location_of(env, repo, dir.path())?;
     let out = dir.path().join("out");
     let mut cmd = Command::new(binary("cairn-agent"));
     cmd.args(["restore", "--repository", &location, "--snapshot", snapshot])
@@ -124,14 +144,20 @@ async fn full_then_incremental(repo: &str) -> Result<()> {
     let mut model = DiskModel::new(size);
     model.write(&vm, "disk0", 0x11, 0, 8 * MIB)?;
     model.write(&vm, "disk0", 0x12, 40 * MIB, 3 * MIB)?;
-    apply(&env, &backup_yaml("full", "vm1", &backup_into(repo, None, Some("c1"))))?;
+    apply(
+        &env,
+        &backup_yaml("full", "vm1", &backup_into(repo, None, Some("c1"))),
+    )?;
     let full = snapshot_of(&env, "full").await?;
     let full_id = full.snapshot.clone().context("snapshot id")?;
     let at_full = model.sha256();
     // Written after the backup started: not in the full snapshot.
     model.write(&vm, "disk0", 0x13, 20 * MIB, MIB)?;
     model.write(&vm, "disk0", 0x14, 60 * MIB, 64 * 1024)?;
-    apply(&env, &backup_yaml("inc", "vm1", &backup_into(repo, Some("c1"), Some("c2"))))?;
+    apply(
+        &env,
+        &backup_yaml("inc", "vm1", &backup_into(repo, Some("c1"), Some("c2"))),
+    )?;
     let inc = snapshot_of(&env, "inc").await?;
     let inc_id = inc.snapshot.clone().context("snapshot id")?;
     assert_eq!(inc.base_snapshot.as_deref(), Some(full_id.as_str()));
@@ -141,7 +167,10 @@ async fn full_then_incremental(repo: &str) -> Result<()> {
         read > 0 && read <= 4 * MIB as i64,
         "the incremental read {read} bytes for about 1 MiB of changes"
     );
-    assert!(full.bytes_read.unwrap_or(0) >= (11 * MIB) as i64, "{full:?}");
+    assert!(
+        full.bytes_read.unwrap_or(0) >= (11 * MIB) as i64,
+        "{full:?}"
+    );
     // Each snapshot restores on its own to the disk at its instant.
     assert_eq!(restore_sha(&env, repo, &full_id, "disk0")?, at_full);
     assert_eq!(restore_sha(&env, repo, &inc_id, "disk0")?, model.sha256());
@@ -179,35 +208,63 @@ async fn repositories_keep_tenants_apart() -> Result<()> {
     )?;
     let vm = start_vm1(cluster, &env, size).await?;
     vm.write("disk0", 0x21, 0, 4 * MIB)?;
-    apply(&env, &backup_yaml("refused", "vm1", &backup_into(&only, None, None)))?;
+    apply(
+        &env,
+        &backup_yaml("refused", "vm1", &backup_into(&only, None, None)),
+    )?;
     let b = wait_backup(&env, "refused", BackupPhase::Failed).await?;
     let ready = condition(&b.status.as_ref().context("status")?.conditions, "Ready")
         .context("Ready")?
         .clone();
     assert_eq!(ready.reason, "RepositoryNotAllowed", "{}", ready.message);
     assert!(ready.message.contains(&env.namespace), "{}", ready.message);
-    assert!(!dir.join("config").exists(), "the refused backup touched the repository");
+    assert!(
+        !dir.join("config").exists(),
+        "the refused backup touched the repository"
+    );
     kubectl(&env, &["delete", "backuprepository", &only])?;
 
     // Same data in a second VM of the namespace: nothing new is stored.
     let vm2 = start_vm(cluster, &env, "node-1", "vm2", &[("disk0", "qcow2", size)])?;
     wait_instance(&env, "vm2", "node-1").await?;
     vm2.write("disk0", 0x21, 0, 4 * MIB)?;
-    apply(&env, &backup_yaml("a", "vm1", &backup_into("local-dir", None, None)))?;
+    apply(
+        &env,
+        &backup_yaml("a", "vm1", &backup_into("local-dir", None, None)),
+    )?;
     let a = snapshot_of(&env, "a").await?;
-    apply(&env, &backup_yaml("b", "vm2", &backup_into("local-dir", None, None)))?;
+    apply(
+        &env,
+        &backup_yaml("b", "vm2", &backup_into("local-dir", None, None)),
+    )?;
     let b = snapshot_of(&env, "b").await?;
     assert!(a.chunks_new.unwrap_or(0) > 0, "{a:?}");
-    assert_eq!(b.chunks_new, Some(0), "a clone in the same namespace deduplicates: {b:?}");
+    assert_eq!(
+        b.chunks_new,
+        Some(0),
+        "a clone in the same namespace deduplicates: {b:?}"
+    );
 
     // The same bytes from another namespace are stored again: chunk ids are
     // keyed per namespace, so one tenant cannot probe for another's data.
     let other = TestEnv::on(&cluster.cp, "repo-tenancy-2").await?;
-    let vm3 = start_vm(cluster, &other, "node-1", "vm1", &[("disk0", "qcow2", size)])?;
+    let vm3 = start_vm(
+        cluster,
+        &other,
+        "node-1",
+        "vm1",
+        &[("disk0", "qcow2", size)],
+    )?;
     wait_instance(&other, "vm1", "node-1").await?;
     vm3.write("disk0", 0x21, 0, 4 * MIB)?;
-    apply(&other, &backup_yaml("c", "vm1", &backup_into("local-dir", None, None)))?;
+    apply(
+        &other,
+        &backup_yaml("c", "vm1", &backup_into("local-dir", None, None)),
+    )?;
     let c = snapshot_of(&other, "c").await?;
-    assert_eq!(c.chunks_new, a.chunks_new, "cross-namespace dedup: {c:?} vs {a:?}");
+    assert_eq!(
+        c.chunks_new, a.chunks_new,
+        "cross-namespace dedup: {c:?} vs {a:?}"
+    );
     Ok(())
 }
