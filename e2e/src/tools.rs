@@ -1,6 +1,6 @@
 //! The real components Cairn's tests and demo run: QEMU 10 and NBD tools from
-//! Debian packages, etcd and Kubernetes built from the Go module proxy, helm from
-//! a PyPI wheel. Heavy builds are cached by version outside the work tree.
+//! Debian packages, etcd, Kubernetes and the S3 server versitygw built from the
+//! Go module proxy, helm from a PyPI wheel. Heavy builds are cached by version outside the work tree.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,6 +13,8 @@ pub const K8S_VERSION: &str = "v1.34.4";
 pub const ETCD_VERSION: &str = "v3.6.16";
 /// Version of the PyPI wheel that carries helm.
 pub const HELM_WHEEL_VERSION: &str = "2.0.0";
+/// versitygw (S3-compatible server, Apache-2.0) version the local cluster runs.
+pub const VERSITYGW_VERSION: &str = "v1.8.0";
 
 /// Paths of the binaries a control plane needs.
 #[derive(Clone, Debug)]
@@ -27,6 +29,8 @@ pub struct Tools {
     pub kubectl: PathBuf,
     /// helm.
     pub helm: PathBuf,
+    /// versitygw, the S3-compatible server of the local cluster's `local-s3` repository.
+    pub versitygw: PathBuf,
 }
 
 /// Root of the repository (the workspace).
@@ -68,6 +72,7 @@ impl Tools {
             kube_controller_manager: k8s.join("kube-controller-manager"),
             kubectl: k8s.join("kubectl"),
             helm: helm.join("helm"),
+            versitygw: cache.join(format!("versitygw-{VERSITYGW_VERSION}/versitygw")),
         }
     }
 
@@ -97,17 +102,25 @@ impl Tools {
                 &[cache_dir().to_str().context("cache dir is not UTF-8")?],
             )?;
         }
+        if !tools.versitygw.exists() {
+            run_script(&scripts.join("install-versitygw.sh"), &[])?;
+        }
         Ok(tools)
     }
 }
 
+/// Runs an install script; its output goes to stderr (stdout of `cargo xtask
+/// cluster up` is for `export` lines only).
 fn run_script(script: &Path, args: &[&str]) -> Result<()> {
     let status = Command::new("bash")
         .arg(script)
         .args(args)
+        .env("CAIRN_TOOLS_CACHE", cache_dir())
         .env("CAIRN_K8S_VERSION", K8S_VERSION)
         .env("CAIRN_ETCD_VERSION", ETCD_VERSION)
         .env("CAIRN_HELM_WHEEL_VERSION", HELM_WHEEL_VERSION)
+        .env("CAIRN_VERSITYGW_VERSION", VERSITYGW_VERSION)
+        .stdout(std::io::stderr())
         .status()
         .with_context(|| format!("running {}", script.display()))?;
     if !status.success() {
