@@ -686,6 +686,7 @@ fn check_rendered(objs: &[Value], values: &Value) -> Result<()> {
         ("cairn.dev", &["qemuinstances/status"], &["update", "patch"]),
         ("cairn.dev", CP_BK, READ),
         ("cairn.dev", CP_BK_STATUS, &["update", "patch"]),
+        ("cairn.dev", &["backuprepositories"], READ),
     ]);
     want.extend(triples(&events));
     assert_eq!(grants(agent_role), want, "agent ClusterRole");
@@ -701,6 +702,13 @@ fn check_rendered(objs: &[Value], values: &Value) -> Result<()> {
         ),
         ("cairn.dev", CP_BK_STATUS, &["get", "update", "patch"]),
         ("cairn.dev", &["qemuinstances"], READ),
+        ("cairn.dev", &["backuprepositories"], READ),
+        (
+            "cairn.dev",
+            &["backuprepositories/status"],
+            &["get", "update", "patch"],
+        ),
+        ("", &["namespaces"], READ),
     ]);
     want.extend(triples(&events));
     assert_eq!(grants(operator_role), want, "operator ClusterRole");
