@@ -223,6 +223,7 @@ impl LocalCluster {
         for repo in self.repositories() {
             objects.push(serde_json::to_value(repo)?);
         }
+        self.remove_stale_s3_repository()?;
         let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects});
         let file = tempfile::NamedTempFile::new()?;
         fs::write(file.path(), serde_json::to_vec(&list)?)?;
@@ -237,6 +238,40 @@ impl LocalCluster {
         if !out.status.success() {
             bail!(
                 "creating the local repositories failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Deletes a `local-s3` left in etcd by an earlier start whose S3 server had
+    /// another endpoint (its storage is immutable, so it cannot be updated).
+    fn remove_stale_s3_repository(&self) -> Result<()> {
+        let out = self.cp.kubectl_output(&[
+            "get",
+            "backuprepository",
+            S3_REPOSITORY,
+            "--ignore-not-found",
+            "-o",
+            "jsonpath={.spec.storage.s3.endpoint}",
+        ])?;
+        let endpoint = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || endpoint.is_empty() || endpoint == self.s3.endpoint {
+            return Ok(());
+        }
+        eprintln!(
+            "local cluster: {S3_REPOSITORY} pointed at {endpoint}; re-creating it for {}",
+            self.s3.endpoint
+        );
+        let out = self.cp.kubectl_output(&[
+            "delete",
+            "backuprepository",
+            S3_REPOSITORY,
+            "--timeout=30s",
+        ])?;
+        if !out.status.success() {
+            bail!(
+                "deleting the stale {S3_REPOSITORY} failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }

@@ -15,9 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use base64::Engine;
 use cairn_repo::test_support::BucketAccess;
-use rand::RngCore;
 
 use crate::control_plane::{free_port, kill_recorded, recorded_pid, spawn_service};
 use crate::tools::Tools;
@@ -59,11 +57,14 @@ fn credentials_file(state_dir: &Path) -> PathBuf {
     s3_dir(state_dir).join("credentials.env")
 }
 
-/// `len` random bytes as URL-safe base64 without padding (letters, digits, `-`, `_`).
+/// `len` random letters and digits (nothing a shell or a CLI flag parser trips on).
 fn random_token(len: usize) -> String {
-    let mut bytes = vec![0u8; len];
-    rand::rng().fill_bytes(&mut bytes);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    use rand::Rng;
+    rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
 }
 
 impl LocalS3 {
@@ -72,15 +73,23 @@ impl LocalS3 {
     pub fn start(tools: &Tools, state_dir: &Path, owner: Option<u32>) -> Result<Self> {
         let data = s3_dir(state_dir).join("data");
         fs::create_dir_all(&data)?;
-        let (access_key_id, secret_access_key) = match Self::load(state_dir) {
-            Ok(old) => (old.access_key_id, old.secret_access_key),
-            Err(_) => (random_token(15), random_token(30)),
+        let earlier = Self::load(state_dir).ok();
+        let (access_key_id, secret_access_key) = match &earlier {
+            Some(old) => (old.access_key_id.clone(), old.secret_access_key.clone()),
+            None => (random_token(20), random_token(40)),
         };
         let mut last_error = None;
-        // A free port can be taken between choosing and binding it: try a few.
+        // The endpoint of an earlier start first (the BackupRepository `local-s3`
+        // kept in etcd names it, and its storage is immutable), then free
+        // ports: one can be taken between choosing and binding it.
+        let mut endpoints = earlier.map(|old| old.endpoint).into_iter();
         for _ in 0..5 {
+            let endpoint = match endpoints.next() {
+                Some(e) => e,
+                None => format!("http://127.0.0.1:{}", free_port()?),
+            };
             let s3 = Self {
-                endpoint: format!("http://127.0.0.1:{}", free_port()?),
+                endpoint,
                 bucket: BUCKET.into(),
                 access_key_id: access_key_id.clone(),
                 secret_access_key: secret_access_key.clone(),
