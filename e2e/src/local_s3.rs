@@ -217,3 +217,31 @@ impl LocalS3 {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_line_round_trips_and_names_the_four_variables() {
+        let s3 = LocalS3 {
+            endpoint: "http://127.0.0.1:7070".into(),
+            bucket: BUCKET.into(),
+            access_key_id: random_token(20),
+            secret_access_key: random_token(40),
+        };
+        let line = s3.export_line();
+        assert!(line.starts_with("export CAIRN_S3_ENDPOINT=http://127.0.0.1:7070 CAIRN_S3_BUCKET=cairn AWS_ACCESS_KEY_ID="));
+        assert!(line.contains(" AWS_SECRET_ACCESS_KEY="));
+        assert_eq!(LocalS3::parse_export_line(&line).unwrap(), s3);
+        assert!(LocalS3::parse_export_line("export KUBECONFIG=/x").is_err());
+        assert!(!format!("{s3:?}").contains(&s3.secret_access_key));
+    }
+
+    #[test]
+    fn credentials_are_alphanumeric() {
+        let t = random_token(40);
+        assert_eq!(t.len(), 40);
+        assert!(t.chars().all(|c| c.is_ascii_alphanumeric()));
+    }
+}
