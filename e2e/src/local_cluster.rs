@@ -14,7 +14,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use base64::Engine;
 use cairn_api::{
     AllowedNamespaces, BackupRepository, BackupRepositorySpec, DirectoryStorage,
@@ -227,20 +227,17 @@ impl LocalCluster {
         let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects});
         let file = tempfile::NamedTempFile::new()?;
         fs::write(file.path(), serde_json::to_vec(&list)?)?;
-        let out = self.cp.kubectl_output(&[
-            "apply",
-            "--server-side",
-            "--field-manager=cairn-local-cluster",
-            "--force-conflicts",
-            "-f",
-            file.path().to_str().context("temp path is not UTF-8")?,
-        ])?;
-        if !out.status.success() {
-            bail!(
-                "creating the local repositories failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        self.cp.kubectl_checked(
+            "creating the local repositories",
+            &[
+                "apply",
+                "--server-side",
+                "--field-manager=cairn-local-cluster",
+                "--force-conflicts",
+                "-f",
+                file.path().to_str().context("temp path is not UTF-8")?,
+            ],
+        )?;
         Ok(())
     }
 
@@ -263,18 +260,10 @@ impl LocalCluster {
             "local cluster: {S3_REPOSITORY} pointed at {endpoint}; re-creating it for {}",
             self.s3.endpoint
         );
-        let out = self.cp.kubectl_output(&[
-            "delete",
-            "backuprepository",
-            S3_REPOSITORY,
-            "--timeout=30s",
-        ])?;
-        if !out.status.success() {
-            bail!(
-                "deleting the stale {S3_REPOSITORY} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        self.cp.kubectl_checked(
+            &format!("deleting the stale {S3_REPOSITORY}"),
+            &["delete", "backuprepository", S3_REPOSITORY, "--timeout=30s"],
+        )?;
         Ok(())
     }
 
