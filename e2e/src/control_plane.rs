@@ -415,6 +415,16 @@ impl ControlPlane {
             .output()
     }
 
+    /// Runs kubectl with the admin kubeconfig; fails with kubectl's stderr,
+    /// saying `what` failed, when it does not succeed.
+    pub fn kubectl_checked(&self, what: &str, args: &[&str]) -> Result<std::process::Output> {
+        let out = self.kubectl_output(args)?;
+        if !out.status.success() {
+            bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(out)
+    }
+
     /// The API server's version string (`gitVersion`).
     pub fn server_version(&self) -> Result<String> {
         let out = self.kubectl_output(&["version", "-o", "json"])?;

@@ -1,6 +1,7 @@
 //! End-to-end rigs for Cairn: real components (etcd, kube-apiserver,
 //! kube-controller-manager, kubectl, helm, QEMU) found or built by [`tools`],
-//! a control plane on loopback from [`control_plane`], and the per-test
+//! a control plane on loopback from [`control_plane`], an S3 server from
+//! [`local_s3`], and the per-test
 //! [`harness`]. `cargo xtask cluster`, `demo` and `test` use the same pieces.
 
 #![forbid(unsafe_code)]
@@ -8,6 +9,7 @@
 pub mod control_plane;
 pub mod harness;
 pub mod local_cluster;
+pub mod local_s3;
 pub mod scenario;
 pub mod tools;
 pub mod vm;

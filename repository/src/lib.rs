@@ -21,6 +21,8 @@ pub mod maintenance;
 pub mod reader;
 pub mod repo;
 pub mod storage;
+#[cfg(feature = "test-support")]
+pub mod test_support;
 
 pub use format::{ChunkId, Compression, DiskIndex, FORMAT_VERSION};
 pub use ingest::{

@@ -8,14 +8,16 @@ use clap::Subcommand;
 
 #[derive(Subcommand)]
 pub enum Action {
-    /// Start etcd, kube-apiserver, the CRDs, the operator and one agent per node; print
-    /// `export` lines for KUBECONFIG and CAIRN_STATE_DIR.
+    /// Start etcd, kube-apiserver, the CRDs, a versitygw S3 server with the
+    /// BackupRepositories `local-s3` and `local-dir`, the operator and one agent per
+    /// node; print `export` lines for KUBECONFIG, CAIRN_STATE_DIR and the S3 server
+    /// (CAIRN_S3_ENDPOINT, CAIRN_S3_BUCKET, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
     Up {
         /// Number of simulated nodes.
         #[arg(long, default_value_t = 1)]
         nodes: usize,
     },
-    /// Stop everything `cluster up` started.
+    /// Stop everything `cluster up` started (the S3 server too; its data stays).
     Down,
 }
 
@@ -33,10 +35,12 @@ pub fn run(action: Action) -> Result<()> {
             build_binaries()?;
             let cluster = LocalCluster::up(&dir, nodes, None)?;
             eprintln!(
-                "cluster up: kube-apiserver {} at {}, nodes {:?}; logs in {}",
+                "cluster up: kube-apiserver {} at {}, nodes {:?}, S3 {} (bucket {}), repositories local-s3 and local-dir; logs in {}",
                 cluster.cp.server_version().unwrap_or_default(),
                 cluster.cp.server,
                 cluster.nodes,
+                cluster.s3.endpoint,
+                cluster.s3.bucket,
                 dir.display()
             );
             print!("{}", cluster.exports());

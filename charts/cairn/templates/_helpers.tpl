@@ -77,6 +77,9 @@ Fails on paths that would alias each other or escape with "..".
 {{- range $i, $p := .Values.backupRoots }}
 {{- $paths = append $paths (dict "name" (printf "backup-root-%d" $i) "path" $p "propagate" true) }}
 {{- end }}
+{{- range $i, $p := .Values.repositoryRoots }}
+{{- $paths = append $paths (dict "name" (printf "repository-root-%d" $i) "path" $p "propagate" true) }}
+{{- end }}
 {{- range $i, $p := .Values.imageRoots }}
 {{- $paths = append $paths (dict "name" (printf "image-root-%d" $i) "path" $p "propagate" true) }}
 {{- end }}
@@ -87,7 +90,7 @@ Fails on paths that would alias each other or escape with "..".
 {{- fail (printf "cairn: host path %q must be a clean absolute path (no . or .. segments)" .path) }}
 {{- end }}
 {{- if hasKey $seen $clean }}
-{{- fail (printf "cairn: host path %q is listed twice (socketDir, runtimeDir, exportDir, scratchDir, backupRoots and imageRoots must be distinct)" .path) }}
+{{- fail (printf "cairn: host path %q is listed twice (socketDir, runtimeDir, exportDir, scratchDir, backupRoots, repositoryRoots and imageRoots must be distinct)" .path) }}
 {{- end }}
 {{- $_ := set $seen $clean true }}
 {{- end }}

@@ -155,52 +155,17 @@ impl Drop for S3Server {
     }
 }
 
-/// Signs and sends `PUT /<bucket>` (AWS SigV4) with nothing but sha2/hmac
-/// from the dev dependencies.
+/// Creates a bucket with a signed CreateBucket request
+/// ([`cairn_repo::test_support`]).
 pub async fn create_bucket(endpoint: &str, bucket: &str) {
-    use hmac::{Hmac, Mac};
-    use sha2::{Digest, Sha256};
-    type H = Hmac<Sha256>;
-    fn hmac(key: &[u8], data: &str) -> Vec<u8> {
-        let mut m = H::new_from_slice(key).unwrap();
-        m.update(data.as_bytes());
-        m.finalize().into_bytes().to_vec()
+    let access = cairn_repo::test_support::BucketAccess {
+        endpoint,
+        access_key_id: ACCESS_KEY,
+        secret_access_key: SECRET_KEY,
+    };
+    if let Err(e) = access.create_bucket(bucket) {
+        panic!("CreateBucket {bucket} failed: {e}");
     }
-    let host = endpoint.trim_start_matches("http://");
-    let now = chrono::Utc::now();
-    let amz_date = now.format("%Y%m%dT%H%M%SZ").to_string();
-    let date = now.format("%Y%m%d").to_string();
-    let payload_hash = hex::encode(Sha256::digest(b""));
-    let canonical = format!(
-        "PUT\n/{bucket}\n\nhost:{host}\nx-amz-content-sha256:{payload_hash}\nx-amz-date:{amz_date}\n\nhost;x-amz-content-sha256;x-amz-date\n{payload_hash}"
-    );
-    let scope = format!("{date}/us-east-1/s3/aws4_request");
-    let to_sign = format!(
-        "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
-        hex::encode(Sha256::digest(canonical.as_bytes()))
-    );
-    let k = hmac(format!("AWS4{SECRET_KEY}").as_bytes(), &date);
-    let k = hmac(&k, "us-east-1");
-    let k = hmac(&k, "s3");
-    let k = hmac(&k, "aws4_request");
-    let sig = hex::encode(hmac(&k, &to_sign));
-    let auth = format!(
-        "AWS4-HMAC-SHA256 Credential={ACCESS_KEY}/{scope}, SignedHeaders=host;x-amz-content-sha256;x-amz-date, Signature={sig}"
-    );
-    let request = format!(
-        "PUT /{bucket} HTTP/1.1\r\nHost: {host}\r\nx-amz-date: {amz_date}\r\nx-amz-content-sha256: {payload_hash}\r\nAuthorization: {auth}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(host)
-        .await
-        .expect("connect to versitygw");
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).await.unwrap();
-    assert!(
-        resp.starts_with("HTTP/1.1 200"),
-        "CreateBucket {bucket} failed: {resp}"
-    );
 }
 
 /// An in-memory disk that counts what is read from it.
