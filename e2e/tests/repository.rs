@@ -218,9 +218,14 @@ async fn repositories_keep_tenants_apart() -> Result<()> {
         .clone();
     assert_eq!(ready.reason, "RepositoryNotAllowed", "{}", ready.message);
     assert!(ready.message.contains(&env.namespace), "{}", ready.message);
+    // Refused before routing: no agent ever opened the repository for it.
     assert!(
-        !dir.join("config").exists(),
-        "the refused backup touched the repository"
+        b.status
+            .as_ref()
+            .and_then(|s| s.repository.as_ref())
+            .is_none(),
+        "{:?}",
+        b.status
     );
     kubectl(&env, &["delete", "backuprepository", &only])?;
 
