@@ -12,6 +12,8 @@ COPY .cargo .cargo
 COPY crds crds
 COPY operator operator
 COPY agent agent
+COPY nbd nbd
+COPY repository repository
 COPY e2e e2e
 COPY xtask xtask
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

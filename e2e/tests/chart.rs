@@ -156,7 +156,7 @@ fn chart_crds_are_byte_identical_to_the_generated_crds() -> Result<()> {
         have, want,
         "charts/cairn/crds/ must hold exactly crds/manifests/ (copy them after `cargo xtask crdgen`)"
     );
-    assert_eq!(want.len(), 3, "expected three CRDs, found {want:?}");
+    assert_eq!(want.len(), 4, "expected four CRDs, found {want:?}");
     for name in &want {
         let a = std::fs::read(generated.join(name))?;
         let b = std::fs::read(in_chart.join(name))?;
