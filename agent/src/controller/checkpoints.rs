@@ -206,12 +206,15 @@ async fn reconcile(
         {
             return Ok(Action::await_change());
         }
-        let created = status.phase.is_some_and(|p| {
-            matches!(
-                p,
-                CheckpointPhase::Ready | CheckpointPhase::Creating | CheckpointPhase::Deleting
-            )
-        });
+        // Bitmaps exist once the checkpoint was Ready (creationTime), also when
+        // it turned Failed later because they went bad; or while Creating.
+        let created = status.creation_time.is_some()
+            || status.phase.is_some_and(|p| {
+                matches!(
+                    p,
+                    CheckpointPhase::Ready | CheckpointPhase::Creating | CheckpointPhase::Deleting
+                )
+            });
         let msg = match (&session, created) {
             (_, false) => "no bitmap was created".to_string(),
             (Some((vmref, client)), true) => {
