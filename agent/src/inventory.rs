@@ -14,6 +14,9 @@ use crate::qmp::{BlockDeviceView, BlockNodeView, QmpClient, QmpError};
 /// filter, with an auto-generated node name, as the device's root).
 const FILTER_DRIVERS: &[&str] = &[
     "copy-before-write",
+    // A pull export's point-in-time view: it reports the disk's image file
+    // too, but it is not the disk.
+    "snapshot-access",
     "backup-top",
     "throttle",
     "compress",
