@@ -168,8 +168,17 @@ async fn ingest(
         base: base.clone(),
         time: None,
     };
+    // Keep the last counters the writer reports: its uploads finish inside
+    // `commit`, after which the writer is gone.
+    let (last, last_cell) = progress_cell();
+    let report: ProgressFn = Arc::new(move |p: &IngestProgress| {
+        last(p);
+        if let Some(f) = &progress {
+            f(p);
+        }
+    });
     let options = IngestOptions {
-        progress,
+        progress: Some(report),
         ..IngestOptions::default()
     };
     let mut writer = repo.begin_snapshot(spec, options).await.map_err(repo_err)?;
@@ -212,8 +221,10 @@ async fn ingest(
             .map_err(repo_err)?;
         let _ = nbd.disconnect().await;
     }
-    let progress = writer.progress();
+    let before_commit = writer.progress();
     let manifest = writer.commit().await.map_err(repo_err)?;
+    let mut progress = last_cell.lock().map(|p| *p).unwrap_or(before_commit);
+    progress.bytes_read = progress.bytes_read.max(before_commit.bytes_read);
     Ok(RepositoryBackupOutcome {
         manifest,
         base,
