@@ -171,6 +171,7 @@ async fn full_then_incremental(repo: &str) -> Result<()> {
         full.bytes_read.unwrap_or(0) >= (11 * MIB) as i64,
         "{full:?}"
     );
+    assert!(full.bytes_uploaded.unwrap_or(0) > 0, "{full:?}");
     // Each snapshot restores on its own to the disk at its instant.
     assert_eq!(restore_sha(&env, repo, &full_id, "disk0")?, at_full);
     assert_eq!(restore_sha(&env, repo, &inc_id, "disk0")?, model.sha256());
