@@ -19,7 +19,11 @@ fn checked_in_crds_match_the_types() {
         );
     }
     let files = std::fs::read_dir(&dir).unwrap().count();
-    assert_eq!(files, cairn_api::crds().len(), "stray files in crds/manifests");
+    assert_eq!(
+        files,
+        cairn_api::crds().len(),
+        "stray files in crds/manifests"
+    );
 }
 
 #[test]

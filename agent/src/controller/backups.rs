@@ -784,9 +784,14 @@ async fn watch_export(
         .is_some_and(|t| t.0 <= Timestamp::now());
     if !expired {
         let prefix = OperationId::new(uid).prefix();
-        if let Ok(exports) = client.query_block_exports().await
-            && !exports.iter().any(|e| e.id.starts_with(&prefix))
-        {
+        let ours =
+            |exports: &[crate::qmp::ExportView]| exports.iter().any(|e| e.id.starts_with(&prefix));
+        let Ok(exports) = client.query_block_exports().await else {
+            // QEMU does not answer (killed, or restarting): judge again once
+            // discovery has caught up (VirtualMachineGone or ExportLost).
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        };
+        if !ours(&exports) {
             // A restarted QEMU (the socket came back before we looked) or a
             // hand-removed export: the URL in status leads nowhere.
             let _ = stop_pull_export(
@@ -814,6 +819,15 @@ async fn watch_export(
         let disks: Vec<String> = status.disks.iter().map(|d| d.name.clone()).collect();
         if let Err(e) = check_pull_export(&ctx.pull, &vmref, socket.as_deref(), &name, &disks).await
         {
+            // A QEMU that died meanwhile took the export with it: that is not a
+            // broken view, and the next pass says what happened.
+            let still_served = client
+                .query_block_exports()
+                .await
+                .is_ok_and(|exports| ours(&exports));
+            if !still_served {
+                return Ok(Action::requeue(Duration::from_secs(2)));
+            }
             let _ = stop_pull_export(
                 &client,
                 &OperationId::new(uid),
