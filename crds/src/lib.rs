@@ -10,6 +10,7 @@
 //! - [`VirtualMachineCheckpoint`]: a set of persistent dirty bitmaps (libvirt's checkpoint).
 //! - [`VirtualMachineBackup`]: a full or incremental backup, pushed or pulled.
 //! - [`BackupRepository`]: a deduplicated, encrypted store off the node (cluster-scoped).
+//! - [`VirtualMachineRestore`]: a verified restore into image files, or an instant-recovery export.
 
 #![forbid(unsafe_code)]
 // kube-derive's printcolumn(...) lists repeat keys such as `type_`; clippy mistakes them for duplicates.
@@ -22,12 +23,14 @@ pub mod conditions;
 pub mod qemu_instance;
 pub mod reference;
 pub mod repository;
+pub mod restore;
 
 pub use backup::*;
 pub use checkpoint::*;
 pub use common::*;
 pub use qemu_instance::*;
 pub use repository::*;
+pub use restore::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -58,6 +61,8 @@ pub const AGENT_MANAGER: &str = "cairn-agent";
 pub const CHECKPOINT_FINALIZER: &str = "cairn.dev/bitmaps";
 /// Finalizer that makes deleting a backup cancel its job and tear down exports first.
 pub const BACKUP_FINALIZER: &str = "cairn.dev/backup-job";
+/// Finalizer that makes deleting a restore stop its work and remove partial output first.
+pub const RESTORE_FINALIZER: &str = "cairn.dev/restore-job";
 
 /// Every CRD of the API, in a stable order (used by `crdgen` and the drift test).
 pub fn crds() -> Vec<CustomResourceDefinition> {
@@ -66,6 +71,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         VirtualMachineCheckpoint::crd(),
         VirtualMachineBackup::crd(),
         BackupRepository::crd(),
+        VirtualMachineRestore::crd(),
     ]
 }
 
