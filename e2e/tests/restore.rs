@@ -582,3 +582,115 @@ async fn instant_recovery_serves_the_snapshot_while_the_vm_streams_it_in() -> Re
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_agent_restarts_the_restore_deleting_one_cleans_up_and_space_is_checked_first()
+-> Result<()> {
+    // Node 2 only: this test kills its agent, and the other tests of this
+    // binary share the cluster on node 1.
+    let (env, cluster) = TestEnv::with_cluster("restore-faults").await?;
+    let size = 512 * MIB;
+    let vm = start_vm(cluster, &env, "node-2", "big", &[("disk0", "qcow2", size)])?;
+    wait_instance(&env, "big", "node-2").await?;
+    let mut model = DiskModel::new(size);
+    for i in 0..3u64 {
+        model.write(&vm, "disk0", 0x61 + i as u8, i * 160 * MIB, 128 * MIB)?;
+    }
+    let root = cluster.backup_dir("node-2").join(&env.namespace);
+    apply(
+        &env,
+        &backup_yaml("big", "big", &push_extra(&root.join("chain"), None, None)),
+    )?;
+    wait_backup(&env, "big", BackupPhase::Succeeded).await?;
+    wait_verified(&env, "big").await?;
+    let api: Api<VirtualMachineRestore> = Api::namespaced(env.client.clone(), &env.namespace);
+    let running = |name: &'static str| {
+        let api = api.clone();
+        async move {
+            wait::until(
+                &api,
+                name,
+                Duration::from_secs(60),
+                "restore Running",
+                |r| r.status.as_ref().and_then(|s| s.phase) == Some(RestorePhase::Running),
+            )
+            .await
+        }
+    };
+
+    // Space is checked before anything is written.
+    let small = root.join("small");
+    std::fs::create_dir_all(&small)?;
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&small)
+        .status()?
+        .success();
+    ensure!(mounted, "mounting a small tmpfs failed");
+    apply(
+        &env,
+        &restore_yaml(
+            "tiny",
+            &from_backup("big"),
+            &into_dir(&small.join("x"), "raw", false),
+        ),
+    )?;
+    let r = wait_restore(&env, "tiny", RestorePhase::Failed).await;
+    let listing = files_in(&small.join("x"));
+    let _ = std::process::Command::new("umount").arg(&small).status();
+    let r = r?;
+    assert!(reason(&r).starts_with("NoSpace"), "{}", reason(&r));
+    assert!(listing.is_empty(), "a refused restore wrote {listing:?}");
+
+    // The agent dies mid-restore: the new one starts it again; nothing
+    // partial is ever visible under the final name.
+    let out = root.join("after-crash");
+    apply(
+        &env,
+        &restore_yaml(
+            "crash",
+            &from_backup("big"),
+            &into_dir(&out, "qcow2", false),
+        ),
+    )?;
+    running("crash").await?;
+    cluster.restart_agent("node-2")?;
+    let r = wait_restore(&env, "crash", RestorePhase::Succeeded).await?;
+    assert_eq!(content_sha256(&out.join("disk0.qcow2"))?, model.sha256());
+    assert!(hidden_files(&out).is_empty(), "{:?}", files_in(&out));
+    let disk = &r.status.context("status")?.disks[0];
+    assert_eq!(
+        disk.sha256.as_deref(),
+        Some(file_sha(&out.join("disk0.qcow2"))?.as_str())
+    );
+
+    // Deleting a running restore stops it and leaves no output at all.
+    let gone = root.join("deleted");
+    apply(
+        &env,
+        &restore_yaml(
+            "doomed",
+            &from_backup("big"),
+            &into_dir(&gone, "qcow2", false),
+        ),
+    )?;
+    running("doomed").await?;
+    kubectl(
+        &env,
+        &[
+            "delete",
+            "vmrestore",
+            "doomed",
+            "--wait=true",
+            "--timeout=60s",
+        ],
+    )?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        files_in(&gone).is_empty(),
+        "a deleted restore left {:?}",
+        files_in(&gone)
+    );
+    drop(vm);
+    Ok(())
+}
