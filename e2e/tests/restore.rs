@@ -485,8 +485,17 @@ async fn instant_recovery_serves_the_snapshot_while_the_vm_streams_it_in() -> Re
         )?;
         Ok(out.as_str().unwrap_or_default().to_string())
     };
-    let read = hmp(format!("read -P 0x32 {} 65536", 9 * MIB))?;
-    ensure!(!read.contains("fail"), "{read}");
+    let log = dir.join("restored.qemu.log");
+    let before = std::fs::read_to_string(&log).unwrap_or_default().len();
+    hmp(format!("read -P 0x32 {} 65536", 9 * MIB))?;
+    let read = std::fs::read_to_string(&log)?
+        .get(before..)
+        .unwrap_or_default()
+        .to_string();
+    ensure!(
+        read.contains("read 65536/65536") && !read.contains("fail"),
+        "{read}"
+    );
     // The guest writes while the data streams in.
     model.write(&restored, "disk0", 0x41, 2 * MIB, 512 * 1024)?;
     restored.qmp(
@@ -692,5 +701,121 @@ async fn a_killed_agent_restarts_the_restore_deleting_one_cleans_up_and_space_is
         files_in(&gone)
     );
     drop(vm);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instant_recovery_reports_an_unreachable_repository_and_recovers() -> Result<()> {
+    // The only test of this binary on `local-dir`, whose directory it moves away.
+    let (env, cluster) = TestEnv::with_cluster("restore-unreachable").await?;
+    let size = 16 * MIB;
+    let mut vm = start_vm(cluster, &env, "node-1", "src", &[("disk0", "qcow2", size)])?;
+    wait_instance(&env, "src", "node-1").await?;
+    let mut model = DiskModel::new(size);
+    model.write(&vm, "disk0", 0x71, 0, 2 * MIB)?;
+    model.write(&vm, "disk0", 0x72, 12 * MIB, 2 * MIB)?;
+    apply(
+        &env,
+        &backup_yaml(
+            "full",
+            "src",
+            "  target:\n    repository:\n      name: local-dir\n",
+        ),
+    )?;
+    wait_backup(&env, "full", BackupPhase::Succeeded).await?;
+    vm.quit()?;
+    apply(
+        &env,
+        &restore_yaml("instant", &from_backup("full"), "  mode: Instant\n"),
+    )?;
+    let r = wait_restore(&env, "instant", RestorePhase::Serving).await?;
+    let url = r.status.and_then(|s| s.export).context("export")?.url;
+    let socket = url.split("socket=").nth(1).context("socket")?.to_string();
+    let dir = cluster
+        .state_dir
+        .join("instant-unreachable")
+        .join(&env.namespace);
+    std::fs::create_dir_all(&dir)?;
+    let overlay = dir.join("overlay.qcow2");
+    let backing = format!(
+        "json:{}",
+        json!({"driver": "raw", "file": {"driver": "nbd", "server": {"type": "unix", "path": socket}, "export": "disk0"}})
+    );
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing])
+        .arg(&overlay)
+        .arg(size.to_string())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut restored = TestVm::start_on(
+        &cluster.qmp_dir("node-1"),
+        &env.namespace,
+        "restored",
+        &dir,
+        vec![VmDisk {
+            name: "disk0".into(),
+            image: overlay.clone(),
+            format: "qcow2".into(),
+            size,
+        }],
+    )?;
+    // qemu-io reports on QEMU's stdout (its log), not in the HMP reply.
+    let log = dir.join("restored.qemu.log");
+    let read = |offset: u64, pattern: u8| -> Result<String> {
+        let before = std::fs::read_to_string(&log).unwrap_or_default().len();
+        restored.qmp(
+            "human-monitor-command",
+            json!({"command-line": format!("qemu-io -d /machine/peripheral/disk0/virtio-backend \"read -P {pattern:#x} {offset} 65536\"")}),
+        )?;
+        let text = std::fs::read_to_string(&log)?;
+        Ok(text.get(before..).unwrap_or_default().to_string())
+    };
+    // A fetched region, then the repository goes away.
+    ensure!(
+        !read(0, 0x71)?.contains("fail"),
+        "reading a fetched region failed"
+    );
+    let repo = cluster.repository_dir();
+    let moved = repo.with_extension("away");
+    std::fs::rename(&repo, &moved)?;
+    let unfetched = read(12 * MIB + 512 * 1024, 0x72);
+    let again = read(0, 0x71);
+    std::fs::rename(&moved, &repo)?;
+    let unfetched = unfetched?;
+    ensure!(
+        unfetched.contains("error") || unfetched.contains("fail"),
+        "an unfetched read succeeded with the repository gone: {unfetched}"
+    );
+    // The region read before is served from the cache.
+    ensure!(
+        !again?.contains("fail"),
+        "a fetched region failed while the repository was away"
+    );
+    let api: Api<VirtualMachineRestore> = Api::namespaced(env.client.clone(), &env.namespace);
+    let r = wait::until(&api, "instant", Duration::from_secs(30), "Degraded", |r| {
+        r.status
+            .as_ref()
+            .and_then(|s| condition(&s.conditions, "Degraded"))
+            .is_some_and(|c| c.status == "True")
+    })
+    .await?;
+    assert_eq!(r.status.and_then(|s| s.phase), Some(RestorePhase::Serving));
+    // Back: reads work again, and the stream completes the restore.
+    ensure!(
+        !read(12 * MIB + 512 * 1024, 0x72)?.contains("fail"),
+        "reads failed after the repository came back"
+    );
+    restored.qmp(
+        "block-stream",
+        json!({"job-id": "pull", "device": "disk0-fmt"}),
+    )?;
+    let r = wait_restore(&env, "instant", RestorePhase::Succeeded).await?;
+    assert!(r.status.and_then(|s| s.export).is_some_and(|e| e.released));
+    restored.quit()?;
+    assert_eq!(content_sha256(&overlay)?, model.sha256());
     Ok(())
 }
