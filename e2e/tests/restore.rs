@@ -819,3 +819,47 @@ async fn instant_recovery_reports_an_unreachable_repository_and_recovers() -> Re
     assert_eq!(content_sha256(&overlay)?, model.sha256());
     Ok(())
 }
+
+/// Applies `yaml` as the user of `kubeconfig`; returns success and stderr.
+fn apply_as(env: &TestEnv, kubeconfig: &Path, yaml: &str) -> Result<(bool, String)> {
+    use std::io::Write;
+    let mut child = env
+        .kubectl_as(kubeconfig, &["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(yaml.as_bytes())?;
+    let out = child.wait_with_output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tenants_create_restores_but_cannot_route_them() -> Result<()> {
+    let (env, cluster) = TestEnv::with_cluster("restore-tenant").await?;
+    let tenant = env.tenant_kubeconfig("mallory")?;
+    let dir = cluster.backup_dir("node-1").join(&env.namespace).join("r");
+    let plain = restore_yaml("plain", &from_backup("none"), &into_dir(&dir, "raw", false));
+    let (ok, err) = apply_as(&env, &tenant, &plain)?;
+    ensure!(ok, "a tenant with `edit` cannot create a restore: {err}");
+    let r = wait_restore(&env, "plain", RestorePhase::Failed).await?;
+    assert!(reason(&r).starts_with("BackupNotFound"), "{}", reason(&r));
+    // Routing is the operator's: a tenant's own node label is refused.
+    let forged = plain.replace(
+        "metadata:\n  name: plain\n",
+        "metadata:\n  name: forged\n  labels:\n    cairn.dev/node: node-2\n",
+    );
+    let (ok, err) = apply_as(&env, &tenant, &forged)?;
+    ensure!(
+        !ok && err.contains("set by Cairn only"),
+        "a forged routing label was allowed: {err}"
+    );
+    Ok(())
+}
