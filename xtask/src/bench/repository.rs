@@ -53,8 +53,8 @@ pub struct RepoResults {
     pub inc_bytes_read: Vec<u64>,
     /// Bytes written by the guest before the incremental (distinct 64 KiB writes).
     pub dirty_bytes: u64,
-    /// The dirty bytes rounded up to whole chunks.
-    pub dirty_chunk_bytes: u64,
+    /// The dirty bytes rounded up to whole chunks, per run (as `inc_bytes_read`).
+    pub dirty_chunk_bytes: Vec<u64>,
     /// Bytes the directory repository grew by with the incremental, per run.
     pub inc_stored_dir: Vec<u64>,
     /// Bytes the S3 repository grew by with the incremental, per run.
@@ -315,12 +315,8 @@ async fn one_run(
         guest_write(&vm.writer, &bench_qdev(), pattern, off, WRITE).await?;
     }
     r.dirty_bytes = offsets.len() as u64 * WRITE;
-    let cs = repos.dir.chunk_size() as u64;
-    let chunks: BTreeSet<u64> = offsets
-        .iter()
-        .flat_map(|o| (o / cs)..=((o + WRITE - 1) / cs))
-        .collect();
-    r.dirty_chunk_bytes = chunks.len() as u64 * cs;
+    r.dirty_chunk_bytes
+        .push(chunk_bytes_touched(&offsets, repos.dir.chunk_size() as u64));
 
     let incremental = |repo: &'static str| {
         request(
@@ -378,6 +374,15 @@ async fn one_run(
         }
     }
     Ok(())
+}
+
+/// Bytes of the `cs`-byte chunks that 64 KiB writes at `offsets` touch.
+fn chunk_bytes_touched(offsets: &[u64], cs: u64) -> u64 {
+    let chunks: BTreeSet<u64> = offsets
+        .iter()
+        .flat_map(|o| (o / cs)..=((o + WRITE - 1) / cs))
+        .collect();
+    chunks.len() as u64 * cs
 }
 
 /// The restored image carries the guest's writes (a cheap sanity check; the
@@ -549,4 +554,18 @@ async fn restic_run(
     file.sync_all()?;
     let _ = std::fs::remove_dir_all(&repo);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_are_rounded_up_to_the_chunks_they_touch() {
+        let cs = 256 << 10;
+        // Two writes in one chunk, one straddling two chunks.
+        assert_eq!(chunk_bytes_touched(&[0, WRITE], cs), cs);
+        assert_eq!(chunk_bytes_touched(&[cs - 4096], cs), 2 * cs);
+        assert_eq!(chunk_bytes_touched(&[], cs), 0);
+    }
 }
