@@ -1,7 +1,7 @@
 //! End-to-end rigs for Cairn: real components (etcd, kube-apiserver,
 //! kube-controller-manager, kubectl, helm, QEMU) found or built by [`tools`],
 //! a control plane on loopback from [`control_plane`], an S3 server from
-//! [`local_s3`], and the per-test
+//! [`local_s3`] (and [`slow_link`] to slow the way to it), and the per-test
 //! [`harness`]. `cargo xtask cluster`, `demo` and `test` use the same pieces.
 
 #![forbid(unsafe_code)]
@@ -10,7 +10,9 @@ pub mod control_plane;
 pub mod harness;
 pub mod local_cluster;
 pub mod local_s3;
+pub mod repository_access;
 pub mod scenario;
+pub mod slow_link;
 pub mod tools;
 pub mod vm;
 pub mod wait;

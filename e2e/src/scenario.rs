@@ -44,6 +44,15 @@ impl DiskModel {
         self.0[offset as usize..(offset + len) as usize].fill(pattern);
         Ok(())
     }
+    /// Writes `len` random (incompressible, never deduplicated) bytes through
+    /// the VM and records them.
+    pub fn write_random(&mut self, vm: &TestVm, disk: &str, offset: u64, len: u64) -> Result<()> {
+        let range = offset as usize..(offset + len) as usize;
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut self.0[range.clone()]);
+        let file = tempfile::NamedTempFile::new()?;
+        std::fs::write(file.path(), &self.0[range])?;
+        vm.write_file(disk, file.path(), offset, len)
+    }
     /// sha256 of the expected content.
     pub fn sha256(&self) -> String {
         hex(&Sha256::digest(&self.0))

@@ -206,10 +206,20 @@ impl TestVm {
 
     /// Simulates a guest write of `len` bytes of `pattern` at `offset` on `disk`.
     pub fn write(&self, disk: &str, pattern: u8, offset: u64, len: u64) -> Result<()> {
+        self.qemu_io_write(disk, &format!("-P {pattern:#x}"), offset, len)
+    }
+
+    /// Simulates a guest write of the first `len` bytes of the file `source`
+    /// at `offset` on `disk` (QEMU reads the file).
+    pub fn write_file(&self, disk: &str, source: &Path, offset: u64, len: u64) -> Result<()> {
+        self.qemu_io_write(disk, &format!("-s {}", source.display()), offset, len)
+    }
+
+    fn qemu_io_write(&self, disk: &str, data: &str, offset: u64, len: u64) -> Result<()> {
         let out = self.qmp(
             "human-monitor-command",
             json!({"command-line": format!(
-                "qemu-io -d /machine/peripheral/{disk}/virtio-backend \"write -P {pattern:#x} {offset} {len}\""
+                "qemu-io -d /machine/peripheral/{disk}/virtio-backend \"write {data} {offset} {len}\""
             )}),
         )?;
         let text = out.as_str().unwrap_or_default();

@@ -634,7 +634,13 @@ impl Repository {
         Ok(records.into_iter().flat_map(|(_, r)| r.packs).collect())
     }
 
-    /// Loads every pack index. Packs in `exclude` are left out.
+    /// Loads every pack index. Packs in `exclude` are left out, and so are
+    /// packs whose index is damaged (logged): an upload cut off mid-body can
+    /// leave a truncated object on some S3 servers (versitygw's posix
+    /// backend does), and its chunks cannot be read anyway. Leaving it out
+    /// means ingest stores those chunks again instead of failing every later
+    /// backup, and readers report such a chunk as missing, by snapshot, disk
+    /// and offset.
     pub async fn load_chunk_index(
         &self,
         exclude: &HashSet<String>,
@@ -664,6 +670,10 @@ impl Repository {
                     Ok(e) => Ok(Some((pack, e))),
                     // Deleted by GC between list and get.
                     Err(RepoError::Storage(StorageError::NotFound { .. })) => Ok(None),
+                    Err(e @ RepoError::Damaged { .. }) => {
+                        tracing::warn!(pack = %pack, error = %e, "leaving out a pack whose index is unreadable");
+                        Ok(None)
+                    }
                     Err(e) => Err(e),
                 }
             })

@@ -515,6 +515,39 @@ async fn corrupted_and_deleted_packs_s3() {
     corrupt_and_delete(&repo, None).await;
 }
 
+/// An upload cut off mid-body can leave a truncated pack (versitygw's posix
+/// backend keeps what it received): the next backup stores those chunks
+/// again instead of failing on the damaged pack, and both snapshots restore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_pack_does_not_block_later_backups() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, repo) = dir_repo(dir.path(), &RepositoryKey::None).await;
+    let img = random_image(8, 3 * MIB);
+    let first = backup(&repo, "ns", "vm", &MemDisk::new(img.clone()), None)
+        .await
+        .unwrap();
+    let packs = repo.storage().list("packs").await.unwrap();
+    let cut = &packs[0];
+    let path = dir.path().join("repo").join(&cut.key);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let second = backup(&repo, "ns", "vm", &MemDisk::new(img.clone()), None)
+        .await
+        .expect("a damaged pack must not fail the next backup");
+    assert!(
+        repo.storage().list("packs").await.unwrap().len() > packs.len(),
+        "the chunks of the truncated pack were stored again"
+    );
+    for m in [&first, &second] {
+        assert!(
+            restore_bytes(&repo, &m.id).await.unwrap() == img,
+            "{}",
+            m.id
+        );
+    }
+    assert!(repo.verify(None).await.unwrap().is_ok());
+}
+
 fn quick_gc(grace_ms: u64, stale_ms: u64) -> GcOptions {
     GcOptions {
         grace: Duration::from_millis(grace_ms),

@@ -84,7 +84,8 @@ pub fn facts(work_dir: &Path) -> String {
          - qemu-img: {}\n\
          - libnbd (nbdcopy): {}\n\
          - libvirt: {libvirt}\n\
-         - virtnbdbackup: {}\n",
+         - virtnbdbackup: {}\n\
+         - restic: {}\n",
         if flags.contains("sha_ni") {
             "yes"
         } else {
@@ -98,5 +99,6 @@ pub fn facts(work_dir: &Path) -> String {
         first_line("qemu-img", &["--version"]),
         first_line("nbdcopy", &["--version"]),
         first_line("virtnbdbackup", &["--version"]),
+        first_line("restic", &["version"]),
     )
 }

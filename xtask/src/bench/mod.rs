@@ -4,7 +4,8 @@
 //!
 //! The parts: [`qemu`] (images, guestless QEMUs, simulated guest writes),
 //! [`data`] (data path without a cluster), [`peer`] (libvirt + virtnbdbackup),
-//! [`control`] (local cluster: end-to-end backup, latency, memory), [`report`]
+//! [`control`] (local cluster: end-to-end backup, latency, memory),
+//! [`repository`] (BackupRepository ingest, restore, dedup; restic), [`report`]
 //! (Markdown). The method is in docs/BENCHMARKS-METHOD.md.
 
 mod control;
@@ -13,6 +14,7 @@ mod machine;
 mod peer;
 mod qemu;
 mod report;
+mod repository;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -104,6 +106,8 @@ pub fn run(quick: bool) -> Result<()> {
                 "cairn-operator",
                 "-p",
                 "cairn-agent",
+                "-p",
+                "xtask",
             ])
             .current_dir(&root)
             .status()?;
@@ -113,8 +117,9 @@ pub fn run(quick: bool) -> Result<()> {
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("target"));
-        // /proc/self/exe: still valid when a concurrent build replaced the file.
-        let status = Command::new("/proc/self/exe")
+        // The bench itself runs optimised too: the repository section ingests
+        // and restores in this process, through the agent's library.
+        let status = Command::new(target.join("release/xtask"))
             .args(std::env::args_os().skip(1))
             .env("CAIRN_BIN_DIR", target.join("release"))
             // One operator: the control-plane section measures that process.
@@ -137,12 +142,12 @@ pub fn run(quick: bool) -> Result<()> {
         idle_secs: if quick { 10 } else { 30 },
         work: work.canonicalize()?,
     };
-    // `CAIRN_BENCH_ONLY=data|peer|control` re-measures one section, into
+    // `CAIRN_BENCH_ONLY=data|peer|control|repository` re-measures one section, into
     // target/bench/<section>-only.md, leaving BENCHMARKS.md alone
     // (`CAIRN_BENCH_CONTROL_ONLY=1` is the older spelling of `control`).
     let only = match std::env::var("CAIRN_BENCH_ONLY") {
-        Ok(s) if ["data", "peer", "control"].contains(&s.as_str()) => Some(s),
-        Ok(s) => bail!("CAIRN_BENCH_ONLY={s}: expected data, peer or control"),
+        Ok(s) if ["data", "peer", "control", "repository"].contains(&s.as_str()) => Some(s),
+        Ok(s) => bail!("CAIRN_BENCH_ONLY={s}: expected data, peer, control or repository"),
         Err(_) => std::env::var_os("CAIRN_BENCH_CONTROL_ONLY").map(|_| "control".to_string()),
     };
     let section = |name: &str| only.as_deref().is_none_or(|o| o == name);
@@ -179,6 +184,12 @@ pub fn run(quick: bool) -> Result<()> {
         {
             eprintln!("bench: cluster part failed: {e:#}");
             results.errors.push(format!("cluster: {e:#}"));
+        }
+        if section("repository")
+            && let Err(e) = repository::run_all(&cfg, &base, &mut results.repository).await
+        {
+            eprintln!("bench: repository part failed: {e:#}");
+            results.errors.push(format!("repository: {e:#}"));
         }
         anyhow::Ok(())
     })?;

@@ -221,6 +221,23 @@ pub async fn guest_write(
     Ok(())
 }
 
+/// The offsets [`dirty`] writes for `(size, fraction, seed)`: distinct
+/// random 64 KiB clusters, and the byte pattern it writes there.
+pub fn dirty_offsets(size: u64, fraction: f64, seed: u64) -> (Vec<u64>, u8) {
+    let clusters = size / WRITE;
+    let n = ((clusters as f64) * fraction).round() as usize;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut all: Vec<u64> = (0..clusters).collect();
+    // Partial Fisher-Yates: the first n entries are a random distinct sample.
+    for i in 0..n {
+        let j = rng.random_range(i..all.len());
+        all.swap(i, j);
+    }
+    all.truncate(n);
+    let pattern = (seed % 250) as u8 + 1;
+    (all.into_iter().map(|c| c * WRITE).collect(), pattern)
+}
+
 /// Dirties `fraction` of a `size`-byte disk with distinct random 64 KiB writes;
 /// returns the bytes written.
 pub async fn dirty(
@@ -230,20 +247,11 @@ pub async fn dirty(
     fraction: f64,
     seed: u64,
 ) -> Result<u64> {
-    let clusters = size / WRITE;
-    let n = ((clusters as f64) * fraction).round() as u64;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut all: Vec<u64> = (0..clusters).collect();
-    // Partial Fisher-Yates: the first n entries are a random distinct sample.
-    for i in 0..n as usize {
-        let j = rng.random_range(i..all.len());
-        all.swap(i, j);
+    let (offsets, pattern) = dirty_offsets(size, fraction, seed);
+    for &off in &offsets {
+        guest_write(writer, qdev, pattern, off, WRITE).await?;
     }
-    let pattern = (seed % 250) as u8 + 1;
-    for &c in &all[..n as usize] {
-        guest_write(writer, qdev, pattern, c * WRITE, WRITE).await?;
-    }
-    Ok(n * WRITE)
+    Ok(offsets.len() as u64 * WRITE)
 }
 
 /// The qdev path of a bench VM's disk backend.

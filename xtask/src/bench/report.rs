@@ -6,6 +6,7 @@ use std::fmt::Write;
 use super::control::ControlResults;
 use super::data::{DataResults, FRACTIONS, mib};
 use super::peer::PeerResults;
+use super::repository::RepoResults;
 use super::{Config, Samples};
 
 /// Everything one bench run measured.
@@ -17,6 +18,8 @@ pub struct Results {
     pub peer: PeerResults,
     /// Cluster.
     pub control: ControlResults,
+    /// BackupRepository and restic.
+    pub repository: RepoResults,
     /// Sections that failed, with why.
     pub errors: Vec<String>,
     /// Wall time of the bench.
@@ -384,6 +387,9 @@ pub fn render(cfg: &Config, r: &Results) -> String {
         f(ratio(&d.iops_backup, &d.iops_idle), 1.0, 2)
     );
 
+    // 7.
+    repository_section(&mut o, cfg, &r.repository);
+
     // Targets.
     let _ = writeln!(
         o,
@@ -485,8 +491,275 @@ pub fn render(cfg: &Config, r: &Results) -> String {
         format!("{:.2} %", c.agent_idle_cpu * 100.0),
         (c.vms > 0).then_some(c.agent_idle_cpu <= 0.01),
     );
+    repository_targets(&mut o, &r.repository);
     let _ = writeln!(o);
     o
+}
+
+fn samples(v: &[u64]) -> Samples {
+    Samples(v.iter().map(|&b| b as f64).collect())
+}
+
+/// Section 7: times against `nbdcopy`, `qemu-img convert` and restic, then bytes.
+fn repository_section(o: &mut String, cfg: &Config, r: &RepoResults) {
+    let size = cfg.disk_size;
+    let _ = writeln!(
+        o,
+        "## 7. Backup repository (chunks of {} KiB; directory, and versitygw S3 on loopback) against restic\n\n\
+         Cairn is the agent's library path `run_repository_backup` (point-in-time export, Cairn's NBD client, \
+         chunk, hash, compress, encrypt on S3, pack, upload, commit). The incremental follows {:.0} % of the disk \
+         dirtied with distinct random 64 KiB writes; restic backs up the same bytes as a raw file.\n\n{HEAD}",
+        r.chunk_size >> 10,
+        super::repository::DIRTY * 100.0
+    );
+    o.pop();
+    if let Some(why) = &r.restic_unavailable {
+        let _ = writeln!(o, "restic could not run: {why}\n");
+    }
+    let dirty = Some(r.dirty_bytes);
+    type Row<'a> = (
+        &'a str,
+        &'a Samples,
+        Option<u64>,
+        Vec<(&'a str, &'a Samples)>,
+    );
+    let rows: [Row; 11] = [
+        (
+            "full into a directory repository",
+            &r.full_dir,
+            Some(size),
+            vec![("nbdcopy", &r.full_nbdcopy), ("restic", &r.restic_full)],
+        ),
+        (
+            "`nbdcopy` of the same kind of export into a file (export start to teardown)",
+            &r.full_nbdcopy,
+            Some(size),
+            vec![],
+        ),
+        (
+            "full into S3 (encrypted)",
+            &r.full_s3,
+            Some(size),
+            vec![("restic", &r.restic_full)],
+        ),
+        (
+            "restic `backup` of the raw image, full",
+            &r.restic_full,
+            Some(size),
+            vec![],
+        ),
+        (
+            "incremental, 1 %, directory",
+            &r.inc_dir,
+            dirty,
+            vec![("restic", &r.restic_inc)],
+        ),
+        (
+            "incremental, 1 %, S3",
+            &r.inc_s3,
+            dirty,
+            vec![("restic", &r.restic_inc)],
+        ),
+        (
+            "restic `backup` after the same 1 %",
+            &r.restic_inc,
+            dirty,
+            vec![],
+        ),
+        (
+            "restore of the incremental snapshot to raw, directory",
+            &r.restore_dir,
+            Some(size),
+            vec![
+                ("convert", &r.restore_convert),
+                ("restic", &r.restic_restore),
+            ],
+        ),
+        (
+            "restore of the incremental snapshot to raw, S3",
+            &r.restore_s3,
+            Some(size),
+            vec![("convert", &r.restore_convert)],
+        ),
+        (
+            "`qemu-img convert -t none -T none` of the base qcow2 to raw",
+            &r.restore_convert,
+            Some(size),
+            vec![],
+        ),
+        (
+            "restic `restore latest`",
+            &r.restic_restore,
+            Some(size),
+            vec![],
+        ),
+    ];
+    for (what, s, bytes, peers) in &rows {
+        row(o, what, s, *bytes, peers);
+    }
+    let per_dirty = |v: &[u64]| samples(v).median().map(|m| m / r.dirty_bytes.max(1) as f64);
+    let avg = |v: &[(u64, u64)]| {
+        let (n, b) = v.iter().fold((0, 0), |(n, b), (x, y)| (n + x, b + y));
+        (n > 0).then(|| b as f64 / n as f64)
+    };
+    let per_run = |v: &[u64]| {
+        v.iter()
+            .map(|&b| format!("{:.1}", mib(b)))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    let _ = writeln!(o, "\n| bytes | value |\n|---|---|");
+    let _ = writeln!(
+        o,
+        "| dirtied before the incremental | {:.1} MiB ({} writes of 64 KiB) |",
+        mib(r.dirty_bytes),
+        r.dirty_bytes / (64 << 10),
+    );
+    let _ = writeln!(
+        o,
+        "| … rounded up to the chunks they touch, per run | {} MiB |",
+        per_run(&r.dirty_chunk_bytes)
+    );
+    let _ = writeln!(
+        o,
+        "| read from the export by the incremental (directory), per run | {} MiB |",
+        per_run(&r.inc_bytes_read)
+    );
+    for (what, v) in [
+        ("Cairn, directory", &r.inc_stored_dir),
+        ("Cairn, S3", &r.inc_stored_s3),
+        ("restic", &r.restic_inc_stored),
+    ] {
+        let _ = writeln!(
+            o,
+            "| stored by the incremental, {what} (median) | {} MiB = {} bytes per dirty byte |",
+            f(samples(v).median(), 1.0 / (1u64 << 20) as f64, 1),
+            f(per_dirty(v), 1.0, 2)
+        );
+    }
+    let n: u64 = r.inc_objects_s3.iter().map(|x| x.0).sum();
+    let _ = writeln!(
+        o,
+        "| S3 objects the incremental wrote (all runs) | {n}, {} MiB on average |",
+        f(avg(&r.inc_objects_s3), 1.0 / (1u64 << 20) as f64, 2)
+    );
+    let n: u64 = r.packs_s3.iter().map(|x| x.0).sum();
+    let _ = writeln!(
+        o,
+        "| pack objects in the bucket after each run (all runs) | {n}, {} MiB on average |",
+        f(avg(&r.packs_s3), 1.0 / (1u64 << 20) as f64, 2)
+    );
+    if let Some(c) = &r.clone {
+        let _ = writeln!(
+            o,
+            "| a second VM cloned from the same base: full backup into the directory repository | adds {:.2} MiB = {:.3} % of its {:.0} MiB; chunks new / reused / zero {} / {} / {} |",
+            mib(c.added),
+            c.added as f64 * 100.0 / c.size.max(1) as f64,
+            mib(c.size),
+            c.chunks.0,
+            c.chunks.1,
+            c.chunks.2
+        );
+        let _ = writeln!(
+            o,
+            "| directory repository after it: logical / stored | {:.0} MiB / {:.0} MiB ({:.2}×) |",
+            mib(c.logical),
+            mib(c.stored),
+            c.logical as f64 / c.stored.max(1) as f64
+        );
+    }
+    let _ = writeln!(o);
+}
+
+/// Target rows of section 7.
+fn repository_targets(o: &mut String, r: &RepoResults) {
+    let line = |o: &mut String, t: &str, m: String, ok: Option<bool>| {
+        let _ = writeln!(o, "| {t} | {m} | {} |", verdict(ok));
+    };
+    let speed = |cairn: &Samples, peer: &Samples| ratio(peer, cairn);
+    let s = speed(&r.full_dir, &r.full_nbdcopy);
+    line(
+        o,
+        "repository full (directory) ≥ 0.8× `nbdcopy`'s speed",
+        format!("{}×", f(s, 1.0, 2)),
+        s.map(|v| v >= 0.8),
+    );
+    let m = r.inc_dir.median();
+    line(
+        o,
+        "repository incremental 1 % ≤ 1.5 s (library, directory)",
+        format!("{} s", f(m, 1.0, 2)),
+        m.map(|v| v <= 1.5),
+    );
+    let pairs: Vec<(u64, u64)> = r
+        .inc_bytes_read
+        .iter()
+        .copied()
+        .zip(r.dirty_chunk_bytes.iter().copied())
+        .collect();
+    let over = pairs
+        .iter()
+        .map(|(read, due)| read.saturating_sub(*due))
+        .max();
+    line(
+        o,
+        "incremental reads ≤ dirty bytes rounded up to chunks (every run)",
+        format!(
+            "{} MiB over, at most",
+            f(over.map(|b| b as f64), 1.0 / (1u64 << 20) as f64, 1)
+        ),
+        over.map(|b| b == 0),
+    );
+    let s = speed(&r.restore_dir, &r.restore_convert);
+    line(
+        o,
+        "repository restore to raw ≥ 0.8× `qemu-img convert` qcow2 → raw",
+        format!("{}×", f(s, 1.0, 2)),
+        s.map(|v| v >= 0.8),
+    );
+    let s = speed(&r.inc_dir, &r.restic_inc);
+    line(
+        o,
+        "repository incremental 1 % ≥ 5× faster than restic",
+        format!("{}×", f(s, 1.0, 2)),
+        s.map(|v| v >= 5.0),
+    );
+    let s = speed(&r.full_dir, &r.restic_full);
+    line(
+        o,
+        "repository full not slower than restic",
+        format!("{}×", f(s, 1.0, 2)),
+        s.map(|v| v >= 1.0),
+    );
+    let share = r
+        .clone
+        .map(|c| c.added as f64 * 100.0 / c.size.max(1) as f64);
+    line(
+        o,
+        "a clone of the same base adds < 5 % of its size",
+        format!("{} %", f(share, 1.0, 3)),
+        share.map(|v| v < 5.0),
+    );
+    let per = samples(&r.inc_stored_s3)
+        .median()
+        .map(|m| m / r.dirty_bytes.max(1) as f64);
+    line(
+        o,
+        "stored bytes per dirty byte ≤ 8 (1 % of 64 KiB writes, S3)",
+        f(per, 1.0, 2),
+        per.map(|v| v <= 8.0),
+    );
+    let (n, b) = r
+        .inc_objects_s3
+        .iter()
+        .fold((0u64, 0u64), |(n, b), (x, y)| (n + x, b + y));
+    let avg = (n > 0).then(|| b as f64 / n as f64);
+    line(
+        o,
+        "S3 objects written by the incremental average ≥ 4 MiB",
+        format!("{} MiB", f(avg, 1.0 / (1u64 << 20) as f64, 2)),
+        avg.map(|v| v >= (4u64 << 20) as f64),
+    );
 }
 
 fn chrono_now() -> String {
