@@ -128,7 +128,8 @@ async fn runs(cfg: &Config, base: &Path, work: &Path, r: &mut InstantResults) ->
         let shutdown = CancellationToken::new();
         let t = Instant::now();
         let reader = DiskReader::open(&repo, &snapshot, DISK, 256).await?;
-        let server = Server::new().with_export(DISK, "bench", Arc::new(SnapshotSource::new(reader)));
+        let server =
+            Server::new().with_export(DISK, "bench", Arc::new(SnapshotSource::new(reader)));
         let serving = {
             let (server, socket, token) = (server.clone(), socket.clone(), shutdown.clone());
             tokio::spawn(async move { server.serve_unix_path(&socket, token).await })
@@ -148,7 +149,8 @@ async fn runs(cfg: &Config, base: &Path, work: &Path, r: &mut InstantResults) ->
         serving.await??;
         let shutdown = CancellationToken::new();
         let reader = DiskReader::open(&repo, &snapshot, DISK, 256).await?;
-        let server = Server::new().with_export(DISK, "bench", Arc::new(SnapshotSource::new(reader)));
+        let server =
+            Server::new().with_export(DISK, "bench", Arc::new(SnapshotSource::new(reader)));
         let serving = {
             let (server, socket, token) = (server.clone(), socket.clone(), shutdown.clone());
             tokio::spawn(async move { server.serve_unix_path(&socket, token).await })
@@ -217,11 +219,12 @@ pub fn render(r: &InstantResults) -> String {
     }
     let f = |v: Option<f64>| v.map_or("–".into(), |v| format!("{v:.2}"));
     let mibs = |s: &Samples| {
-        s.median()
-            .map_or("–".into(), |m| format!("{:.0}", r.size as f64 / m / (1 << 20) as f64))
+        s.median().map_or("–".into(), |m| {
+            format!("{:.0}", r.size as f64 / m / (1 << 20) as f64)
+        })
     };
     out.push_str(&format!(
-        "\n## Instant recovery from a repository snapshot ({} GiB of random data, encrypted directory repository)\n\n",
+        "\n## 8. Instant recovery from a repository snapshot ({} GiB of random data, encrypted directory repository)\n\n",
         r.size >> 30
     ));
     out.push_str("`mode: Instant` serves the snapshot with the agent's `SnapshotSource` (chunks fetched on demand, verified, 256-chunk cache) through Cairn's NBD server; `mode: Copy` runs `restore_disk`. Library path, no control plane.\n\n");
@@ -235,10 +238,30 @@ pub fn render(r: &InstantResults) -> String {
             if rate { mibs(s) } else { "–".into() }
         ));
     };
-    row(&mut out, "snapshot opened → export answers its first read", &r.ready, false);
-    row(&mut out, "first 64 MiB read through the export (`qemu-io`)", &r.first_64, false);
-    row(&mut out, "VM `block-stream` of the whole disk into its overlay", &r.stream, true);
-    row(&mut out, "copy restore of the same snapshot to raw (`mode: Copy`)", &r.copy, true);
+    row(
+        &mut out,
+        "snapshot opened → export answers its first read",
+        &r.ready,
+        false,
+    );
+    row(
+        &mut out,
+        "first 64 MiB read through the export (`qemu-io`)",
+        &r.first_64,
+        false,
+    );
+    row(
+        &mut out,
+        "VM `block-stream` of the whole disk into its overlay",
+        &r.stream,
+        true,
+    );
+    row(
+        &mut out,
+        "copy restore of the same snapshot to raw (`mode: Copy`)",
+        &r.copy,
+        true,
+    );
     if let (Some(s), Some(c)) = (r.stream.median(), r.copy.median()) {
         out.push_str(&format!(
             "\nStream ÷ copy (time): {:.2}×. Target: export readable ≤ 2 s after apply — measured {} s here without the control plane (apply → Ready of a checkpoint is in section 5).\n",

@@ -10,6 +10,7 @@
 
 mod control;
 mod data;
+mod instant;
 mod machine;
 mod peer;
 mod qemu;
@@ -146,8 +147,10 @@ pub fn run(quick: bool) -> Result<()> {
     // target/bench/<section>-only.md, leaving BENCHMARKS.md alone
     // (`CAIRN_BENCH_CONTROL_ONLY=1` is the older spelling of `control`).
     let only = match std::env::var("CAIRN_BENCH_ONLY") {
-        Ok(s) if ["data", "peer", "control", "repository"].contains(&s.as_str()) => Some(s),
-        Ok(s) => bail!("CAIRN_BENCH_ONLY={s}: expected data, peer, control or repository"),
+        Ok(s) if ["data", "peer", "control", "repository", "instant"].contains(&s.as_str()) => {
+            Some(s)
+        }
+        Ok(s) => bail!("CAIRN_BENCH_ONLY={s}: expected data, peer, control, repository or instant"),
         Err(_) => std::env::var_os("CAIRN_BENCH_CONTROL_ONLY").map(|_| "control".to_string()),
     };
     let section = |name: &str| only.as_deref().is_none_or(|o| o == name);
@@ -190,6 +193,12 @@ pub fn run(quick: bool) -> Result<()> {
         {
             eprintln!("bench: repository part failed: {e:#}");
             results.errors.push(format!("repository: {e:#}"));
+        }
+        if section("instant")
+            && let Err(e) = instant::run_all(&cfg, &base, &mut results.instant).await
+        {
+            eprintln!("bench: instant recovery failed: {e:#}");
+            results.errors.push(format!("instant recovery: {e:#}"));
         }
         anyhow::Ok(())
     })?;

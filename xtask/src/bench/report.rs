@@ -20,6 +20,8 @@ pub struct Results {
     pub control: ControlResults,
     /// BackupRepository and restic.
     pub repository: RepoResults,
+    /// Instant recovery.
+    pub instant: super::instant::InstantResults,
     /// Sections that failed, with why.
     pub errors: Vec<String>,
     /// Wall time of the bench.
@@ -389,6 +391,9 @@ pub fn render(cfg: &Config, r: &Results) -> String {
 
     // 7.
     repository_section(&mut o, cfg, &r.repository);
+
+    // 8.
+    o.push_str(&super::instant::render(&r.instant));
 
     // Targets.
     let _ = writeln!(
