@@ -6,7 +6,7 @@ use std::path::Path;
 fn checked_in_crds_match_the_types() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests");
     let crds = cairn_api::crds();
-    assert_eq!(crds.len(), 4);
+    assert_eq!(crds.len(), 5);
     for crd in crds {
         let path = dir.join(cairn_api::crd_file_name(&crd));
         let on_disk = std::fs::read_to_string(&path).unwrap_or_else(|e| {

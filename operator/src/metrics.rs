@@ -24,6 +24,15 @@ pub struct ControllerLabel {
     pub controller: &'static str,
 }
 
+/// Label set naming a backup schedule.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScheduleLabel {
+    /// Namespace of the schedule.
+    pub namespace: String,
+    /// Name of the schedule.
+    pub schedule: String,
+}
+
 /// The operator's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -33,6 +42,8 @@ pub struct Metrics {
     pub reconcile_errors: Family<ControllerLabel, Counter>,
     /// 1 while this replica holds the leader lease.
     pub leader: Gauge,
+    /// Scheduled time (unix seconds) of the newest successful run, per schedule.
+    pub schedule_last_success: Family<ScheduleLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -41,6 +52,7 @@ impl Default for Metrics {
         let reconciles = Family::<ControllerLabel, Counter>::default();
         let reconcile_errors = Family::<ControllerLabel, Counter>::default();
         let leader = Gauge::default();
+        let schedule_last_success = Family::<ScheduleLabel, Gauge>::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -52,11 +64,17 @@ impl Default for Metrics {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        registry.register(
+            "schedule_last_success_timestamp_seconds",
+            "Scheduled time (unix seconds) of the newest successful run of a VirtualMachineBackupSchedule",
+            schedule_last_success.clone(),
+        );
         Self {
             registry,
             reconciles,
             reconcile_errors,
             leader,
+            schedule_last_success,
         }
     }
 }
@@ -74,6 +92,24 @@ impl Metrics {
         self.reconcile_errors
             .get_or_create(&ControllerLabel { controller })
             .inc();
+    }
+
+    /// Records the newest successful run of a schedule (unix seconds).
+    pub fn schedule_succeeded(&self, namespace: &str, schedule: &str, unix_seconds: i64) {
+        self.schedule_last_success
+            .get_or_create(&ScheduleLabel {
+                namespace: namespace.into(),
+                schedule: schedule.into(),
+            })
+            .set(unix_seconds);
+    }
+
+    /// Drops the series of a deleted schedule.
+    pub fn forget_schedule(&self, namespace: &str, schedule: &str) {
+        self.schedule_last_success.remove(&ScheduleLabel {
+            namespace: namespace.into(),
+            schedule: schedule.into(),
+        });
     }
 
     /// The OpenMetrics text exposition.
