@@ -816,8 +816,21 @@ async fn write_status(
     if *old == status {
         return Ok(());
     }
+    // Only the operator writes a schedule's status: no resourceVersion
+    // precondition (a spec edit in between must not fail the write).
     let api = ctx.api::<VirtualMachineBackupSchedule>(namespace);
-    routing::apply_status(&api, name, None, &status).await?;
+    let body = serde_json::json!({
+        "apiVersion": VirtualMachineBackupSchedule::api_version(&()),
+        "kind": VirtualMachineBackupSchedule::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &kube::api::PatchParams::apply(cairn_api::OPERATOR_MANAGER).force(),
+        &kube::api::Patch::Apply(&body),
+    )
+    .await
+    .map_err(Error::kube(format!("writing the status of {name}")))?;
     Ok(())
 }
 

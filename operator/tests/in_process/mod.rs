@@ -44,6 +44,14 @@ pub fn settings(env: &TestEnv, identity: &str) -> Settings {
 
 /// Starts a replica with `settings`.
 pub fn start_with(env: &TestEnv, settings: Settings) -> Running {
+    // The operator's warnings (failed reconciles) in the test output.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,kube=error".into()),
+        )
+        .with_test_writer()
+        .try_init();
     let operator = Operator::new(env.client.clone(), settings);
     let status = operator.status();
     let (tx, rx) = oneshot::channel::<()>();
