@@ -385,6 +385,69 @@ fn condition(
     }
 }
 
+/// Step 1: what the schedule acts on, from the caches.
+pub struct Resolved {
+    /// The VMs to back up now (empty: none found).
+    pub vms: Vec<String>,
+    /// Every VM with runs or checkpoints of the schedule (also one that left the selector).
+    pub all_vms: Vec<String>,
+    /// The schedule's runs that are not being deleted.
+    pub runs: Vec<Run>,
+    /// The schedule's checkpoints.
+    pub checkpoints: Vec<Arc<VirtualMachineCheckpoint>>,
+}
+
+impl Resolved {
+    fn new(ctx: &Context, schedule: &VirtualMachineBackupSchedule, namespace: &str) -> Self {
+        let uid = schedule.uid().unwrap_or_default();
+        let name = schedule.name_any();
+        let runs: Vec<Run> = ctx
+            .backups
+            .state()
+            .into_iter()
+            .filter(|b| b.namespace().as_deref() == Some(namespace))
+            .filter(|b| b.owner_references().iter().any(|o| o.uid == uid))
+            .filter(|b| !routing::deleting(b.as_ref()))
+            .filter_map(Run::of)
+            .collect();
+        let checkpoints: Vec<Arc<VirtualMachineCheckpoint>> = ctx
+            .checkpoints
+            .state()
+            .into_iter()
+            .filter(|c| c.namespace().as_deref() == Some(namespace))
+            .filter(|c| c.labels().get(SCHEDULE_LABEL) == Some(&name))
+            .collect();
+        let vms = schedule_vms(ctx, schedule, namespace);
+        let mut all_vms = vms.clone();
+        for vm in runs
+            .iter()
+            .map(|r| r.backup.spec.virtual_machine.clone())
+            .chain(checkpoints.iter().map(|c| c.spec.virtual_machine.clone()))
+        {
+            if !all_vms.contains(&vm) {
+                all_vms.push(vm);
+            }
+        }
+        Self {
+            vms,
+            all_vms,
+            runs,
+            checkpoints,
+        }
+    }
+
+    /// The runs of `vm`, newest first.
+    pub fn runs_of(&self, vm: &str) -> Vec<Run> {
+        sorted(
+            self.runs
+                .iter()
+                .filter(|r| r.backup.spec.virtual_machine == vm)
+                .cloned()
+                .collect(),
+        )
+    }
+}
+
 /// The reconcile: runs the steps above.
 pub async fn reconcile(
     schedule: Arc<VirtualMachineBackupSchedule>,
@@ -401,153 +464,136 @@ pub async fn reconcile(
         return Ok(Action::await_change());
     }
     let now = Utc::now();
-    let generation = schedule.meta().generation;
     let old = schedule.status.clone().unwrap_or_default();
-    let mut status = VirtualMachineBackupScheduleStatus {
-        conditions: old.conditions.clone(),
-        last_schedule_time: old.last_schedule_time.clone(),
-        observed_generation: generation,
-        ..Default::default()
-    };
-    let ts = Timestamp::now();
 
     // 1. resolve
-    let cron =
-        match CronSchedule::parse(&schedule.spec.schedule, schedule.spec.time_zone.as_deref()) {
-            Ok(c) => c,
-            Err(e) => {
-                let changed = set_condition(
-                    &mut status.conditions,
-                    condition(
-                        condition_types::READY,
-                        false,
-                        REASON_INVALID_SCHEDULE,
-                        e.to_string(),
-                    ),
-                    generation,
-                    ts,
-                );
-                if changed {
-                    routing::publish(
-                        &ctx,
-                        schedule.as_ref(),
-                        EventType::Warning,
-                        REASON_INVALID_SCHEDULE,
-                        e.to_string(),
-                    )
-                    .await;
-                }
-                write_status(&ctx, &namespace, &name, &old, status).await?;
-                return Ok(Action::await_change());
+    let spec = &schedule.spec;
+    let cron = match CronSchedule::parse(&spec.schedule, spec.time_zone.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            let mut status = old.clone();
+            let ready = condition(
+                condition_types::READY,
+                false,
+                REASON_INVALID_SCHEDULE,
+                e.to_string(),
+            );
+            let g = schedule.meta().generation;
+            status.observed_generation = g;
+            if set_condition(&mut status.conditions, ready, g, Timestamp::now()) {
+                let (t, r) = (EventType::Warning, REASON_INVALID_SCHEDULE);
+                routing::publish(&ctx, schedule.as_ref(), t, r, e.to_string()).await;
             }
-        };
-    let uid = schedule.uid().unwrap_or_default();
-    let vms = schedule_vms(&ctx, &schedule, &namespace);
-    let owned: Vec<Run> = ctx
-        .backups
-        .state()
-        .into_iter()
-        .filter(|b| b.namespace().as_deref() == Some(namespace.as_str()))
-        .filter(|b| b.owner_references().iter().any(|o| o.uid == uid))
-        .filter(|b| !routing::deleting(b.as_ref()))
-        .filter_map(Run::of)
-        .collect();
-    let checkpoints: Vec<Arc<VirtualMachineCheckpoint>> = ctx
-        .checkpoints
-        .state()
-        .into_iter()
-        .filter(|c| c.namespace().as_deref() == Some(namespace.as_str()))
-        .filter(|c| c.labels().get(SCHEDULE_LABEL) == Some(&name))
-        .collect();
-    // Every VM with runs or checkpoints is pruned, also one that left the selector.
-    let mut all_vms: Vec<String> = vms.clone();
-    for vm in owned
-        .iter()
-        .map(|r| r.backup.spec.virtual_machine.clone())
-        .chain(checkpoints.iter().map(|c| c.spec.virtual_machine.clone()))
-    {
-        if !all_vms.contains(&vm) {
-            all_vms.push(vm);
+            write_status(&ctx, &namespace, &name, &old, status).await?;
+            return Ok(Action::await_change());
         }
-    }
-    let runs_of = |vm: &str| {
-        sorted(
-            owned
-                .iter()
-                .filter(|r| r.backup.spec.virtual_machine == vm)
-                .cloned()
-                .collect(),
-        )
     };
+    let state = Resolved::new(&ctx, &schedule, &namespace);
 
     // 2. due
     let since = old
         .last_schedule_time
         .as_ref()
+        .or(schedule.meta().creation_timestamp.as_ref())
         .and_then(from_time)
-        .or_else(|| {
-            schedule
-                .meta()
-                .creation_timestamp
-                .as_ref()
-                .and_then(from_time)
-        })
         .unwrap_or(now);
-    let due = if schedule.spec.suspend || vms.is_empty() {
+    let due = if spec.suspend || state.vms.is_empty() {
         Due::No
     } else {
-        timing::due(&cron, since, now, schedule.spec.starting_deadline_seconds)
+        timing::due(&cron, since, now, spec.starting_deadline_seconds)
     };
 
-    // 3.+4. plan and apply, VM by VM
-    let api = ctx.api::<VirtualMachineBackup>(&namespace);
-    let mut all_started = true;
-    match due {
-        Due::No => {}
+    // 3.+4. plan and apply
+    let handled = start_due_runs(&ctx, &schedule, due, &state).await?;
+    let kept = prune_and_clean(&ctx, &schedule, &state, cron.zone()).await?;
+
+    // 5. report
+    let next = (!spec.suspend).then(|| cron.next(now)).flatten();
+    let (status, event) = report(&schedule, &state, &old, handled, kept, next);
+    if let Some(t) = status.last_successful_time.as_ref().and_then(from_time) {
+        ctx.health
+            .metrics
+            .schedule_succeeded(&namespace, &name, t.timestamp());
+    }
+    if let Some((type_, reason, note)) = event {
+        routing::publish(&ctx, schedule.as_ref(), type_, reason, note).await;
+    }
+    write_status(&ctx, &namespace, &name, &old, status).await?;
+    ctx.succeeded(&format!("{CONTROLLER}/{namespace}/{name}"));
+    let wait = next
+        .map(|n| (n - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(100))
+        .unwrap_or(RECHECK)
+        .min(RECHECK);
+    Ok(Action::requeue(wait))
+}
+
+/// Steps 3+4 for the due time: start (or hold back, or replace) each VM's
+/// run. Returns the newest scheduled time now handled, when it moves on.
+async fn start_due_runs(
+    ctx: &Context,
+    schedule: &VirtualMachineBackupSchedule,
+    due: Due,
+    state: &Resolved,
+) -> Result<Option<DateTime<Utc>>> {
+    let t = match due {
+        Due::No => return Ok(None),
         Due::Missed(t) => {
-            status.last_schedule_time = Some(to_time(t));
-            routing::publish(&ctx, schedule.as_ref(), EventType::Warning, "Missed", format!(
+            let note = format!(
                 "the run scheduled for {t} was not started within startingDeadlineSeconds={}; waiting for the next one",
                 schedule.spec.starting_deadline_seconds.unwrap_or_default()
-            )).await;
+            );
+            routing::publish(ctx, schedule, EventType::Warning, "Missed", note).await;
+            return Ok(Some(t));
         }
-        Due::Run(t) => {
-            for vm in &vms {
-                let runs = runs_of(vm);
-                match decide_run(&schedule, &runs, t) {
-                    RunDecision::Done => {}
-                    RunDecision::Skip(active) => {
-                        all_started = false;
-                        tracing::info!(%vm, %active, "run skipped: the previous one still runs (Forbid)");
-                    }
-                    RunDecision::Replace(active) => {
-                        for b in &active {
-                            delete_backup(&api, b, None).await?;
-                        }
-                        routing::publish(&ctx, schedule.as_ref(), EventType::Normal, "Replaced", format!(
-                            "cancelled {} of VM {vm} to start the run scheduled for {t} (concurrencyPolicy Replace)", active.join(", ")
-                        )).await;
-                        start_run(&ctx, &schedule, vm, t, &runs, &checkpoints).await?;
-                    }
-                    RunDecision::Start => {
-                        start_run(&ctx, &schedule, vm, t, &runs, &checkpoints).await?
-                    }
-                }
+        Due::Run(t) => t,
+    };
+    let api = ctx.api::<VirtualMachineBackup>(&schedule.namespace().unwrap_or_default());
+    let mut all_started = true;
+    for vm in &state.vms {
+        let runs = state.runs_of(vm);
+        match decide_run(schedule, &runs, t) {
+            RunDecision::Done => {}
+            RunDecision::Skip(active) => {
+                all_started = false;
+                tracing::info!(%vm, %active, "run held back: the previous one still runs (Forbid)");
             }
-            if all_started {
-                status.last_schedule_time = Some(to_time(t));
+            RunDecision::Replace(active) => {
+                for b in &active {
+                    delete_backup(&api, b, None).await?;
+                }
+                let note = format!(
+                    "cancelled {} of VM {vm} to start the run scheduled for {t} (concurrencyPolicy Replace)",
+                    active.join(", ")
+                );
+                routing::publish(ctx, schedule, EventType::Normal, "Replaced", note).await;
+                start_run(ctx, schedule, vm, t, &runs, &state.checkpoints).await?;
+            }
+            RunDecision::Start => {
+                start_run(ctx, schedule, vm, t, &runs, &state.checkpoints).await?;
             }
         }
     }
+    Ok(all_started.then_some(t))
+}
 
-    // Retention and checkpoint hygiene (on the cache as it was; deletions of
-    // just-created runs never happen: they are unfinished).
+/// Steps 3+4 for retention: deletes the backups [`prune`] drops and the
+/// checkpoints [`unneeded_checkpoints`] finds, VM by VM (on the cache as it
+/// was: a run just created is unfinished, so never pruned). Returns the kept
+/// backups.
+async fn prune_and_clean(
+    ctx: &Context,
+    schedule: &VirtualMachineBackupSchedule,
+    state: &Resolved,
+    zone: chrono_tz::Tz,
+) -> Result<Vec<String>> {
+    let namespace = schedule.namespace().unwrap_or_default();
+    let api = ctx.api::<VirtualMachineBackup>(&namespace);
+    let cp_api = ctx.api::<VirtualMachineCheckpoint>(&namespace);
     let mut kept = Vec::new();
     let mut pruned = Vec::new();
-    let cp_api = ctx.api::<VirtualMachineCheckpoint>(&namespace);
-    for vm in &all_vms {
-        let runs = runs_of(vm);
-        let p = prune(&schedule, &runs, cron.zone());
+    for vm in &state.all_vms {
+        let runs = state.runs_of(vm);
+        let p = prune(schedule, &runs, zone);
         for b in &p.delete {
             let uid = runs
                 .iter()
@@ -557,7 +603,8 @@ pub async fn reconcile(
             pruned.push(b.clone());
         }
         kept.extend(p.kept);
-        let mine: Vec<Arc<VirtualMachineCheckpoint>> = checkpoints
+        let mine: Vec<Arc<VirtualMachineCheckpoint>> = state
+            .checkpoints
             .iter()
             .filter(|c| &c.spec.virtual_machine == vm)
             .cloned()
@@ -572,84 +619,56 @@ pub async fn reconcile(
         }
     }
     if !pruned.is_empty() {
-        routing::publish(
-            &ctx,
-            schedule.as_ref(),
-            EventType::Normal,
-            "Pruned",
-            format!("retention deleted {} with their data", pruned.join(", ")),
-        )
-        .await;
+        let note = format!("retention deleted {} with their data", pruned.join(", "));
+        routing::publish(ctx, schedule, EventType::Normal, "Pruned", note).await;
     }
+    Ok(kept)
+}
 
-    // 5. report
-    let all_runs = sorted(owned.clone());
-    status.active = all_runs
-        .iter()
-        .filter(|r| !r.finished())
-        .map(Run::name)
-        .collect();
-    status.kept_backups = kept;
-    let last_success = all_runs.iter().find(|r| r.succeeded());
-    status.last_successful_time = last_success
-        .map(|r| to_time(r.time))
-        .or(old.last_successful_time.clone());
-    if let Some(t) = status.last_successful_time.as_ref().and_then(from_time) {
-        ctx.health
-            .metrics
-            .schedule_succeeded(&namespace, &name, t.timestamp());
-    }
-    let next = (!schedule.spec.suspend).then(|| cron.next(now)).flatten();
-    status.next_schedule_time = next.map(to_time);
-    let ready = if vms.is_empty() {
-        match &schedule.spec.virtual_machine {
-            Some(vm) => condition(
-                condition_types::READY,
-                false,
-                routing::REASON_VM_NOT_FOUND,
-                format!(
-                    "VM (QemuInstance) {vm:?} does not exist in namespace {namespace:?}: no runs start until it does"
-                ),
-            ),
-            None => condition(
-                condition_types::READY,
-                false,
-                REASON_NO_VMS,
-                format!(
-                    "the selector matches no VM (QemuInstance) in namespace {namespace:?}: no runs start until one matches"
-                ),
-            ),
-        }
-    } else {
-        condition(
-            condition_types::READY,
-            true,
-            "Scheduled",
-            format!(
-                "backing up {} on {:?}",
-                vms.join(", "),
-                schedule.spec.schedule
-            ),
-        )
+/// An event to publish: type, reason, note.
+pub type Note = (EventType, &'static str, String);
+
+/// Step 5 (pure): the status, and the event of the newest finished run when
+/// it is news (`RunSucceeded` / `RunFailed`).
+pub fn report(
+    schedule: &VirtualMachineBackupSchedule,
+    state: &Resolved,
+    old: &VirtualMachineBackupScheduleStatus,
+    handled: Option<DateTime<Utc>>,
+    kept: Vec<String>,
+    next: Option<DateTime<Utc>>,
+) -> (VirtualMachineBackupScheduleStatus, Option<Note>) {
+    let g = schedule.meta().generation;
+    let ts = Timestamp::now();
+    let all = sorted(state.runs.clone());
+    let mut status = VirtualMachineBackupScheduleStatus {
+        conditions: old.conditions.clone(),
+        last_schedule_time: handled.map(to_time).or(old.last_schedule_time.clone()),
+        last_successful_time: all
+            .iter()
+            .find(|r| r.succeeded())
+            .map(|r| to_time(r.time))
+            .or(old.last_successful_time.clone()),
+        next_schedule_time: next.map(to_time),
+        active: all
+            .iter()
+            .filter(|r| !r.finished())
+            .map(Run::name)
+            .collect(),
+        kept_backups: kept,
+        observed_generation: g,
     };
-    set_condition(&mut status.conditions, ready, generation, ts);
-    set_condition(
-        &mut status.conditions,
-        if schedule.spec.suspend {
-            condition(
-                SUSPENDED,
-                true,
-                "Suspended",
-                "spec.suspend is set: no runs start; retention still applies".into(),
-            )
-        } else {
-            condition(SUSPENDED, false, "Active", "runs start on schedule".into())
-        },
-        generation,
-        ts,
-    );
-    let newest_finished = all_runs.iter().find(|r| r.finished());
-    let failed = match newest_finished {
+    let conds = &mut status.conditions;
+    set_condition(conds, ready_condition(schedule, &state.vms), g, ts);
+    let suspended = if schedule.spec.suspend {
+        let msg = "spec.suspend is set: no runs start; retention still applies";
+        condition(SUSPENDED, true, "Suspended", msg.into())
+    } else {
+        condition(SUSPENDED, false, "Active", "runs start on schedule".into())
+    };
+    set_condition(conds, suspended, g, ts);
+    let newest = all.iter().find(|r| r.finished());
+    let event = match newest {
         Some(r) if !r.succeeded() => {
             let st = r.backup.status.as_ref();
             let reason = st
@@ -659,63 +678,73 @@ pub async fn reconcile(
             let why = st
                 .and_then(|s| s.failure_reason.clone())
                 .unwrap_or_else(|| format!("phase {:?}", r.phase()));
-            Some((r.name(), reason, why))
-        }
-        _ => None,
-    };
-    let reason_store;
-    let lrf = match &failed {
-        Some((b, reason, why)) => {
-            reason_store = reason.clone();
-            NewCondition {
+            let c = NewCondition {
                 type_: LAST_RUN_FAILED,
                 status: true,
-                reason: &reason_store,
-                message: format!("backup {b} failed: {why}"),
-            }
+                reason: &reason,
+                message: format!("backup {} failed: {why}", r.name()),
+            };
+            set_condition(conds, c, g, ts).then(|| {
+                let note = format!(
+                    "backup {} failed ({reason}): {why}; the next run starts on schedule",
+                    r.name()
+                );
+                (EventType::Warning, "RunFailed", note)
+            })
         }
-        None => condition(
-            LAST_RUN_FAILED,
-            false,
-            if newest_finished.is_some() {
-                "Succeeded"
-            } else {
-                "NoRunYet"
-            },
-            match newest_finished {
-                Some(r) => format!("backup {} succeeded", r.name()),
-                None => "no run finished yet".into(),
-            },
-        ),
+        Some(r) => {
+            let msg = format!("backup {} succeeded", r.name());
+            let c = condition(LAST_RUN_FAILED, false, "Succeeded", msg.clone());
+            set_condition(conds, c, g, ts).then_some((EventType::Normal, "RunSucceeded", msg))
+        }
+        None => {
+            let c = condition(
+                LAST_RUN_FAILED,
+                false,
+                "NoRunYet",
+                "no run finished yet".into(),
+            );
+            set_condition(conds, c, g, ts);
+            None
+        }
     };
-    let flipped = set_condition(&mut status.conditions, lrf, generation, ts);
-    if flipped && let Some((b, reason, why)) = &failed {
-        routing::publish(
-            &ctx,
-            schedule.as_ref(),
-            EventType::Warning,
-            "RunFailed",
-            format!("backup {b} failed ({reason}): {why}; the next run starts on schedule"),
-        )
-        .await;
-    } else if flipped && let Some(r) = newest_finished.filter(|r| r.succeeded()) {
-        routing::publish(
-            &ctx,
-            schedule.as_ref(),
-            EventType::Normal,
-            "RunSucceeded",
-            format!("backup {} succeeded", r.name()),
-        )
-        .await;
-    }
-    write_status(&ctx, &namespace, &name, &old, status).await?;
-    ctx.succeeded(&format!("{CONTROLLER}/{namespace}/{name}"));
+    (status, event)
+}
 
-    let wait = next
-        .map(|n| (n - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(100))
-        .unwrap_or(RECHECK)
-        .min(RECHECK);
-    Ok(Action::requeue(wait))
+/// `Ready`: the schedule parses (checked before) and finds its VMs.
+fn ready_condition(
+    schedule: &VirtualMachineBackupSchedule,
+    vms: &[String],
+) -> NewCondition<'static> {
+    let namespace = schedule.namespace().unwrap_or_default();
+    match (&schedule.spec.virtual_machine, vms.is_empty()) {
+        (_, false) => condition(
+            condition_types::READY,
+            true,
+            "Scheduled",
+            format!(
+                "backing up {} on {:?}",
+                vms.join(", "),
+                schedule.spec.schedule
+            ),
+        ),
+        (Some(vm), true) => condition(
+            condition_types::READY,
+            false,
+            routing::REASON_VM_NOT_FOUND,
+            format!(
+                "VM (QemuInstance) {vm:?} does not exist in namespace {namespace:?}: no runs start until it does"
+            ),
+        ),
+        (None, true) => condition(
+            condition_types::READY,
+            false,
+            REASON_NO_VMS,
+            format!(
+                "the selector matches no VM (QemuInstance) in namespace {namespace:?}: no runs start until one matches"
+            ),
+        ),
+    }
 }
 
 /// The VMs a schedule backs up: its `virtualMachine`, or the QemuInstances of
