@@ -19,6 +19,7 @@ use cairn_api::{
     VirtualMachineBackup, VirtualMachineBackupSchedule, VirtualMachineCheckpoint,
 };
 use cairn_e2e::harness::TestEnv;
+use cairn_e2e::local_cluster::LocalCluster;
 use cairn_e2e::scenario::*;
 use cairn_e2e::wait;
 use kube::api::{ListParams, Patch, PatchParams};
@@ -27,11 +28,29 @@ use serde_json::json;
 
 const SIZE: u64 = 16 * MIB;
 
+/// Tests share the cluster; the one that kills the operator runs alone.
+static CLUSTER_USE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 fn schedule_yaml(name: &str, who: &str, dir: &Path, extra: &str) -> String {
     format!(
         "apiVersion: cairn.dev/v1alpha1\nkind: VirtualMachineBackupSchedule\nmetadata:\n  name: {name}\nspec:\n  {who}\n  schedule: \"* * * * * *\"\n  suspend: true\n  template:\n    target:\n      directory:\n        path: {}\n{extra}",
         dir.display()
     )
+}
+
+/// Schedule `s` of `vm1` into `<node-1 root>/<namespace>/sched`, suspended,
+/// with more spec lines `extra`.
+fn schedule_vm1<'a>(
+    env: &'a TestEnv,
+    cluster: &LocalCluster,
+    extra: &str,
+) -> Result<(PathBuf, Sched<'a>)> {
+    let dir = cluster
+        .backup_dir("node-1")
+        .join(&env.namespace)
+        .join("sched");
+    apply(env, &schedule_yaml("s", "virtualMachine: vm1", &dir, extra))?;
+    Ok((dir, Sched::new(env, "s")))
 }
 
 struct Sched<'a> {
@@ -187,22 +206,14 @@ fn files_of(dir: &Path, name: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn scheduled_chains_are_pruned_with_their_files_and_kept_backups_restore() -> Result<()> {
+    let _use = CLUSTER_USE.read().await;
     let (env, cluster) = TestEnv::with_cluster("sched-chain").await?;
     let vm = start_vm1(cluster, &env, SIZE).await?;
-    let dir: PathBuf = cluster
-        .backup_dir("node-1")
-        .join(&env.namespace)
-        .join("sched");
-    apply(
+    let (dir, s) = schedule_vm1(
         &env,
-        &schedule_yaml(
-            "s",
-            "virtualMachine: vm1",
-            &dir,
-            "  fullEvery: 3\n  retention:\n    keepLast: 2\n",
-        ),
+        cluster,
+        "  fullEvery: 3\n  retention:\n    keepLast: 2\n",
     )?;
-    let s = Sched::new(&env, "s");
 
     // Six windows; what the disk held in each.
     let mut model = DiskModel::new(SIZE);
@@ -306,17 +317,10 @@ async fn scheduled_chains_are_pruned_with_their_files_and_kept_backups_restore()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_of_a_stopped_vm_is_reported_and_the_next_recovers() -> Result<()> {
+    let _use = CLUSTER_USE.read().await;
     let (env, cluster) = TestEnv::with_cluster("sched-fail").await?;
     let mut vm = start_vm1(cluster, &env, SIZE).await?;
-    let dir: PathBuf = cluster
-        .backup_dir("node-1")
-        .join(&env.namespace)
-        .join("sched");
-    apply(
-        &env,
-        &schedule_yaml("s", "virtualMachine: vm1", &dir, "  fullEvery: 5\n"),
-    )?;
-    let s = Sched::new(&env, "s");
+    let (dir, s) = schedule_vm1(&env, cluster, "  fullEvery: 5\n")?;
     let mut model = DiskModel::new(SIZE);
     model.write(&vm, "disk0", 0x31, 0, MIB)?;
     let first = s.window().await?;
@@ -386,6 +390,7 @@ async fn a_run_of_a_stopped_vm_is_reported_and_the_next_recovers() -> Result<()>
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tenant_schedule_reaches_nothing_outside_its_namespace() -> Result<()> {
+    let _use = CLUSTER_USE.read().await;
     let (tenant, cluster) = TestEnv::with_cluster("sched-tenant").await?;
     let (victim, _) = TestEnv::with_cluster("sched-victim").await?;
     let _mine = start_vm(
@@ -491,5 +496,169 @@ async fn a_tenant_schedule_reaches_nothing_outside_its_namespace() -> Result<()>
     let _ = tenant
         .kubectl(&["delete", "vmbsched", "all", "byname"])
         .output();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forbid_holds_the_next_run_while_a_slow_one_runs() -> Result<()> {
+    let _use = CLUSTER_USE.read().await;
+    let (env, cluster) = TestEnv::with_cluster("sched-forbid").await?;
+    let size = 128 * MIB;
+    let vm = start_vm1(cluster, &env, size).await?;
+    let mut model = DiskModel::new(size);
+    model.write(&vm, "disk0", 0x41, 0, size)?;
+    let (dir, s) = schedule_vm1(&env, cluster, "  fullEvery: 5\n")?;
+
+    // A run's job is slowed down to 1 MiB/s (two minutes for the disk).
+    let job = std::thread::scope(|scope| {
+        let t = scope.spawn(|| throttle_next_job(&vm, MIB, Duration::from_secs(60)));
+        let resumed = s.kubectl(&[
+            "patch",
+            "vmbsched",
+            "s",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"suspend":false}}"#,
+        ]);
+        let job = t.join().expect("throttle thread");
+        resumed?;
+        job
+    })?;
+    // The slow run: still Running two seconds after it was seen Running.
+    let slow = eventually(60, "the slow run", || async {
+        let running: Vec<String> = s
+            .runs()
+            .await?
+            .iter()
+            .filter(|b| phase(b) == Some(BackupPhase::Running))
+            .map(|b| b.name_any())
+            .collect();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let still: Vec<String> = s
+            .runs()
+            .await?
+            .iter()
+            .filter(|b| phase(b) == Some(BackupPhase::Running))
+            .map(|b| b.name_any())
+            .collect();
+        Ok(running.into_iter().find(|r| still.contains(r)))
+    })
+    .await?;
+    // Several scheduled seconds pass: no run starts while it runs.
+    let before = s.runs().await?;
+    let handled = s
+        .schedules
+        .get("s")
+        .await?
+        .status
+        .unwrap_or_default()
+        .last_schedule_time;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = s.runs().await?;
+    let names = |r: &[VirtualMachineBackup]| r.iter().map(|b| b.name_any()).collect::<Vec<_>>();
+    ensure!(
+        names(&after) == names(&before) && after.last().map(|b| b.name_any()) == Some(slow.clone()),
+        "Forbid let a run start while {slow} ran: {:?} -> {:?}",
+        names(&before),
+        names(&after)
+    );
+    let st = s.schedules.get("s").await?.status.unwrap_or_default();
+    ensure!(st.active == [slow.clone()], "{st:?}");
+    ensure!(
+        st.last_schedule_time == handled,
+        "the held-back time was recorded as handled"
+    );
+
+    // Released, it finishes, and the held-back run starts then, incremental from it.
+    set_job_speed(&vm, &job, 0)?;
+    let next = eventually(60, "the held-back run", || async {
+        Ok(s.runs()
+            .await?
+            .into_iter()
+            .find(|b| !names(&after).contains(&b.name_any())))
+    })
+    .await?;
+    s.suspend(true).await?;
+    ensure!(
+        next.spec.incremental.as_deref() == Some(slow.as_str()),
+        "{:?}",
+        next.spec.incremental
+    );
+    wait_backup(&env, &slow, BackupPhase::Succeeded).await?;
+    let out = tempfile::tempdir()?;
+    ensure!(restore(&dir, &slow, &out.path().join("f.raw"))? == model.sha256());
+    let _ = s.kubectl(&["delete", "vmbsched", "s", "--cascade=orphan"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_killed_across_scheduled_times_makes_one_catch_up_run() -> Result<()> {
+    let _alone = CLUSTER_USE.write().await;
+    let (env, cluster) = TestEnv::with_cluster("sched-kill").await?;
+    let _vm = start_vm1(cluster, &env, SIZE).await?;
+    let (_, s) = schedule_vm1(&env, cluster, "  fullEvery: 100\n")?;
+    s.kubectl(&[
+        "patch",
+        "vmbsched",
+        "s",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"schedule":"*/3 * * * * *","suspend":false}}"#,
+    ])?;
+    eventually(60, "a first run", || async {
+        Ok(s.runs()
+            .await?
+            .into_iter()
+            .find(|b| phase(b) == Some(BackupPhase::Succeeded)))
+    })
+    .await?;
+
+    cluster.stop_process("operator-0")?;
+    let killed = k8s_openapi::jiff::Timestamp::now().as_second();
+    let before: BTreeSet<String> = s.runs().await?.iter().map(|b| b.name_any()).collect();
+    // Several scheduled times pass with no operator (and the lease expires).
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    cluster.start_operator("operator-0")?;
+    let catch_up = eventually(90, "the catch-up run", || async {
+        let mut new: Vec<VirtualMachineBackup> = s
+            .runs()
+            .await?
+            .into_iter()
+            .filter(|b| !before.contains(&b.name_any()))
+            .collect();
+        new.sort_by_key(|b| b.annotations()[SCHEDULED_TIME_ANNOTATION].clone());
+        Ok(new.into_iter().next())
+    })
+    .await?;
+    s.suspend(true).await?;
+    let time = |b: &VirtualMachineBackup| {
+        b.annotations()[SCHEDULED_TIME_ANNOTATION]
+            .parse::<k8s_openapi::jiff::Timestamp>()
+            .map(|t| t.as_second())
+            .unwrap_or_default()
+    };
+    let t = time(&catch_up);
+    let created = catch_up
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|c| c.0.as_second())
+        .unwrap_or_default();
+    // One run for the missed times, for the newest of them: created before
+    // the scheduled time after it (a burst would start with the oldest).
+    ensure!(t > killed, "catch-up for {t}, killed at {killed}");
+    ensure!(
+        created <= t + 3,
+        "the first run after the restart is for {t} but was created at {created}: not the newest missed time"
+    );
+    let missed: Vec<i64> = s
+        .runs()
+        .await?
+        .iter()
+        .map(time)
+        .filter(|x| *x > killed && *x <= t)
+        .collect();
+    ensure!(missed == [t], "runs for the missed times: {missed:?}");
+    let _ = s.kubectl(&["delete", "vmbsched", "s", "--cascade=orphan"]);
     Ok(())
 }

@@ -58,6 +58,8 @@ pub const REASON_NO_VMS: &str = "NoVirtualMachinesSelected";
 pub const DEFAULT_FULL_EVERY_DIRECTORY: u32 = 7;
 /// The longest a schedule waits before it looks again (new VMs, finished runs).
 pub const RECHECK: Duration = Duration::from_secs(60);
+/// How soon a schedule looks again while one of its runs is active.
+pub const ACTIVE_RECHECK: Duration = Duration::from_secs(2);
 
 /// One backup of a schedule, as the planner sees it.
 #[derive(Clone, Debug)]
@@ -518,12 +520,21 @@ pub async fn reconcile(
     if let Some((type_, reason, note)) = event {
         routing::publish(&ctx, schedule.as_ref(), type_, reason, note).await;
     }
+    // A run's end wakes the schedule through its owner reference, but the
+    // backup cache read here is another watch and may not have it yet: look
+    // again soon while runs are active.
+    let soon = if status.active.is_empty() {
+        RECHECK
+    } else {
+        ACTIVE_RECHECK
+    };
+    tracing::debug!(?due, active = ?status.active, "schedule reconciled");
     write_status(&ctx, &namespace, &name, &old, status).await?;
     ctx.succeeded(&format!("{CONTROLLER}/{namespace}/{name}"));
     let wait = next
         .map(|n| (n - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(100))
-        .unwrap_or(RECHECK)
-        .min(RECHECK);
+        .unwrap_or(soon)
+        .min(soon);
     Ok(Action::requeue(wait))
 }
 
