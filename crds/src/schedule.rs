@@ -207,7 +207,9 @@ pub enum ConcurrencyPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct VirtualMachineBackupScheduleStatus {
     /// Conditions: `Ready` (schedule, time zone and VMs are valid), `Suspended`,
-    /// `LastRunFailed` (the newest finished run failed, with its reason).
+    /// `LastRunFailed` (the newest finished run failed, with its reason), and
+    /// kstatus's `Stalled` (True for an invalid schedule or time zone) and
+    /// `Reconciling` (always False).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

@@ -1328,6 +1328,24 @@ async fn helm_install_upgrade_and_uninstall_with_least_privilege_service_account
             true,
         ),
         (&operator, "patch", "backuprepositories.cairn.dev", false),
+        (
+            &operator,
+            "watch",
+            "virtualmachinebackupschedules.cairn.dev",
+            true,
+        ),
+        (
+            &operator,
+            "patch",
+            "virtualmachinebackupschedules.cairn.dev#status",
+            true,
+        ),
+        (
+            &operator,
+            "patch",
+            "virtualmachinebackupschedules.cairn.dev",
+            false,
+        ),
         (&operator, "create", "leases.coordination.k8s.io", true),
         (
             &operator,

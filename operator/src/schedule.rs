@@ -482,6 +482,8 @@ pub async fn reconcile(
             );
             let g = schedule.meta().generation;
             status.observed_generation = g;
+            let message = ready.message.clone();
+            set_kstatus(&mut status.conditions, Some(message), g);
             if set_condition(&mut status.conditions, ready, g, Timestamp::now()) {
                 let (t, r) = (EventType::Warning, REASON_INVALID_SCHEDULE);
                 routing::publish(&ctx, schedule.as_ref(), t, r, e.to_string()).await;
@@ -670,6 +672,7 @@ pub fn report(
         observed_generation: g,
     };
     let conds = &mut status.conditions;
+    set_kstatus(conds, None, g);
     set_condition(conds, ready_condition(schedule, &state.vms), g, ts);
     let suspended = if schedule.spec.suspend {
         let msg = "spec.suspend is set: no runs start; retention still applies";
@@ -720,6 +723,27 @@ pub fn report(
         }
     };
     (status, event)
+}
+
+/// kstatus (Flux, kpt): `Stalled=True` while the spec can never work (an
+/// invalid schedule or time zone, `stalled` is the message), else False;
+/// `Reconciling=False` (a schedule is never half-applied: waiting for a VM or
+/// the next run is its normal state).
+fn set_kstatus(conds: &mut Vec<cairn_api::Condition>, stalled: Option<String>, g: Option<i64>) {
+    let ts = Timestamp::now();
+    let (status, reason, message) = match stalled {
+        Some(m) => (true, REASON_INVALID_SCHEDULE, m),
+        None => (false, "Valid", "the schedule is valid".to_string()),
+    };
+    let stalled = condition(condition_types::STALLED, status, reason, message);
+    set_condition(conds, stalled, g, ts);
+    let rec = condition(
+        condition_types::RECONCILING,
+        false,
+        "Scheduled",
+        "nothing to converge: runs start on schedule".into(),
+    );
+    set_condition(conds, rec, g, ts);
 }
 
 /// `Ready`: the schedule parses (checked before) and finds its VMs.

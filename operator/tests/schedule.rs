@@ -592,6 +592,13 @@ async fn bad_schedules_are_refused_or_reported() -> Result<()> {
         })
         .await?;
         assert_eq!(condition(&s, "Ready").unwrap().1, reason);
+        // kstatus: an invalid schedule is Failed (Stalled), a missing VM is not.
+        let stalled = condition(&s, "Stalled").unwrap();
+        assert_eq!(
+            stalled.0 == "True",
+            reason == "InvalidSchedule",
+            "{stalled:?}"
+        );
         let conds = s.status.unwrap().conditions;
         let msg = &conditions::find(&conds, "Ready").unwrap().message;
         assert!(msg.contains(needle), "{msg}");
