@@ -1466,7 +1466,7 @@ async fn helm_install_upgrade_and_uninstall_with_least_privilege_service_account
     ])?;
     assert_eq!(
         crds.lines().count(),
-        4,
+        cairn_api::crds().len(),
         "CRDs must survive uninstall: {crds}"
     );
     Ok(())
