@@ -6,8 +6,11 @@
 //! What is checked: chains with `fullEvery`, retention deleting exactly the
 //! expected backups *and their files*, every kept backup restoring
 //! byte-identical, the VM's bitmaps bounded to the next base, a run of a
-//! stopped VM reported (`LastRunFailed`) and the next one recovering, and a
-//! tenant's schedule reaching nothing outside its namespace.
+//! stopped VM reported (`LastRunFailed`) and the next one recovering, Forbid
+//! holding a run back while a slow one runs, one catch-up run (not a burst)
+//! after the operator was killed across scheduled times, retention deleting
+//! repository snapshots, and a tenant's schedule reaching nothing outside its
+//! namespace.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -659,6 +662,80 @@ async fn an_operator_killed_across_scheduled_times_makes_one_catch_up_run() -> R
         .filter(|x| *x > killed && *x <= t)
         .collect();
     ensure!(missed == [t], "runs for the missed times: {missed:?}");
+    let _ = s.kubectl(&["delete", "vmbsched", "s", "--cascade=orphan"]);
+    Ok(())
+}
+
+/// Restores `snapshot`'s disk0 from the (unencrypted) `local-dir` repository
+/// with the CLI; the SHA-256 of the raw image, or the CLI's complaint.
+fn restore_snapshot(cluster: &LocalCluster, snapshot: &str) -> Result<Result<String, String>> {
+    let out = tempfile::tempdir()?;
+    let o = std::process::Command::new(cairn_e2e::local_cluster::binary("cairn-agent"))
+        .args(["restore", "--repository"])
+        .arg(format!("dir://{}", cluster.repository_dir().display()))
+        .args([
+            "--snapshot",
+            snapshot,
+            "--format",
+            "raw",
+            "--disk",
+            "disk0",
+            "--output",
+        ])
+        .arg(out.path())
+        .output()?;
+    if !o.status.success() {
+        return Ok(Err(String::from_utf8_lossy(&o.stderr).into_owned()));
+    }
+    let bytes = std::fs::read(out.path().join("disk0.raw"))?;
+    Ok(Ok(hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes))))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schedule_into_a_repository_prunes_snapshots() -> Result<()> {
+    let _use = CLUSTER_USE.read().await;
+    let (env, cluster) = TestEnv::with_cluster("sched-repo").await?;
+    let vm = start_vm1(cluster, &env, SIZE).await?;
+    let yaml = "apiVersion: cairn.dev/v1alpha1\nkind: VirtualMachineBackupSchedule\nmetadata:\n  name: s\nspec:\n  virtualMachine: vm1\n  schedule: \"* * * * * *\"\n  suspend: true\n  template:\n    target:\n      repository:\n        name: local-dir\n  retention:\n    keepLast: 1\n";
+    apply(&env, yaml)?;
+    let s = Sched::new(&env, "s");
+    let mut model = DiskModel::new(SIZE);
+    let mut snapshots: Vec<(String, String, String)> = Vec::new();
+    for k in 0..3u64 {
+        model.write(&vm, "disk0", 0x51 + k as u8, k * MIB, MIB)?;
+        for b in s.window().await? {
+            ensure!(phase(&b) == Some(BackupPhase::Succeeded), "{:?}", b.status);
+            let snap = b
+                .status
+                .as_ref()
+                .and_then(|st| st.repository.as_ref())
+                .and_then(|r| r.snapshot.clone())
+                .context("no snapshot")?;
+            snapshots.push((b.name_any(), snap, model.sha256()));
+        }
+    }
+    // Every run after the first is incremental (repository chains never restart by default).
+    let runs_now = s.runs().await?;
+    let (newest, newest_snap, newest_sha) = snapshots.last().cloned().context("no runs")?;
+    eventually(60, "only the newest kept", || async {
+        let names: Vec<String> = s.runs().await?.iter().map(|b| b.name_any()).collect();
+        Ok((names == [newest.clone()]).then_some(()))
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "{:?}",
+            runs_now.iter().map(|b| b.name_any()).collect::<Vec<_>>()
+        )
+    })?;
+    // The kept snapshot restores exactly; the pruned ones are gone from the repository.
+    ensure!(restore_snapshot(cluster, &newest_snap)? == Ok(newest_sha));
+    for (name, snap, _) in &snapshots[..snapshots.len() - 1] {
+        eventually(60, &format!("snapshot of {name} deleted"), || async {
+            Ok(restore_snapshot(cluster, snap)?.err())
+        })
+        .await?;
+    }
     let _ = s.kubectl(&["delete", "vmbsched", "s", "--cascade=orphan"]);
     Ok(())
 }
