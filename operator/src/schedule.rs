@@ -208,7 +208,7 @@ pub fn next_backup(
             virtual_machine: vm.to_string(),
             fallback_to_full: incremental.is_some() && (t.fallback_to_full || last_failed),
             incremental,
-            // A chain that ends here needs no checkpoint: no run will build on it.
+            // With fullEvery 1 no run builds on another: no checkpoint, no bitmap.
             checkpoint: (every > 1).then_some(BackupCheckpoint { name }),
             disks: t.disks.clone(),
             target: Some(t.target.clone()),
