@@ -467,22 +467,38 @@ pub async fn run_controllers(
     let schedule_controller = Controller::new(
         api_for::<VirtualMachineBackupSchedule>(&client, ns),
         watcher::Config::default().any_semantic(),
-    )
-    .owns(
-        api_for::<VirtualMachineBackup>(&client, ns),
-        watcher::Config::default().any_semantic(),
-    )
-    .with_config(kube::runtime::controller::Config::default().concurrency(4))
-    .run(
-        |o, c| schedule::reconcile(o, c).boxed(),
-        |o, e, c| error_policy(schedule::CONTROLLER, o.as_ref(), e, &c),
-        ctx.clone(),
-    )
-    .for_each(|r| async move {
-        if let Err(error) = r {
-            tracing::debug!(%error, "schedule reconcile failed");
+    );
+    // Series of deleted schedules go (schedules have no finalizer, so no
+    // reconcile sees them go).
+    let schedule_store = schedule_controller.store();
+    let metrics_health = health.clone();
+    let forget_deleted_schedules = async move {
+        let _ = schedule_store.wait_until_ready().await;
+        loop {
+            tokio::time::sleep(schedule::METRICS_SWEEP).await;
+            metrics_health.metrics.retain_schedules(|ns, name| {
+                schedule_store
+                    .get(&ObjectRef::new(name).within(ns))
+                    .is_some()
+            });
         }
-    });
+    };
+    let schedule_controller = schedule_controller
+        .owns(
+            api_for::<VirtualMachineBackup>(&client, ns),
+            watcher::Config::default().any_semantic(),
+        )
+        .with_config(kube::runtime::controller::Config::default().concurrency(4))
+        .run(
+            |o, c| schedule::reconcile(o, c).boxed(),
+            |o, e, c| error_policy(schedule::CONTROLLER, o.as_ref(), e, &c),
+            ctx.clone(),
+        )
+        .for_each(|r| async move {
+            if let Err(error) = r {
+                tracing::debug!(%error, "schedule reconcile failed");
+            }
+        });
     // Schedules plan from the VM, checkpoint and backup caches.
     let (vms_s, checkpoints_s, backups_s) = (vms.clone(), checkpoints.clone(), backups.clone());
     let schedule_after_caches = async move {
@@ -508,7 +524,8 @@ pub async fn run_controllers(
         checkpoint_after_vms,
         backup_after_caches,
         repository_after_backups,
-        schedule_after_caches
+        schedule_after_caches,
+        forget_deleted_schedules
     );
 }
 

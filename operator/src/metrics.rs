@@ -44,6 +44,8 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Scheduled time (unix seconds) of the newest successful run, per schedule.
     pub schedule_last_success: Family<ScheduleLabel, Gauge>,
+    /// The schedules [`Self::schedule_last_success`] has a series of.
+    schedules: std::sync::Mutex<std::collections::HashSet<ScheduleLabel>>,
 }
 
 impl Default for Metrics {
@@ -75,6 +77,7 @@ impl Default for Metrics {
             reconcile_errors,
             leader,
             schedule_last_success,
+            schedules: Default::default(),
         }
     }
 }
@@ -96,19 +99,30 @@ impl Metrics {
 
     /// Records the newest successful run of a schedule (unix seconds).
     pub fn schedule_succeeded(&self, namespace: &str, schedule: &str, unix_seconds: i64) {
-        self.schedule_last_success
-            .get_or_create(&ScheduleLabel {
-                namespace: namespace.into(),
-                schedule: schedule.into(),
-            })
-            .set(unix_seconds);
-    }
-
-    /// Drops the series of a deleted schedule.
-    pub fn forget_schedule(&self, namespace: &str, schedule: &str) {
-        self.schedule_last_success.remove(&ScheduleLabel {
+        let label = ScheduleLabel {
             namespace: namespace.into(),
             schedule: schedule.into(),
+        };
+        self.schedule_last_success
+            .get_or_create(&label)
+            .set(unix_seconds);
+        if let Ok(mut s) = self.schedules.lock() {
+            s.insert(label);
+        }
+    }
+
+    /// Drops the series of schedules for which `exists` says no (deleted
+    /// ones: a stale series would fire a "no recent backup" alert forever).
+    pub fn retain_schedules(&self, exists: impl Fn(&str, &str) -> bool) {
+        let Ok(mut known) = self.schedules.lock() else {
+            return;
+        };
+        known.retain(|l| {
+            let keep = exists(&l.namespace, &l.schedule);
+            if !keep {
+                self.schedule_last_success.remove(l);
+            }
+            keep
         });
     }
 

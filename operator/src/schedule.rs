@@ -58,6 +58,8 @@ pub const REASON_NO_VMS: &str = "NoVirtualMachinesSelected";
 pub const DEFAULT_FULL_EVERY_DIRECTORY: u32 = 7;
 /// The longest a schedule waits before it looks again (new VMs, finished runs).
 pub const RECHECK: Duration = Duration::from_secs(60);
+/// How often the last-success series of deleted schedules are dropped.
+pub const METRICS_SWEEP: Duration = Duration::from_secs(10);
 /// How soon a schedule looks again while one of its runs is active.
 pub const ACTIVE_RECHECK: Duration = Duration::from_secs(2);
 
@@ -462,7 +464,6 @@ pub async fn reconcile(
     let _enter = span.enter();
     ctx.health.metrics.reconciled(CONTROLLER);
     if routing::deleting(schedule.as_ref()) {
-        ctx.health.metrics.forget_schedule(&namespace, &name);
         return Ok(Action::await_change());
     }
     let now = Utc::now();

@@ -350,6 +350,13 @@ async fn runs_chain_every_full_every_and_retention_keeps_whole_chains() -> Resul
         Ok(op.status.metrics_text().contains(&line).then_some(()))
     })
     .await?;
+    // A deleted schedule's series goes (else its alert would fire forever).
+    schedules.delete("s", &Default::default()).await?;
+    let series = format!("namespace=\"{ns}\",schedule=\"s\"}}");
+    eventually("the series of the deleted schedule dropped", || async {
+        Ok((!op.status.metrics_text().contains(&series)).then_some(()))
+    })
+    .await?;
 
     agent.abort();
     op.stop().await;
