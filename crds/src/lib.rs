@@ -10,6 +10,7 @@
 //! - [`VirtualMachineCheckpoint`]: a set of persistent dirty bitmaps (libvirt's checkpoint).
 //! - [`VirtualMachineBackup`]: a full or incremental backup, pushed or pulled.
 //! - [`BackupRepository`]: a deduplicated, encrypted store off the node (cluster-scoped).
+//! - [`VirtualMachineRestore`]: a verified restore into image files, or an instant-recovery export.
 //! - [`VirtualMachineBackupSchedule`]: backups on a cron schedule, with chains and retention.
 
 #![forbid(unsafe_code)]
@@ -23,6 +24,7 @@ pub mod conditions;
 pub mod qemu_instance;
 pub mod reference;
 pub mod repository;
+pub mod restore;
 pub mod schedule;
 
 pub use backup::*;
@@ -30,6 +32,7 @@ pub use checkpoint::*;
 pub use common::*;
 pub use qemu_instance::*;
 pub use repository::*;
+pub use restore::*;
 pub use schedule::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -67,6 +70,8 @@ pub const AGENT_MANAGER: &str = "cairn-agent";
 pub const CHECKPOINT_FINALIZER: &str = "cairn.dev/bitmaps";
 /// Finalizer that makes deleting a backup cancel its job and tear down exports first.
 pub const BACKUP_FINALIZER: &str = "cairn.dev/backup-job";
+/// Finalizer that makes deleting a restore stop its work and remove partial output first.
+pub const RESTORE_FINALIZER: &str = "cairn.dev/restore-job";
 
 /// Every CRD of the API, in a stable order (used by `crdgen` and the drift test).
 pub fn crds() -> Vec<CustomResourceDefinition> {
@@ -75,6 +80,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         VirtualMachineCheckpoint::crd(),
         VirtualMachineBackup::crd(),
         BackupRepository::crd(),
+        VirtualMachineRestore::crd(),
         VirtualMachineBackupSchedule::crd(),
     ]
 }

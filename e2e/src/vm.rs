@@ -83,6 +83,19 @@ impl TestVm {
         for d in &disks {
             create_image(&d.image, &d.format, d.size)?;
         }
+        Self::start_on(qmp_root, namespace, name, dir, disks)
+    }
+
+    /// Starts QEMU on existing images `disks` (e.g. an overlay whose backing
+    /// file is an NBD export), with its QMP socket at `<qmp_root>/<namespace>/<name>.sock`.
+    pub fn start_on(
+        qmp_root: &Path,
+        namespace: &str,
+        name: &str,
+        dir: &Path,
+        disks: Vec<VmDisk>,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
         let mut vm = Self {
             name: name.into(),
             namespace: namespace.into(),

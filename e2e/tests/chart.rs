@@ -134,10 +134,15 @@ fn triples(spec: &[(&str, &[&str], &[&str])]) -> BTreeSet<(String, String, Strin
 }
 
 const READ: &[&str] = &["get", "list", "watch"];
-const CP_BK: &[&str] = &["virtualmachinecheckpoints", "virtualmachinebackups"];
+const CP_BK: &[&str] = &[
+    "virtualmachinecheckpoints",
+    "virtualmachinebackups",
+    "virtualmachinerestores",
+];
 const CP_BK_STATUS: &[&str] = &[
     "virtualmachinecheckpoints/status",
     "virtualmachinebackups/status",
+    "virtualmachinerestores/status",
 ];
 
 // ---------------------------------------------------------------- no cluster
@@ -156,7 +161,11 @@ fn chart_crds_are_byte_identical_to_the_generated_crds() -> Result<()> {
         have, want,
         "charts/cairn/crds/ must hold exactly crds/manifests/ (copy them after `cargo xtask crdgen`)"
     );
-    assert_eq!(want.len(), 5, "expected five CRDs, found {want:?}");
+    assert_eq!(
+        want.len(),
+        cairn_api::crds().len(),
+        "expected one manifest per kind, found {want:?}"
+    );
     for name in &want {
         let a = std::fs::read(generated.join(name))?;
         let b = std::fs::read(in_chart.join(name))?;
@@ -770,6 +779,7 @@ fn check_rendered(objs: &[Value], values: &Value) -> Result<()> {
             "qemuinstances",
             "virtualmachinecheckpoints",
             "virtualmachinebackups",
+            "virtualmachinerestores",
             "virtualmachinebackupschedules",
         ] {
             assert!(all_kinds.contains(kind), "view cannot read {kind}");

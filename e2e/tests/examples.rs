@@ -24,6 +24,7 @@ const ORDER: &[&str] = &[
     "checkpoint-disks.yaml",
     "backup-full.yaml",
     "backup-incremental.yaml",
+    "restore.yaml",
     "backup-pull.yaml",
     "checkpoint-redefine.yaml",
     "checkpoint-redefine-domain.yaml",
@@ -134,6 +135,29 @@ async fn every_example_reaches_its_documented_outcome() -> Result<()> {
                 };
                 wait_backup(&env, &name, phase).await?;
             }
+            "VirtualMachineRestore" => {
+                let api: Api<cairn_api::VirtualMachineRestore> =
+                    Api::namespaced(env.client.clone(), &env.namespace);
+                let r = cairn_e2e::wait::until(
+                    &api,
+                    &name,
+                    std::time::Duration::from_secs(120),
+                    "restore finished",
+                    |r| {
+                        r.status
+                            .as_ref()
+                            .and_then(|s| s.phase)
+                            .is_some_and(cairn_api::RestorePhase::is_finished)
+                    },
+                )
+                .await?;
+                let phase = r.status.as_ref().and_then(|s| s.phase).context("phase")?;
+                ensure!(
+                    phase.as_str() == want,
+                    "{file}: ended {phase:?}: {:#?}",
+                    r.status
+                );
+            }
             "VirtualMachineBackupSchedule" => {
                 ensure!(want == "Ready", "{file}: outcome {want} is not Ready");
                 let api: Api<cairn_api::VirtualMachineBackupSchedule> =
@@ -169,6 +193,15 @@ async fn every_example_reaches_its_documented_outcome() -> Result<()> {
                 wait_checkpoint(&env, "cp-full-1", CheckpointPhase::Ready).await?;
                 // Writes after the full backup, for the incremental to carry.
                 model.write(&vm, "disk0", 0xa5, 4 * MIB, MIB)?;
+            }
+            "restore.yaml" => {
+                let out = root.join("restored/disk0.raw");
+                let bytes = std::fs::read(&out).with_context(|| out.display().to_string())?;
+                ensure!(
+                    hex(&<sha2::Sha256 as sha2::Digest>::digest(&bytes)) == model.sha256(),
+                    "{} is not disk0 at the instant of vm1-inc-1",
+                    out.display()
+                );
             }
             "backup-incremental.yaml" => {
                 wait_checkpoint(&env, "cp-inc-1", CheckpointPhase::Ready).await?;

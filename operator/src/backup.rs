@@ -136,18 +136,27 @@ async fn check_repository(
     namespace: &str,
     backup: &VirtualMachineBackup,
 ) -> Result<Option<Rejection>> {
-    let Some(name) = backup
+    match backup
         .spec
         .target
         .as_ref()
         .and_then(|t| t.repository.as_ref())
-        .map(|r| r.name.clone())
-    else {
-        return Ok(None);
-    };
+    {
+        Some(r) => check_repository_use(ctx, namespace, &r.name).await,
+        None => Ok(None),
+    }
+}
+
+/// [`crate::repository::check_use`] with the repository `name` and the
+/// labels of `namespace` read from the API server.
+pub async fn check_repository_use(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Rejection>> {
     let repos: kube::Api<cairn_api::BackupRepository> = kube::Api::all(ctx.client.clone());
     let repo = repos
-        .get_opt(&name)
+        .get_opt(name)
         .await
         .map_err(Error::kube(format!("reading BackupRepository {name}")))?;
     let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
@@ -158,8 +167,9 @@ async fn check_repository(
         .map_err(Error::kube(format!("reading namespace {namespace}")))?
         .map(|n| n.labels().clone())
         .unwrap_or_default();
-    Ok(crate::repository::check_target(
-        backup,
+    Ok(crate::repository::check_use(
+        name,
+        namespace,
         repo.as_ref(),
         &labels,
     ))

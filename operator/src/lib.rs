@@ -32,6 +32,7 @@ pub mod leader;
 pub mod metrics;
 pub mod repository;
 pub mod repository_controller;
+pub mod restore;
 pub mod routing;
 pub mod schedule;
 
@@ -43,7 +44,7 @@ use std::time::Duration;
 
 use cairn_api::{
     BackupRepository, QemuInstance, VirtualMachineBackup, VirtualMachineBackupSchedule,
-    VirtualMachineCheckpoint,
+    VirtualMachineCheckpoint, VirtualMachineRestore,
 };
 use futures::channel::mpsc;
 use futures::{FutureExt, Stream, StreamExt};
@@ -286,6 +287,7 @@ pub async fn run_controllers(
     let (vms, vm_events) = cached(api_for::<QemuInstance>(&client, ns));
     let (checkpoints, checkpoint_events) = cached(api_for::<VirtualMachineCheckpoint>(&client, ns));
     let (backups, backup_events) = cached(api_for::<VirtualMachineBackup>(&client, ns));
+    let (restores, restore_events) = cached(api_for::<VirtualMachineRestore>(&client, ns));
     // Repositories are cluster-scoped: watched whole, whatever the namespace limit.
     let (repos, repo_events) = cached(Api::<BackupRepository>::all(client.clone()));
 
@@ -455,6 +457,25 @@ pub async fn run_controllers(
             tracing::debug!(%error, "repository reconcile failed");
         }
     });
+    let restore_controller = Controller::for_stream(restore_events.applied_objects(), restores)
+        .with_config(kube::runtime::controller::Config::default().concurrency(8))
+        .run(
+            |o, c| restore::reconcile(o, c).boxed(),
+            |o, e, c| error_policy(restore::CONTROLLER, o.as_ref(), e, &c),
+            ctx.clone(),
+        )
+        .for_each(|r| async move {
+            if let Err(error) = r {
+                tracing::debug!(%error, "restore reconcile failed");
+            }
+        });
+    // Restores read the VM and backup caches.
+    let (vms_r, backups_r) = (vms.clone(), backups.clone());
+    let restore_after_caches = async move {
+        let _ = vms_r.wait_until_ready().await;
+        let _ = backups_r.wait_until_ready().await;
+        restore_controller.await;
+    };
     // Prune reads the backup cache.
     let backups_for_repos = backups.clone();
     let repository_after_backups = async {
@@ -524,6 +545,7 @@ pub async fn run_controllers(
         checkpoint_after_vms,
         backup_after_caches,
         repository_after_backups,
+        restore_after_caches,
         schedule_after_caches,
         forget_deleted_schedules
     );

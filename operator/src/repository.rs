@@ -65,7 +65,17 @@ pub fn check_target(
         .as_ref()
         .and_then(|t| t.repository.as_ref())
         .map(|r| r.name.as_str())?;
-    let ns = backup.namespace().unwrap_or_default();
+    check_use(name, &backup.namespace().unwrap_or_default(), repo, labels)
+}
+
+/// Why namespace `ns` (with `labels`) may not use the BackupRepository
+/// `name` (`repo`; None: it does not exist), if it may not.
+pub fn check_use(
+    name: &str,
+    ns: &str,
+    repo: Option<&BackupRepository>,
+    labels: &BTreeMap<String, String>,
+) -> Option<Rejection> {
     let Some(repo) = repo else {
         return Some(Rejection {
             reason: REASON_REPOSITORY_NOT_FOUND,
@@ -74,7 +84,7 @@ pub fn check_target(
             ),
         });
     };
-    if !allows(repo, &ns, labels) {
+    if !allows(repo, ns, labels) {
         return Some(Rejection {
             reason: REASON_REPOSITORY_NOT_ALLOWED,
             message: format!(

@@ -355,7 +355,7 @@ pub async fn start_pull_export(
 /// Makes sure nothing but a dead socket is at the export socket's name
 /// (QEMU unlinks whatever is there before it binds): a live socket or any
 /// other file is refused, a dead socket (a crashed export's) is removed.
-fn claim_socket_name(dir: &TenantDir, name: &str) -> Result<(), BackupError> {
+pub(crate) fn claim_socket_name(dir: &TenantDir, name: &str) -> Result<(), BackupError> {
     match dir.kind(name)? {
         None => Ok(()),
         Some(FileType::Socket) => {
@@ -378,7 +378,7 @@ fn claim_socket_name(dir: &TenantDir, name: &str) -> Result<(), BackupError> {
     }
 }
 
-fn remove_socket(dir: &TenantDir, name: &str) {
+pub(crate) fn remove_socket(dir: &TenantDir, name: &str) {
     if matches!(dir.kind(name), Ok(Some(FileType::Socket))) {
         let _ = dir.remove(name);
     }

@@ -180,7 +180,8 @@ async fn reconcile(
     }
 }
 
-fn task_alive(ctx: &Context, uid: &str) -> bool {
+/// Whether this process runs a task (backup or restore) for object `uid`.
+pub(super) fn task_alive(ctx: &Context, uid: &str) -> bool {
     ctx.jobs
         .lock()
         .expect("jobs lock")

@@ -13,8 +13,10 @@ pub mod backups;
 pub mod checkpoints;
 pub mod health;
 pub mod instances;
+pub mod instant;
 pub mod repositories;
 pub mod repository_backups;
+pub mod restores;
 pub mod status;
 
 use std::collections::HashMap;
@@ -216,6 +218,7 @@ pub async fn run(
         () = instances::run(ctx.clone()) => {}
         () = checkpoints::run(ctx.clone()) => {}
         () = backups::run(ctx.clone()) => {}
+        () = restores::run(ctx.clone()) => {}
         () = shutdown => {}
     }
     Ok(())

@@ -24,6 +24,7 @@ pub const AGENT_CONDITIONS: &[&str] = &[
     "DomainRecorded",
     "CleanedUp",
     "Verified",
+    "Degraded",
     cairn_api::CHECKPOINT_CREATED_CONDITION,
 ];
 
