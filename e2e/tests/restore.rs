@@ -863,3 +863,79 @@ async fn tenants_create_restores_but_cannot_route_them() -> Result<()> {
     );
     Ok(())
 }
+
+/// Every pack file the S3 server holds for the bucket.
+fn pack_files(cluster: &LocalCluster) -> Vec<PathBuf> {
+    let root = cluster.state_dir.join("s3/data/cairn/packs");
+    let mut out = Vec::new();
+    for d in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
+            out.push(f.path());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupted_chunk_fails_the_restore_naming_snapshot_disk_and_offset() -> Result<()> {
+    let (env, cluster) = TestEnv::with_cluster("restore-rot").await?;
+    let size = 16 * MIB;
+    let vm = start_vm(cluster, &env, "node-1", "rot", &[("disk0", "qcow2", size)])?;
+    wait_instance(&env, "rot", "node-1").await?;
+    vm.write("disk0", 0x55, 4 * MIB, 2 * MIB)?;
+    let before = pack_files(cluster);
+    apply(
+        &env,
+        &backup_yaml(
+            "full",
+            "rot",
+            "  target:\n    repository:\n      name: local-s3\n",
+        ),
+    )?;
+    let b = wait_backup(&env, "full", BackupPhase::Succeeded).await?;
+    let snap = b
+        .status
+        .and_then(|s| s.repository)
+        .and_then(|r| r.snapshot)
+        .context("snapshot")?;
+    // This namespace's chunks are keyed apart from every other's: its packs are new.
+    let ours: Vec<PathBuf> = pack_files(cluster)
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    ensure!(!ours.is_empty(), "the backup wrote no pack");
+    for p in &ours {
+        use std::os::unix::fs::FileExt;
+        // Byte 24: inside the first sealed chunk's ciphertext (8-byte header,
+        // 12-byte nonce), so the chunk fails authentication.
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(p)?;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 24)?;
+        f.write_all_at(&[b[0] ^ 0x5a], 24)?;
+    }
+    let out = cluster
+        .backup_dir("node-1")
+        .join(&env.namespace)
+        .join("rot");
+    apply(
+        &env,
+        &restore_yaml(
+            "rotten",
+            &from_backup("full"),
+            &into_dir(&out, "raw", false),
+        ),
+    )?;
+    let r = wait_restore(&env, "rotten", RestorePhase::Failed).await?;
+    let why = reason(&r);
+    assert!(why.starts_with("ChunkCorrupt"), "{why}");
+    assert!(
+        why.contains(&snap) && why.contains("disk0") && why.contains("offset"),
+        "{why}"
+    );
+    assert!(
+        files_in(&out).is_empty(),
+        "a refused restore left {:?}",
+        files_in(&out)
+    );
+    Ok(())
+}

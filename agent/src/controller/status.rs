@@ -152,6 +152,8 @@ pub fn repository_reason(e: &cairn_repo::RepoError) -> &'static str {
         R::Storage(S::MissingBucket { .. }) => "RepositoryBucketMissing",
         R::Storage(_) => "RepositoryUnavailable",
         R::Source { .. } => "ExportBroken",
+        R::ChunkCorrupt { .. } => "ChunkCorrupt",
+        R::ChunkMissing { .. } => "ChunkMissing",
         _ => "RepositoryError",
     }
 }
