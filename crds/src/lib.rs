@@ -11,6 +11,7 @@
 //! - [`VirtualMachineBackup`]: a full or incremental backup, pushed or pulled.
 //! - [`BackupRepository`]: a deduplicated, encrypted store off the node (cluster-scoped).
 //! - [`VirtualMachineRestore`]: a verified restore into image files, or an instant-recovery export.
+//! - [`VirtualMachineBackupSchedule`]: backups on a cron schedule, with chains and retention.
 
 #![forbid(unsafe_code)]
 // kube-derive's printcolumn(...) lists repeat keys such as `type_`; clippy mistakes them for duplicates.
@@ -24,6 +25,7 @@ pub mod qemu_instance;
 pub mod reference;
 pub mod repository;
 pub mod restore;
+pub mod schedule;
 
 pub use backup::*;
 pub use checkpoint::*;
@@ -31,6 +33,7 @@ pub use common::*;
 pub use qemu_instance::*;
 pub use repository::*;
 pub use restore::*;
+pub use schedule::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -53,6 +56,12 @@ pub const CREATED_BY_BACKUP_UID_ANNOTATION: &str = "cairn.dev/created-by-backup-
 /// Condition the agent sets on a backup once the QMP transaction that
 /// creates its new checkpoint's bitmaps has succeeded.
 pub const CHECKPOINT_CREATED_CONDITION: &str = "CheckpointCreated";
+/// Label on a backup a schedule created, naming that schedule.
+pub const SCHEDULE_LABEL: &str = "cairn.dev/schedule";
+/// Annotation on a backup a schedule created: the scheduled time (RFC 3339).
+pub const SCHEDULED_TIME_ANNOTATION: &str = "cairn.dev/scheduled-time";
+/// Annotation on a backup a schedule created: its place in its chain (`0` = the full backup).
+pub const CHAIN_INDEX_ANNOTATION: &str = "cairn.dev/chain-index";
 /// Field manager of the operator for server-side apply.
 pub const OPERATOR_MANAGER: &str = "cairn-operator";
 /// Field manager of the agent for server-side apply.
@@ -72,6 +81,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         VirtualMachineBackup::crd(),
         BackupRepository::crd(),
         VirtualMachineRestore::crd(),
+        VirtualMachineBackupSchedule::crd(),
     ]
 }
 

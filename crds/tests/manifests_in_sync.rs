@@ -10,6 +10,7 @@ fn checked_in_crds_match_the_types() {
         crds.iter().map(|c| c.spec.names.kind.clone()).collect();
     assert_eq!(kinds.len(), crds.len(), "a kind is listed twice");
     assert!(kinds.contains("VirtualMachineRestore"), "{kinds:?}");
+    assert!(kinds.contains("VirtualMachineBackupSchedule"), "{kinds:?}");
     for crd in crds {
         let path = dir.join(cairn_api::crd_file_name(&crd));
         let on_disk = std::fs::read_to_string(&path).unwrap_or_else(|e| {

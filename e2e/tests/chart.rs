@@ -628,6 +628,11 @@ fn values_schema_and_chart_reject_bad_values() -> Result<()> {
             &["--set", "metrics.serviceMonitor.enabled=true"],
             "no monitoring.coreos.com/v1 ServiceMonitor API",
         ),
+        (
+            "PrometheusRule without its API",
+            &["--set", "metrics.prometheusRule.enabled=true"],
+            "no monitoring.coreos.com/v1 PrometheusRule API",
+        ),
     ];
     for (case, extra, expect) in cases {
         let mut args = vec!["template", "cairn", chart.to_str().unwrap()];
@@ -711,6 +716,12 @@ fn check_rendered(objs: &[Value], values: &Value) -> Result<()> {
         ),
         ("cairn.dev", CP_BK_STATUS, &["get", "update", "patch"]),
         ("cairn.dev", &["qemuinstances"], READ),
+        ("cairn.dev", &["virtualmachinebackupschedules"], READ),
+        (
+            "cairn.dev",
+            &["virtualmachinebackupschedules/status"],
+            &["get", "update", "patch"],
+        ),
         ("cairn.dev", &["backuprepositories"], READ),
         (
             "cairn.dev",
@@ -769,6 +780,7 @@ fn check_rendered(objs: &[Value], values: &Value) -> Result<()> {
             "virtualmachinecheckpoints",
             "virtualmachinebackups",
             "virtualmachinerestores",
+            "virtualmachinebackupschedules",
         ] {
             assert!(all_kinds.contains(kind), "view cannot read {kind}");
         }
@@ -787,7 +799,7 @@ fn check_rendered(objs: &[Value], values: &Value) -> Result<()> {
                 );
             }
         }
-        for kind in CP_BK {
+        for kind in CP_BK.iter().chain(&["virtualmachinebackupschedules"]) {
             for verb in ["create", "update", "patch", "delete"] {
                 assert!(
                     grants(edit).contains(&("cairn.dev".into(), kind.to_string(), verb.into())),
@@ -964,6 +976,46 @@ fn check_rendered(objs: &[Value], values: &Value) -> Result<()> {
         0
     };
     assert_eq!(monitors, want_monitors, "ServiceMonitors");
+    let rules: Vec<&Value> = objs
+        .iter()
+        .filter(|o| o["kind"] == "PrometheusRule")
+        .collect();
+    if values["metrics"]["prometheusRule"]["enabled"] == true {
+        let expr = rules
+            .first()
+            .and_then(|r| r["spec"]["groups"][0]["rules"][0]["expr"].as_str())
+            .unwrap_or_default();
+        let limit = &values["metrics"]["prometheusRule"]["noBackupForSeconds"];
+        assert_eq!(
+            expr,
+            format!("time() - cairn_operator_schedule_last_success_timestamp_seconds > {limit}"),
+            "the no-recent-backup alert"
+        );
+    } else {
+        assert!(
+            rules.is_empty(),
+            "PrometheusRule rendered although disabled"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_optional_prometheus_rule_alerts_on_schedules_without_a_recent_backup() -> Result<()> {
+    let helm = Helm::new(&tools()?)?;
+    let set = [
+        "--set",
+        "metrics.prometheusRule.enabled=true",
+        "--set",
+        "metrics.prometheusRule.noBackupForSeconds=3600",
+        "--api-versions",
+        "monitoring.coreos.com/v1/PrometheusRule",
+    ];
+    let objs = objects(&helm.template("cairn-system", &set)?)?;
+    let mut values = merged_values(None)?;
+    values["metrics"]["prometheusRule"]["enabled"] = Value::Bool(true);
+    values["metrics"]["prometheusRule"]["noBackupForSeconds"] = 3600.into();
+    check_rendered(&objs, &values)?;
     Ok(())
 }
 
@@ -1286,6 +1338,24 @@ async fn helm_install_upgrade_and_uninstall_with_least_privilege_service_account
             true,
         ),
         (&operator, "patch", "backuprepositories.cairn.dev", false),
+        (
+            &operator,
+            "watch",
+            "virtualmachinebackupschedules.cairn.dev",
+            true,
+        ),
+        (
+            &operator,
+            "patch",
+            "virtualmachinebackupschedules.cairn.dev#status",
+            true,
+        ),
+        (
+            &operator,
+            "patch",
+            "virtualmachinebackupschedules.cairn.dev",
+            false,
+        ),
         (&operator, "create", "leases.coordination.k8s.io", true),
         (
             &operator,

@@ -28,6 +28,7 @@ const ORDER: &[&str] = &[
     "backup-pull.yaml",
     "checkpoint-redefine.yaml",
     "checkpoint-redefine-domain.yaml",
+    "backup-schedule.yaml",
 ];
 
 const SIZE: u64 = 16 * MIB;
@@ -156,6 +157,24 @@ async fn every_example_reaches_its_documented_outcome() -> Result<()> {
                     "{file}: ended {phase:?}: {:#?}",
                     r.status
                 );
+            }
+            "VirtualMachineBackupSchedule" => {
+                ensure!(want == "Ready", "{file}: outcome {want} is not Ready");
+                let api: Api<cairn_api::VirtualMachineBackupSchedule> =
+                    Api::namespaced(env.client.clone(), &env.namespace);
+                let s = cairn_e2e::wait::until(&api, &name, T, "schedule Ready", |s| {
+                    s.status
+                        .as_ref()
+                        .and_then(|st| condition(&st.conditions, "Ready"))
+                        .is_some_and(|c| c.status == "True")
+                })
+                .await?;
+                let st = s.status.context("status")?;
+                ensure!(
+                    st.next_schedule_time.is_some(),
+                    "{file}: no nextScheduleTime"
+                );
+                ensure!(st.active.is_empty(), "{file}: a run started early: {st:?}");
             }
             other => bail!("{file}: unexpected kind {other}"),
         }

@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use cairn_api::{
     BACKUP_FINALIZER, BackupPhase, CHECKPOINT_FINALIZER, CREATED_BY_BACKUP_LABEL,
-    CREATED_BY_BACKUP_UID_ANNOTATION, CheckpointDisk, CheckpointMode, NODE_LABEL, VM_LABEL,
-    VirtualMachineBackup, VirtualMachineBackupStatus, VirtualMachineCheckpoint,
+    CREATED_BY_BACKUP_UID_ANNOTATION, CheckpointDisk, CheckpointMode, NODE_LABEL, SCHEDULE_LABEL,
+    VM_LABEL, VirtualMachineBackup, VirtualMachineBackupStatus, VirtualMachineCheckpoint,
     VirtualMachineCheckpointSpec, condition_types, conditions,
 };
 use k8s_openapi::jiff::Timestamp;
@@ -207,7 +207,7 @@ pub fn checkpoint_for_backup(
             })
             .collect()
     });
-    let labels: BTreeMap<String, String> = [
+    let mut labels: BTreeMap<String, String> = [
         (NODE_LABEL, node),
         (VM_LABEL, backup.spec.virtual_machine.as_str()),
         (CREATED_BY_BACKUP_LABEL, backup.name_any().as_str()),
@@ -216,6 +216,10 @@ pub fn checkpoint_for_backup(
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
+    // A schedule's run: the schedule finds (and deletes) the checkpoints it no longer needs.
+    if let Some(schedule) = backup.labels().get(SCHEDULE_LABEL) {
+        labels.insert(SCHEDULE_LABEL.to_string(), schedule.clone());
+    }
     Some(VirtualMachineCheckpoint {
         metadata: ObjectMeta {
             name: Some(wanted.name.clone()),

@@ -14,8 +14,9 @@
 //!   error so the process restarts.
 //! - [`run_controllers`] starts one reflector per kind (QemuInstances,
 //!   checkpoints, backups), shared as caches through [`context::Context`],
-//!   and the three controllers ([`checkpoint`], [`backup`],
-//!   [`repository_controller`] for the cluster-scoped BackupRepositories). A QemuInstance
+//!   and the controllers ([`checkpoint`], [`backup`], [`schedule`] for
+//!   VirtualMachineBackupSchedules, [`repository_controller`] for the
+//!   cluster-scoped BackupRepositories). A QemuInstance
 //!   that appears, disappears or changes node re-triggers the objects of
 //!   that VM, so objects applied before their VM recover without user action.
 //! - [`routing`] holds what both controllers share, including the
@@ -33,6 +34,7 @@ pub mod repository;
 pub mod repository_controller;
 pub mod restore;
 pub mod routing;
+pub mod schedule;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -41,8 +43,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use cairn_api::{
-    BackupRepository, QemuInstance, VirtualMachineBackup, VirtualMachineCheckpoint,
-    VirtualMachineRestore,
+    BackupRepository, QemuInstance, VirtualMachineBackup, VirtualMachineBackupSchedule,
+    VirtualMachineCheckpoint, VirtualMachineRestore,
 };
 use futures::channel::mpsc;
 use futures::{FutureExt, Stream, StreamExt};
@@ -481,6 +483,52 @@ pub async fn run_controllers(
         repository_controller.await;
     };
 
+    // Schedules: their own watch, and their backups' changes (owner references)
+    // wake them, so a finished run is pruned and reported at once.
+    let schedule_controller = Controller::new(
+        api_for::<VirtualMachineBackupSchedule>(&client, ns),
+        watcher::Config::default().any_semantic(),
+    );
+    // Series of deleted schedules go (schedules have no finalizer, so no
+    // reconcile sees them go).
+    let schedule_store = schedule_controller.store();
+    let metrics_health = health.clone();
+    let forget_deleted_schedules = async move {
+        let _ = schedule_store.wait_until_ready().await;
+        loop {
+            tokio::time::sleep(schedule::METRICS_SWEEP).await;
+            metrics_health.metrics.retain_schedules(|ns, name| {
+                schedule_store
+                    .get(&ObjectRef::new(name).within(ns))
+                    .is_some()
+            });
+        }
+    };
+    let schedule_controller = schedule_controller
+        .owns(
+            api_for::<VirtualMachineBackup>(&client, ns),
+            watcher::Config::default().any_semantic(),
+        )
+        .with_config(kube::runtime::controller::Config::default().concurrency(4))
+        .run(
+            |o, c| schedule::reconcile(o, c).boxed(),
+            |o, e, c| error_policy(schedule::CONTROLLER, o.as_ref(), e, &c),
+            ctx.clone(),
+        )
+        .for_each(|r| async move {
+            if let Err(error) = r {
+                tracing::debug!(%error, "schedule reconcile failed");
+            }
+        });
+    // Schedules plan from the VM, checkpoint and backup caches.
+    let (vms_s, checkpoints_s, backups_s) = (vms.clone(), checkpoints.clone(), backups.clone());
+    let schedule_after_caches = async move {
+        let _ = vms_s.wait_until_ready().await;
+        let _ = checkpoints_s.wait_until_ready().await;
+        let _ = backups_s.wait_until_ready().await;
+        schedule_controller.await;
+    };
+
     // The backup controller reads the checkpoint and VM caches: start it once they are filled.
     let backup_after_caches = async {
         let _ = vms.wait_until_ready().await;
@@ -497,7 +545,9 @@ pub async fn run_controllers(
         checkpoint_after_vms,
         backup_after_caches,
         repository_after_backups,
-        restore_after_caches
+        restore_after_caches,
+        schedule_after_caches,
+        forget_deleted_schedules
     );
 }
 

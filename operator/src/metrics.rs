@@ -24,6 +24,15 @@ pub struct ControllerLabel {
     pub controller: &'static str,
 }
 
+/// Label set naming a backup schedule.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScheduleLabel {
+    /// Namespace of the schedule.
+    pub namespace: String,
+    /// Name of the schedule.
+    pub schedule: String,
+}
+
 /// The operator's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -33,6 +42,10 @@ pub struct Metrics {
     pub reconcile_errors: Family<ControllerLabel, Counter>,
     /// 1 while this replica holds the leader lease.
     pub leader: Gauge,
+    /// Scheduled time (unix seconds) of the newest successful run, per schedule.
+    pub schedule_last_success: Family<ScheduleLabel, Gauge>,
+    /// The schedules [`Self::schedule_last_success`] has a series of.
+    schedules: std::sync::Mutex<std::collections::HashSet<ScheduleLabel>>,
 }
 
 impl Default for Metrics {
@@ -41,6 +54,7 @@ impl Default for Metrics {
         let reconciles = Family::<ControllerLabel, Counter>::default();
         let reconcile_errors = Family::<ControllerLabel, Counter>::default();
         let leader = Gauge::default();
+        let schedule_last_success = Family::<ScheduleLabel, Gauge>::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -52,11 +66,18 @@ impl Default for Metrics {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        registry.register(
+            "schedule_last_success_timestamp_seconds",
+            "Scheduled time (unix seconds) of the newest successful run of a VirtualMachineBackupSchedule",
+            schedule_last_success.clone(),
+        );
         Self {
             registry,
             reconciles,
             reconcile_errors,
             leader,
+            schedule_last_success,
+            schedules: Default::default(),
         }
     }
 }
@@ -74,6 +95,35 @@ impl Metrics {
         self.reconcile_errors
             .get_or_create(&ControllerLabel { controller })
             .inc();
+    }
+
+    /// Records the newest successful run of a schedule (unix seconds).
+    pub fn schedule_succeeded(&self, namespace: &str, schedule: &str, unix_seconds: i64) {
+        let label = ScheduleLabel {
+            namespace: namespace.into(),
+            schedule: schedule.into(),
+        };
+        self.schedule_last_success
+            .get_or_create(&label)
+            .set(unix_seconds);
+        if let Ok(mut s) = self.schedules.lock() {
+            s.insert(label);
+        }
+    }
+
+    /// Drops the series of schedules for which `exists` says no (deleted
+    /// ones: a stale series would fire a "no recent backup" alert forever).
+    pub fn retain_schedules(&self, exists: impl Fn(&str, &str) -> bool) {
+        let Ok(mut known) = self.schedules.lock() else {
+            return;
+        };
+        known.retain(|l| {
+            let keep = exists(&l.namespace, &l.schedule);
+            if !keep {
+                self.schedule_last_success.remove(l);
+            }
+            keep
+        });
     }
 
     /// The OpenMetrics text exposition.

@@ -1,93 +1,21 @@
 //! The operator against a real kube-apiserver (no agent: the test plays the
 //! agent where the contract needs one, e.g. writing `CleanedUp=True`).
 
+mod in_process;
+
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use cairn_api::{
-    CHECKPOINT_FINALIZER, CREATED_BY_BACKUP_LABEL, NODE_LABEL, QemuInstance, VM_LABEL,
-    VirtualMachineBackup, VirtualMachineCheckpoint, conditions,
+    CHECKPOINT_FINALIZER, CREATED_BY_BACKUP_LABEL, NODE_LABEL, VM_LABEL, VirtualMachineBackup,
+    VirtualMachineCheckpoint, conditions,
 };
 use cairn_e2e::harness::TestEnv;
-use cairn_operator::{Operator, OperatorStatus, Settings};
+use in_process::{create_vm, eventually, start};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
-use tokio::sync::oneshot;
-
-/// A running in-process operator; dropping the sender stops it.
-struct Running {
-    status: OperatorStatus,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<cairn_operator::Result<()>>,
-}
-
-impl Running {
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
-    }
-}
-
-fn start(env: &TestEnv, identity: &str) -> Running {
-    let mut settings = Settings::new("127.0.0.1:0", &env.namespace, identity);
-    settings.watch_namespace = Some(env.namespace.clone());
-    settings.lease.lease_duration = Duration::from_secs(4);
-    settings.lease.renew_interval = Duration::from_secs(1);
-    let operator = Operator::new(env.client.clone(), settings);
-    let status = operator.status();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(operator.run(async move {
-        let _ = rx.await;
-    }));
-    Running {
-        status,
-        stop: Some(tx),
-        task,
-    }
-}
-
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(45);
-    let mut last_err = None;
-    loop {
-        match f().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last_err = Some(e),
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out waiting for {what} (last error: {last_err:?})");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-async fn create_vm(client: &Client, ns: &str, name: &str, node: &str) -> Result<()> {
-    let api: Api<QemuInstance> = Api::namespaced(client.clone(), ns);
-    api.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({
-            "apiVersion": "cairn.dev/v1alpha1", "kind": "QemuInstance",
-            "metadata": {"name": name}
-        }))?,
-    )
-    .await?;
-    api.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {"nodeName": node, "runState": "running"}})),
-    )
-    .await?;
-    Ok(())
-}
 
 fn condition<'a>(
     conds: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],

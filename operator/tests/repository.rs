@@ -6,77 +6,30 @@
 
 #[path = "../../repository/tests/common/mod.rs"]
 mod common;
+mod in_process;
 
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use cairn_api::{BACKUP_FINALIZER, BackupRepository, VirtualMachineBackup, conditions};
 use cairn_e2e::harness::TestEnv;
-use cairn_operator::{Operator, OperatorStatus, RepositorySettings, Settings};
+use cairn_operator::RepositorySettings;
 use cairn_repo::{IngestOptions, RepoError, Repository, SnapshotSpec};
+use in_process::{Running, eventually};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
-use tokio::sync::oneshot;
 
 const KEY: &[u8] = b"a test key of thirty-two bytes!!";
 
-struct Running {
-    _status: OperatorStatus,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<cairn_operator::Result<()>>,
-}
-
-impl Running {
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
-    }
-}
-
 fn start(env: &TestEnv, roots: Vec<std::path::PathBuf>) -> Running {
-    let mut settings = Settings::new("127.0.0.1:0", &env.namespace, "op-repos");
-    settings.watch_namespace = Some(env.namespace.clone());
-    settings.lease.lease_duration = Duration::from_secs(4);
-    settings.lease.renew_interval = Duration::from_secs(1);
+    let mut settings = in_process::settings(env, "op-repos");
     settings.repositories = RepositorySettings {
         namespace: env.namespace.clone(),
         roots,
     };
-    let operator = Operator::new(env.client.clone(), settings);
-    let status = operator.status();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(operator.run(async move {
-        let _ = rx.await;
-    }));
-    Running {
-        _status: status,
-        stop: Some(tx),
-        task,
-    }
-}
-
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(100);
-    let mut last_err = None;
-    loop {
-        match f().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => {}
-            Err(e) => last_err = Some(e),
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out waiting for {what} (last error: {last_err:?})");
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    in_process::start_with(env, settings)
 }
 
 async fn secret(client: &Client, ns: &str, name: &str, data: serde_json::Value) -> Result<()> {

@@ -113,6 +113,15 @@ pub struct RecordedFile {
     pub uid: String,
 }
 
+/// What [`Manifest::delete_files`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeletedFiles {
+    /// Files removed (the manifest last).
+    pub removed: Vec<String>,
+    /// Files kept because a later backup is backed by them.
+    pub kept: Vec<String>,
+}
+
 /// The UID part of a backup's file names: the UID itself (letters, digits
 /// and `-` only, at most 64 characters; a Kubernetes UID has 36).
 pub fn uid_tag(uid: &str) -> String {
@@ -228,8 +237,126 @@ impl Manifest {
         out
     }
 
+    /// Deletes the files of the backup with file stem `stem` from `dir`
+    /// (`deletionPolicy: Delete`), keeping any file that the manifest of
+    /// another backup lists in its backing chain unless `going(uid)` says
+    /// that backup's files are being deleted too. The manifest goes last, and
+    /// only once none of its files is kept, so a kept chain stays readable.
+    pub fn delete_files(
+        dir: &TenantDir,
+        stem: &str,
+        going: impl Fn(&str) -> bool,
+    ) -> Result<DeletedFiles, BackupError> {
+        let own = Self::file_name(stem);
+        let Ok(me) = Self::load(dir, &own) else {
+            return Ok(DeletedFiles::default());
+        };
+        let needed: std::collections::HashSet<String> = Self::list(dir)
+            .into_iter()
+            .filter(|(n, m)| *n != own && !going(&m.uid))
+            .flat_map(|(_, m)| m.disks.into_iter().flat_map(|d| d.backing_chain))
+            .collect();
+        let mut out = DeletedFiles::default();
+        for d in &me.disks {
+            if needed.contains(&d.file) {
+                out.kept.push(d.file.clone());
+            } else if dir.exists(&d.file) {
+                dir.remove(&d.file)?;
+                out.removed.push(d.file.clone());
+            }
+        }
+        if out.kept.is_empty() {
+            dir.remove(&own)?;
+            out.removed.push(own);
+        }
+        Ok(out)
+    }
+
     /// The disk entry called `disk`.
     pub fn disk(&self, disk: &str) -> Option<&ManifestDisk> {
         self.disks.iter().find(|d| d.disk == disk)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backup `name` of one disk whose file is backed by `backing` (newest first).
+    fn backup(dir: &TenantDir, name: &str, backing: &[&str]) -> String {
+        let uid = format!("uid-{name}");
+        let file = format!("{}.vda.qcow2", Manifest::stem(name, &uid));
+        std::fs::write(dir.path().join(&file), b"qcow2").unwrap();
+        let mut chain = vec![file.clone()];
+        chain.extend(backing.iter().map(|s| s.to_string()));
+        Manifest {
+            version: MANIFEST_VERSION,
+            name: name.into(),
+            uid: uid.clone(),
+            vm: "ns/vm1".into(),
+            completed_at: format!("2026-01-01T00:00:0{}Z", backing.len()),
+            incremental_from: None,
+            incremental_from_uid: None,
+            checkpoint: None,
+            checkpoint_uid: None,
+            disks: vec![ManifestDisk {
+                disk: "vda".into(),
+                file: file.clone(),
+                backing_chain: chain,
+                kind: if backing.is_empty() {
+                    BackupKind::Full
+                } else {
+                    BackupKind::Incremental
+                },
+                incremental_from: None,
+                fell_back_to_full: false,
+                virtual_size: 5,
+                bytes_copied: 5,
+                file_size: 5,
+                file_sha256: None,
+                missing_base: None,
+            }],
+            domain: Default::default(),
+            verified: false,
+        }
+        .store(dir)
+        .unwrap();
+        file
+    }
+
+    #[test]
+    fn deleting_keeps_files_a_remaining_backup_is_backed_by() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = TenantDir::open_trusted(tmp.path()).unwrap();
+        let f1 = backup(&dir, "b1", &[]);
+        let f2 = backup(&dir, "b2", &[&f1]);
+        let f3 = backup(&dir, "b3", &[&f2, &f1]);
+        let stem = |n: &str| Manifest::stem(n, &format!("uid-{n}"));
+
+        // b1 while b2 and b3 stay: kept, manifest included.
+        let d = Manifest::delete_files(&dir, &stem("b1"), |_| false).unwrap();
+        assert_eq!(d.kept, std::slice::from_ref(&f1));
+        assert!(d.removed.is_empty());
+        assert!(dir.exists(&f1) && dir.exists(&Manifest::file_name(&stem("b1"))));
+
+        // b3 is the newest: nothing is backed by it.
+        let d = Manifest::delete_files(&dir, &stem("b3"), |_| false).unwrap();
+        assert_eq!(d.removed, [f3.clone(), Manifest::file_name(&stem("b3"))]);
+        assert!(!dir.exists(&f3));
+
+        // b1 and b2 deleted together (a pruned chain): b1 goes first all the same.
+        let going = |u: &str| u == "uid-b2";
+        let d = Manifest::delete_files(&dir, &stem("b1"), going).unwrap();
+        assert!(d.kept.is_empty(), "{d:?}");
+        let d = Manifest::delete_files(&dir, &stem("b2"), |_| false).unwrap();
+        assert!(d.kept.is_empty(), "{d:?}");
+        assert!(!dir.exists(&f1) && !dir.exists(&f2));
+        assert!(Manifest::list(&dir).is_empty());
+
+        // Deleting again (a retried cleanup) is a no-op.
+        assert_eq!(
+            Manifest::delete_files(&dir, &stem("b2"), |_| false).unwrap(),
+            DeletedFiles::default()
+        );
     }
 }

@@ -942,6 +942,14 @@ async fn delete(
         }
         _ => "nothing running; backup files are kept",
     };
+    let deleted = match delete_files(b, ctx, api, phase, uid).await {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(backup = %name, error = %error_chain(&e), "deleting the backup files failed; retrying");
+            return Ok(Action::requeue(Duration::from_secs(5)));
+        }
+    };
+    let msg = deleted.unwrap_or_else(|| msg.to_string());
     if !phase.is_finished() {
         status.phase = Some(BackupPhase::Cancelled);
         status.completion_time.get_or_insert_with(now);
@@ -952,7 +960,7 @@ async fn delete(
     {
         status = fresh;
     }
-    let mut updates = vec![cond("CleanedUp", true, "Cleaned", msg)];
+    let mut updates = vec![cond("CleanedUp", true, "Cleaned", &msg)];
     if status.phase == Some(BackupPhase::Cancelled) {
         updates.push(cond(
             "Ready",
@@ -965,6 +973,60 @@ async fn delete(
     apply_status(api, &name, &status).await?;
     ctx.jobs.lock().expect("jobs lock").remove(uid);
     Ok(Action::await_change())
+}
+
+/// `deletionPolicy: Delete` on a finished push backup: removes its files
+/// ([`Manifest::delete_files`]) unless a backup that stays is backed by them.
+/// Backups of the namespace that are being deleted with `Delete` too count
+/// as going, so a whole chain deleted at once goes in any order. Returns what
+/// happened, for the `CleanedUp` message (`None`: nothing to delete here).
+async fn delete_files(
+    b: &VirtualMachineBackup,
+    ctx: &Context,
+    api: &Api<VirtualMachineBackup>,
+    phase: BackupPhase,
+    uid: &str,
+) -> Result<Option<String>, BackupError> {
+    if b.spec.deletion_policy != Some(cairn_api::DeletionPolicy::Delete)
+        || phase != BackupPhase::Succeeded
+    {
+        return Ok(None);
+    }
+    let Some(dir) = push_dir(b, ctx) else {
+        return Ok(None);
+    };
+    let going: std::collections::HashSet<String> = match api.list(&Default::default()).await {
+        Ok(list) => list
+            .items
+            .into_iter()
+            .filter(|o| {
+                o.metadata.deletion_timestamp.is_some()
+                    && o.spec.deletion_policy == Some(cairn_api::DeletionPolicy::Delete)
+            })
+            .filter_map(|o| o.metadata.uid)
+            .collect(),
+        // Without the list, nothing else counts as going: the safe side.
+        Err(e) => {
+            warn!(error = %e, "listing backups failed; keeping every file another backup needs");
+            Default::default()
+        }
+    };
+    let stem = Manifest::stem(&b.name_any(), uid);
+    let d = Manifest::delete_files(&dir, &stem, |u| going.contains(u))?;
+    info!(backup = %b.name_any(), removed = ?d.removed, kept = ?d.kept, "deletionPolicy Delete: backup files deleted");
+    Ok(Some(if d.kept.is_empty() {
+        format!("deletionPolicy Delete: removed {}", d.removed.join(", "))
+    } else {
+        format!(
+            "deletionPolicy Delete: removed {}; kept {} (later backups are backed by them)",
+            if d.removed.is_empty() {
+                "nothing".to_string()
+            } else {
+                d.removed.join(", ")
+            },
+            d.kept.join(", ")
+        )
+    }))
 }
 
 pub(super) async fn fail(
