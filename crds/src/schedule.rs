@@ -107,13 +107,13 @@ pub struct VirtualMachineBackupScheduleSpec {
     /// (the schedule chains its runs).
     pub template: BackupTemplate,
 
-    /// Start a new chain (a full backup) every this many runs: `1` makes every
-    /// run full, `7` a full and six incrementals. Default: `7` for directory
-    /// targets (each incremental file needs the files before it, so retention
-    /// can only drop whole chains), unlimited for repository targets (every
-    /// snapshot restores alone).
+    /// Start a new chain (a full backup) after this many incrementals: `0` makes
+    /// every run full, `6` a full and six incrementals. Default: `7` for
+    /// directory targets (each incremental file needs the files before it, so
+    /// retention can only drop whole chains), unlimited for repository targets
+    /// (every snapshot restores alone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 1000))]
+    #[schemars(range(min = 0, max = 1000))]
     pub full_every: Option<i32>,
 
     /// Which backups to keep, with Proxmox's prune rules; the others are deleted

@@ -215,7 +215,7 @@ async fn scheduled_chains_are_pruned_with_their_files_and_kept_backups_restore()
     let (dir, s) = schedule_vm1(
         &env,
         cluster,
-        "  fullEvery: 3\n  retention:\n    keepLast: 2\n",
+        "  fullEvery: 2\n  retention:\n    keepLast: 2\n",
     )?;
 
     // Six windows; what the disk held in each.
@@ -323,7 +323,7 @@ async fn a_run_of_a_stopped_vm_is_reported_and_the_next_recovers() -> Result<()>
     let _use = CLUSTER_USE.read().await;
     let (env, cluster) = TestEnv::with_cluster("sched-fail").await?;
     let mut vm = start_vm1(cluster, &env, SIZE).await?;
-    let (dir, s) = schedule_vm1(&env, cluster, "  fullEvery: 5\n")?;
+    let (dir, s) = schedule_vm1(&env, cluster, "  fullEvery: 4\n")?;
     let mut model = DiskModel::new(SIZE);
     model.write(&vm, "disk0", 0x31, 0, MIB)?;
     let first = s.window().await?;
@@ -444,7 +444,7 @@ async fn a_tenant_schedule_reaches_nothing_outside_its_namespace() -> Result<()>
         "all",
         "selector: {}",
         &dir,
-        "  fullEvery: 2\n",
+        "  fullEvery: 1\n",
     ))?;
     ensure!(ok, "{err}");
     let byname = Sched::new(&tenant, "byname");
@@ -510,7 +510,7 @@ async fn forbid_holds_the_next_run_while_a_slow_one_runs() -> Result<()> {
     let vm = start_vm1(cluster, &env, size).await?;
     let mut model = DiskModel::new(size);
     model.write(&vm, "disk0", 0x41, 0, size)?;
-    let (dir, s) = schedule_vm1(&env, cluster, "  fullEvery: 5\n")?;
+    let (dir, s) = schedule_vm1(&env, cluster, "  fullEvery: 4\n")?;
 
     // A run's job is slowed down to 1 MiB/s (two minutes for the disk).
     let job = std::thread::scope(|scope| {
@@ -599,7 +599,7 @@ async fn an_operator_killed_across_scheduled_times_makes_one_catch_up_run() -> R
     let _alone = CLUSTER_USE.write().await;
     let (env, cluster) = TestEnv::with_cluster("sched-kill").await?;
     let _vm = start_vm1(cluster, &env, SIZE).await?;
-    let (_, s) = schedule_vm1(&env, cluster, "  fullEvery: 100\n")?;
+    let (_, s) = schedule_vm1(&env, cluster, "  fullEvery: 99\n")?;
     s.kubectl(&[
         "patch",
         "vmbsched",

@@ -144,7 +144,7 @@ pub fn sorted(mut runs: Vec<Run>) -> Vec<Run> {
 /// Effective `fullEvery` (see the field's docs).
 pub fn full_every(schedule: &VirtualMachineBackupSchedule) -> u32 {
     match schedule.spec.full_every {
-        Some(n) => u32::try_from(n.max(1)).unwrap_or(1),
+        Some(n) => u32::try_from(n.max(0)).unwrap_or(0),
         None if directory_target(schedule) => DEFAULT_FULL_EVERY_DIRECTORY,
         None => u32::MAX,
     }
@@ -158,7 +158,7 @@ fn directory_target(schedule: &VirtualMachineBackupSchedule) -> bool {
 /// runs (newest first) and whether a checkpoint is still usable as a base.
 ///
 /// Incremental from the newest succeeded run's checkpoint while that chain
-/// is shorter than `fullEvery`; full otherwise (a new chain). After a failed
+/// holds fewer than `fullEvery` incrementals; full otherwise (a new chain). After a failed
 /// run the next one falls back to full on any disk whose base is unusable.
 pub fn next_backup(
     schedule: &VirtualMachineBackupSchedule,
@@ -173,7 +173,7 @@ pub fn next_backup(
     let base = runs
         .iter()
         .find(|r| r.succeeded())
-        .filter(|r| r.chain_index().saturating_add(1) < every)
+        .filter(|r| r.chain_index() < every)
         .and_then(|r| Some((r.checkpoint()?.to_string(), r.chain_index() + 1)))
         .filter(|(cp, _)| checkpoint_usable(cp));
     let last_failed = runs
@@ -210,8 +210,8 @@ pub fn next_backup(
             virtual_machine: vm.to_string(),
             fallback_to_full: incremental.is_some() && (t.fallback_to_full || last_failed),
             incremental,
-            // With fullEvery 1 no run builds on another: no checkpoint, no bitmap.
-            checkpoint: (every > 1).then_some(BackupCheckpoint { name }),
+            // With fullEvery 0 no run builds on another: no checkpoint, no bitmap.
+            checkpoint: (every > 0).then_some(BackupCheckpoint { name }),
             disks: t.disks.clone(),
             target: Some(t.target.clone()),
             deletion_policy: Some(DeletionPolicy::Delete),

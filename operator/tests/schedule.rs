@@ -228,7 +228,7 @@ async fn runs_chain_every_full_every_and_retention_keeps_whole_chains() -> Resul
     schedules
         .create(
             &PostParams::default(),
-            &schedule("s", json!({"fullEvery": 3, "retention": {"keepLast": 2}}))?,
+            &schedule("s", json!({"fullEvery": 2, "retention": {"keepLast": 2}}))?,
         )
         .await?;
 
@@ -377,7 +377,7 @@ async fn forbid_replace_failures_and_recovery() -> Result<()> {
     schedules
         .create(
             &PostParams::default(),
-            &schedule("s", json!({"fullEvery": 10}))?,
+            &schedule("s", json!({"fullEvery": 9}))?,
         )
         .await?;
 
@@ -572,7 +572,7 @@ async fn bad_schedules_are_refused_or_reported() -> Result<()> {
             json!({"template": {"target": {"nbd": {}}}}),
             "template.target needs directory or repository",
         ),
-        (json!({"fullEvery": 0}), "fullEvery"),
+        (json!({"fullEvery": -1}), "fullEvery"),
     ] {
         let err = schedules
             .create(&pp, &schedule("bad", spec.clone())?)

@@ -90,7 +90,7 @@ fn names_are_deterministic_and_fit_a_label() {
 
 #[test]
 fn chains_restart_every_full_every_runs() {
-    let s = schedule(true, Some(3), None);
+    let s = schedule(true, Some(2), None);
     let runs = history(&s, &[BackupPhase::Succeeded; 7]);
     let incremental: Vec<Option<String>> = runs
         .iter()
@@ -111,7 +111,7 @@ fn chains_restart_every_full_every_runs() {
 
 #[test]
 fn every_run_full_needs_no_checkpoint() {
-    let s = schedule(true, Some(1), None);
+    let s = schedule(true, Some(0), None);
     let runs = history(&s, &[BackupPhase::Succeeded; 3]);
     assert!(runs.iter().all(|r| r.backup.spec.incremental.is_none()));
     assert!(runs.iter().all(|r| r.checkpoint().is_none()));
@@ -129,7 +129,7 @@ fn repository_chains_do_not_restart_by_default() {
 
 #[test]
 fn after_a_failure_the_next_run_builds_on_the_last_success_and_may_fall_back() {
-    let s = schedule(true, Some(5), None);
+    let s = schedule(true, Some(4), None);
     let runs = history(
         &s,
         &[
@@ -149,7 +149,7 @@ fn after_a_failure_the_next_run_builds_on_the_last_success_and_may_fall_back() {
 
 #[test]
 fn an_unusable_base_starts_a_new_chain() {
-    let s = schedule(true, Some(5), None);
+    let s = schedule(true, Some(4), None);
     let runs = history(&s, &[BackupPhase::Succeeded]);
     let b = next_backup(&s, "vm1", t(1), &runs, |_| false);
     assert_eq!(b.spec.incremental, None);
@@ -164,7 +164,7 @@ fn retention_keeps_whole_chains_for_directories() {
     // Chains of 3: [0 1 2] [3 4 5] [6 7]; keepLast 4 keeps 4..7, and 4 needs 3.
     let s = schedule(
         true,
-        Some(3),
+        Some(2),
         Some(Retention {
             keep_last: Some(4),
             ..Default::default()
@@ -178,7 +178,7 @@ fn retention_keeps_whole_chains_for_directories() {
     // A repository snapshot restores alone: exactly keepLast.
     let s = schedule(
         false,
-        Some(3),
+        Some(2),
         Some(Retention {
             keep_last: Some(4),
             ..Default::default()
@@ -195,7 +195,7 @@ fn retention_keeps_whole_chains_for_directories() {
 fn retention_drops_old_failures_and_keeps_running_backups() {
     let s = schedule(
         true,
-        Some(10),
+        Some(9),
         Some(Retention {
             keep_last: Some(1),
             ..Default::default()
@@ -215,7 +215,7 @@ fn retention_drops_old_failures_and_keeps_running_backups() {
 
 #[test]
 fn only_the_next_base_and_running_checkpoints_are_needed() {
-    let s = schedule(true, Some(10), None);
+    let s = schedule(true, Some(9), None);
     use BackupPhase::*;
     let runs = history(&s, &[Succeeded, Succeeded, Failed, Running]);
     let cps: Vec<Arc<VirtualMachineCheckpoint>> = (0..4)
