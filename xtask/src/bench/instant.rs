@@ -264,7 +264,7 @@ pub fn render(r: &InstantResults) -> String {
     );
     if let (Some(s), Some(c)) = (r.stream.median(), r.copy.median()) {
         out.push_str(&format!(
-            "\nStream ÷ copy (time): {:.2}×. Target: export readable ≤ 2 s after apply — measured {} s here without the control plane (apply → Ready of a checkpoint is in section 5).\n",
+            "\nStream ÷ copy (time): {:.2}×. Target: export readable ≤ 2 s after apply — measured {} s here without the control plane (apply → Ready of a checkpoint is in section 5).\n\n",
             s / c,
             f(r.ready.median())
         ));
