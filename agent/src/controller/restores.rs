@@ -102,7 +102,10 @@ async fn reconcile(
     if phase.is_finished() || super::backups::task_alive(&ctx, &uid) {
         return Ok(Action::await_change());
     }
-    if phase == RestorePhase::Pending && !cache_is_current(&api, r.as_ref()).await? {
+    // The cache trails this agent's own status writes: a stale Pending must not
+    // start a second task, and a stale Running (the task has just finished and
+    // written Succeeded) must not look like an agent restart.
+    if !cache_is_current(&api, r.as_ref()).await? {
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
     if phase != RestorePhase::Pending {
