@@ -415,6 +415,49 @@ async fn repository_snapshots_restore_by_backup_and_by_id_and_stay_in_their_name
     Ok(())
 }
 
+/// Starts VM `restored` on a new qcow2 overlay (in `<state>/<dir_name>/<ns>/`)
+/// whose backing file is export `disk0` at `socket`. Its QMP socket is where
+/// the agent sees it: the agent tells from the VM's block graph when the
+/// overlay no longer needs the export. Returns the VM, the overlay and its directory.
+fn vm_on_export(
+    cluster: &LocalCluster,
+    env: &TestEnv,
+    dir_name: &str,
+    socket: &str,
+    size: u64,
+) -> Result<(TestVm, PathBuf, PathBuf)> {
+    let dir = cluster.state_dir.join(dir_name).join(&env.namespace);
+    std::fs::create_dir_all(&dir)?;
+    let overlay = dir.join("overlay.qcow2");
+    let backing = format!(
+        "json:{}",
+        json!({"driver": "raw", "file": {"driver": "nbd", "server": {"type": "unix", "path": socket}, "export": "disk0"}})
+    );
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing])
+        .arg(&overlay)
+        .arg(size.to_string())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vm = TestVm::start_on(
+        &cluster.qmp_dir("node-1"),
+        &env.namespace,
+        "restored",
+        &dir,
+        vec![VmDisk {
+            name: "disk0".into(),
+            image: overlay.clone(),
+            format: "qcow2".into(),
+            size,
+        }],
+    )?;
+    Ok((vm, overlay, dir))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn instant_recovery_serves_the_snapshot_while_the_vm_streams_it_in() -> Result<()> {
     let (env, cluster) = TestEnv::with_cluster("restore-instant").await?;
@@ -446,37 +489,7 @@ async fn instant_recovery_serves_the_snapshot_while_the_vm_streams_it_in() -> Re
     assert_eq!(s.disks[0].export_name.as_deref(), Some("disk0"));
 
     // A VM on a local overlay backed by the export.
-    let dir = cluster.state_dir.join("instant").join(&env.namespace);
-    std::fs::create_dir_all(&dir)?;
-    let overlay = dir.join("overlay.qcow2");
-    let backing = format!(
-        "json:{}",
-        json!({"driver": "raw", "file": {"driver": "nbd", "server": {"type": "unix", "path": socket}, "export": "disk0"}})
-    );
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing])
-        .arg(&overlay)
-        .arg(size.to_string())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // Its QMP socket where the agent sees it: the agent tells from the VM's
-    // block graph when the overlay no longer needs the export.
-    let mut restored = TestVm::start_on(
-        &cluster.qmp_dir("node-1"),
-        &env.namespace,
-        "restored",
-        &dir,
-        vec![VmDisk {
-            name: "disk0".into(),
-            image: overlay.clone(),
-            format: "qcow2".into(),
-            size,
-        }],
-    )?;
+    let (mut restored, overlay, dir) = vm_on_export(cluster, &env, "instant", &socket, size)?;
     // Reads of never-fetched regions return the snapshot's bytes.
     let hmp = |cmd: String| -> Result<String> {
         let out = restored.qmp(
@@ -731,38 +744,8 @@ async fn instant_recovery_reports_an_unreachable_repository_and_recovers() -> Re
     let r = wait_restore(&env, "instant", RestorePhase::Serving).await?;
     let url = r.status.and_then(|s| s.export).context("export")?.url;
     let socket = url.split("socket=").nth(1).context("socket")?.to_string();
-    let dir = cluster
-        .state_dir
-        .join("instant-unreachable")
-        .join(&env.namespace);
-    std::fs::create_dir_all(&dir)?;
-    let overlay = dir.join("overlay.qcow2");
-    let backing = format!(
-        "json:{}",
-        json!({"driver": "raw", "file": {"driver": "nbd", "server": {"type": "unix", "path": socket}, "export": "disk0"}})
-    );
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing])
-        .arg(&overlay)
-        .arg(size.to_string())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut restored = TestVm::start_on(
-        &cluster.qmp_dir("node-1"),
-        &env.namespace,
-        "restored",
-        &dir,
-        vec![VmDisk {
-            name: "disk0".into(),
-            image: overlay.clone(),
-            format: "qcow2".into(),
-            size,
-        }],
-    )?;
+    let (mut restored, overlay, dir) =
+        vm_on_export(cluster, &env, "instant-unreachable", &socket, size)?;
     // qemu-io reports on QEMU's stdout (its log), not in the HMP reply.
     let log = dir.join("restored.qemu.log");
     let read = |offset: u64, pattern: u8| -> Result<String> {
