@@ -158,7 +158,8 @@ impl TestVm {
             .context("starting qemu-system-x86_64")?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.test_socket.exists() {
+        // The file appears at bind(); QEMU accepts only after listen().
+        while UnixStream::connect(&self.test_socket).is_err() {
             if Instant::now() > deadline {
                 bail!(
                     "QEMU did not create its QMP socket; see {}",

@@ -163,7 +163,18 @@ pub struct Qmp {
 
 impl Qmp {
     pub async fn connect(path: &Path) -> Self {
-        let stream = UnixStream::connect(path).await.expect("connect to QMP");
+        // QEMU creates the socket file at bind() and accepts only after
+        // listen(): a connect in between is refused, so retry for a while.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let stream = loop {
+            match UnixStream::connect(path).await {
+                Ok(stream) => break stream,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("connect to QMP at {}: {e}", path.display()),
+            }
+        };
         let (r, w) = stream.into_split();
         let mut qmp = Self {
             reader: BufReader::new(r),

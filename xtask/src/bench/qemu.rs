@@ -161,7 +161,9 @@ impl BenchVm {
             child: Some(child),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !(socket.exists() && private.exists()) {
+        // The files appear at bind(); QEMU accepts only after listen().
+        let listening = |p: &Path| std::os::unix::net::UnixStream::connect(p).is_ok();
+        while !(listening(socket) && listening(&private)) {
             ensure!(Instant::now() < deadline, "QEMU did not create its sockets");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
