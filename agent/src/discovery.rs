@@ -92,6 +92,10 @@ pub fn scan_socket_dir(root: &Path) -> Vec<VmRef> {
             let Some(vm) = file.strip_suffix(".sock") else {
                 continue;
             };
+            // `<vm>.qga.sock` is the guest agent channel beside a monitor.
+            if vm.ends_with(".qga") {
+                continue;
+            }
             if valid_segment(vm) && f.file_type().map(|t| t.is_socket()).unwrap_or(false) {
                 out.push(VmRef {
                     namespace: ns_name.clone(),
@@ -303,4 +307,21 @@ fn forward_changes(client: &QmpClient, vm: &VmRef, changes: broadcast::Sender<Vm
             let _ = changes.send(vm.clone());
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_agent_sockets_are_not_vms() {
+        let root = tempfile::tempdir().unwrap();
+        let ns = root.path().join("tenant");
+        std::fs::create_dir(&ns).unwrap();
+        let _vm = std::os::unix::net::UnixListener::bind(ns.join("vm1.sock")).unwrap();
+        let _qga = std::os::unix::net::UnixListener::bind(ns.join("vm1.qga.sock")).unwrap();
+        let found = scan_socket_dir(root.path());
+        let names: Vec<&str> = found.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["vm1"]);
+    }
 }

@@ -110,6 +110,16 @@ struct Cli {
         global = true
     )]
     resync_seconds: u64,
+    /// Seconds each QEMU guest agent call of `quiesce` may take (sync,
+    /// freeze, thaw); a freeze that does not answer fails `QuiesceTimeout`
+    /// and the guest is thawed.
+    #[arg(
+        long,
+        env = "CAIRN_QUIESCE_TIMEOUT_SECONDS",
+        default_value_t = 10,
+        global = true
+    )]
+    quiesce_timeout_seconds: u64,
     /// Seconds a VM's QemuInstance stays (run state `stopped`) after its socket vanished.
     #[arg(
         long,
@@ -242,6 +252,7 @@ async fn main() -> anyhow::Result<()> {
                 stopped_grace: Duration::from_secs(cli.stopped_grace_seconds),
                 cairn_namespace: cli.namespace,
                 repository_roots: cli.repository_root,
+                quiesce_timeout: Duration::from_secs(cli.quiesce_timeout_seconds.max(1)),
             };
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;

@@ -34,6 +34,7 @@ fn request(
         fallback_to_full: false,
         standalone_incremental: false,
         speed_limit: None,
+        quiesce: None,
     }
 }
 

@@ -184,6 +184,7 @@ fn push(uid: &str, dir: &std::path::Path) -> PushRequest {
         fallback_to_full: false,
         standalone_incremental: false,
         speed_limit: None,
+        quiesce: None,
     }
 }
 

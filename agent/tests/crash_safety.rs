@@ -32,6 +32,7 @@ fn req(
         fallback_to_full: false,
         standalone_incremental: false,
         speed_limit: None,
+        quiesce: None,
     }
 }
 

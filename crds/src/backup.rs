@@ -111,6 +111,14 @@ pub struct VirtualMachineBackupSpec {
     #[serde(default)]
     pub fallback_to_full: bool,
 
+    /// Freeze the guest's filesystems through the QEMU guest agent
+    /// (`<ns>/<vm>.qga.sock` beside the monitor) for the instant the backup point
+    /// (and its checkpoint) is taken, then thaw them: an application-consistent
+    /// backup. Fails `QuiesceUnavailable` without a guest agent, `QuiesceTimeout`
+    /// when it does not answer in time; the guest is thawed and nothing is left.
+    #[serde(default)]
+    pub quiesce: bool,
+
     /// Pull mode: tear the export down after this many seconds even if the resource still exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 604800))]
@@ -336,6 +344,11 @@ pub struct VirtualMachineBackupStatus {
     /// Name of the checkpoint this backup created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
+    /// Set when the backup point was taken with the guest's filesystems frozen
+    /// (`spec.quiesce`): the backup is application-consistent. The
+    /// `ApplicationConsistent` condition says the same for every backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiesce: Option<crate::common::QuiesceStatus>,
     /// Repository target: the snapshot written and what it cost.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repository: Option<RepositorySnapshotStatus>,

@@ -52,6 +52,7 @@ use crate::common::{Condition, DomainSnapshot};
     )
 )]
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable: create a new VirtualMachineCheckpoint instead"))]
+#[x_kube(validation = Rule::new("!(self.quiesce && self.redefine)").message("quiesce applies to creating bitmaps; redefine adopts existing ones"))]
 #[x_kube(validation = Rule::new("!has(self.domain) || self.redefine").message("domain can only be given with redefine: true; on a normal create the agent records it in status.domain"))]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualMachineCheckpointSpec {
@@ -86,8 +87,10 @@ pub struct VirtualMachineCheckpointSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<DomainSnapshot>,
 
-    /// Freeze guest filesystems through the QEMU guest agent around bitmap creation;
-    /// fails when no guest agent answers.
+    /// Freeze guest filesystems through the QEMU guest agent (`<ns>/<vm>.qga.sock`
+    /// beside the monitor) around bitmap creation, then thaw them. Fails
+    /// `QuiesceUnavailable` when there is no guest agent, `QuiesceTimeout` when it
+    /// does not answer in time (the guest is thawed and no bitmap is left).
     #[serde(default)]
     pub quiesce: bool,
 }
@@ -167,6 +170,9 @@ pub struct VirtualMachineCheckpointStatus {
     /// The VM definition the agent observed (normal create) or the one given (redefine).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<DomainSnapshot>,
+    /// Set when the bitmaps were created with the guest's filesystems frozen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiesce: Option<crate::common::QuiesceStatus>,
     /// The spec generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

@@ -65,3 +65,14 @@ pub mod condition_types {
     /// (`status.disks[].sha256` and the manifest), or why not.
     pub const VERIFIED: &str = "Verified";
 }
+
+/// How the guest's filesystems were frozen for a checkpoint or backup
+/// (`spec.quiesce`): the data is application-consistent.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuiesceStatus {
+    /// Filesystems the guest agent froze.
+    pub frozen_filesystems: i64,
+    /// From the freeze to the thaw, in milliseconds.
+    pub frozen_milliseconds: i64,
+}

@@ -56,6 +56,12 @@ pub const CREATED_BY_BACKUP_UID_ANNOTATION: &str = "cairn.dev/created-by-backup-
 /// Condition the agent sets on a backup once the QMP transaction that
 /// creates its new checkpoint's bitmaps has succeeded.
 pub const CHECKPOINT_CREATED_CONDITION: &str = "CheckpointCreated";
+/// Condition: whether the data was taken with the guest's filesystems frozen
+/// (`spec.quiesce`), i.e. is application-consistent rather than crash-consistent.
+pub const APPLICATION_CONSISTENT_CONDITION: &str = "ApplicationConsistent";
+/// Condition: True while Cairn may hold the guest's filesystems frozen; an
+/// agent that restarts thaws every VM whose object says so.
+pub const GUEST_FROZEN_CONDITION: &str = "GuestFrozen";
 /// Label on a backup a schedule created, naming that schedule.
 pub const SCHEDULE_LABEL: &str = "cairn.dev/schedule";
 /// Annotation on a backup a schedule created: the scheduled time (RFC 3339).

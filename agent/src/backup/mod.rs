@@ -47,6 +47,9 @@ pub use verify::{verify_backup, verify_backup_file};
 /// unless the VM itself was gone.
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
+    /// `quiesce` was asked for and the guest could not be frozen (nothing ran).
+    #[error(transparent)]
+    Quiesce(#[from] crate::qga::QgaError),
     /// The disk selection is invalid.
     #[error(transparent)]
     Selection(#[from] SelectionError),

@@ -167,6 +167,8 @@ pub struct PullRequest {
     pub socket: Option<PathBuf>,
     /// Export a disk without a dirty-bitmap context when its base is unusable.
     pub fallback_to_full: bool,
+    /// Freeze the guest's filesystems through its agent around the export point.
+    pub quiesce: Option<crate::qga::GuestAgent>,
 }
 
 /// One exported disk.
@@ -193,6 +195,8 @@ pub struct PullExport {
     pub socket: PathBuf,
     /// Exported disks.
     pub disks: Vec<ExportedDisk>,
+    /// How the guest was frozen for the export point (`quiesce`).
+    pub quiesce: Option<crate::qga::QuiesceReport>,
 }
 
 struct PullDisk<'a> {
@@ -393,8 +397,29 @@ fn remove_scratch_files(scratch: &TenantDir, op: &OperationId) {
 }
 
 /// Runs `steps` with the guest paused (when it runs), so that the transaction
-/// and the filter insertion happen at one instant for the guest.
+/// and the filter insertion happen at one instant for the guest; with
+/// `quiesce`, inside a freeze of the guest's filesystems (freeze, pause,
+/// transaction, resume, thaw: the guest agent needs a running guest).
 async fn at_one_instant(
+    client: &QmpClient,
+    vm: &str,
+    steps: &[TransactionStep],
+    disks: &[PullDisk<'_>],
+    quiesce: Option<&crate::qga::GuestAgent>,
+) -> Result<Option<crate::qga::QuiesceReport>, (BackupError, bool)> {
+    match quiesce {
+        Some(agent) => {
+            let (result, report) = agent
+                .quiesced(paused(client, vm, steps, disks))
+                .await
+                .map_err(|e| (BackupError::from(e), false))?;
+            result.map(|()| Some(report))
+        }
+        None => paused(client, vm, steps, disks).await.map(|()| None),
+    }
+}
+
+async fn paused(
     client: &QmpClient,
     vm: &str,
     steps: &[TransactionStep],
@@ -504,7 +529,7 @@ async fn setup(
             });
         }
     }
-    at_one_instant(client, vm, &steps, disks).await?;
+    let quiesce = at_one_instant(client, vm, &steps, disks, request.quiesce.as_ref()).await?;
     let created = request.new_checkpoint.is_some();
     for p in disks {
         client
@@ -574,6 +599,7 @@ async fn setup(
     Ok(PullExport {
         socket,
         disks: exported,
+        quiesce,
     })
 }
 

@@ -55,6 +55,8 @@ pub struct PushRequest {
     pub standalone_incremental: bool,
     /// Optional rate limit per disk, bytes per second.
     pub speed_limit: Option<u64>,
+    /// Freeze the guest's filesystems through its agent around the transaction.
+    pub quiesce: Option<crate::qga::GuestAgent>,
 }
 
 /// The plan for one disk.
@@ -215,6 +217,8 @@ pub struct RunningBackup {
     /// Whether the new checkpoint's bitmaps were created by this operation.
     created_checkpoint: bool,
     finished: Option<BackupOutcome>,
+    /// How the guest was frozen for the transaction, when it was.
+    quiesce: Option<crate::qga::QuiesceReport>,
 }
 
 /// Starts (or re-attaches to, or reports the finished) push backup described by `request`.
@@ -257,6 +261,7 @@ pub async fn start_push_backup(
             plan: Vec::new(),
             domain: Domain::default(),
             created_checkpoint: false,
+            quiesce: None,
         });
     }
     let mut running = RunningBackup {
@@ -269,6 +274,7 @@ pub async fn start_push_backup(
         domain: Domain::default(),
         created_checkpoint: request.new_checkpoint.is_some(),
         finished: None,
+        quiesce: None,
     };
     let dir = &running.dir;
 
@@ -413,11 +419,24 @@ impl RunningBackup {
         }
         // Backups first, so QEMU reports a job problem before a bitmap one.
         steps.sort_by_key(|s| !matches!(s, TransactionStep::Backup(_)));
-        self.client.transaction(&steps).await.map_err(|e| {
+        let result = match self.request.quiesce.clone() {
+            Some(agent) => {
+                let (result, report) = agent.quiesced(self.client.transaction(&steps)).await?;
+                self.quiesce = Some(report);
+                result
+            }
+            None => self.client.transaction(&steps).await,
+        };
+        result.map_err(|e| {
             // The transaction rolled back: the checkpoint bitmaps were not created.
             self.created_checkpoint = false;
             qmp_err(&vm, "transaction")(e)
         })
+    }
+
+    /// How the guest was frozen for the transaction (`quiesce`), once it ran.
+    pub fn quiesce_report(&self) -> Option<&crate::qga::QuiesceReport> {
+        self.quiesce.as_ref()
     }
 
     /// Current progress from `query-jobs`.

@@ -45,6 +45,8 @@ pub struct RepositoryBackupRequest {
     pub new_checkpoint: Option<CheckpointRef>,
     /// Read a disk whole when its base bitmap is unusable.
     pub fallback_to_full: bool,
+    /// Freeze the guest's filesystems through its agent around the backup point.
+    pub quiesce: Option<crate::qga::GuestAgent>,
 }
 
 /// A written snapshot.
@@ -58,6 +60,8 @@ pub struct RepositoryBackupOutcome {
     pub progress: IngestProgress,
     /// Disks read whole because their base bitmap was unusable.
     pub fell_back: Vec<String>,
+    /// How the guest was frozen for the backup point (`quiesce`).
+    pub quiesce: Option<crate::qga::QuiesceReport>,
 }
 
 /// The newest snapshot of `vm` in `namespace` taken at checkpoint `base`
@@ -120,6 +124,7 @@ pub async fn run_repository_backup(
         new_checkpoint: request.new_checkpoint.as_ref().map(|c| c.name.clone()),
         socket: None,
         fallback_to_full: request.fallback_to_full,
+        quiesce: request.quiesce.clone(),
     };
     let export = start_pull_export(client, vm, policy, &pull).await?;
     let result = ingest(vm, repo, request, base, &export, progress).await;
@@ -230,6 +235,7 @@ async fn ingest(
         base,
         progress,
         fell_back,
+        quiesce: export.quiesce.clone(),
     })
 }
 

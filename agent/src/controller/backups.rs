@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use super::status::{
     agent_conditions, apply_status, backup_reason, cache_is_current, cond, error_chain, now,
 };
-use super::{Context, ControllerError};
+use super::{Context, ControllerError, quiesce};
 use crate::backup::{
     BackupError, FileScope, Manifest, PullRequest, PushRequest, check_pull_export,
     cleanup_leftovers, remove_local_files, start_pull_export, start_push_backup, stop_pull_export,
@@ -145,6 +145,23 @@ async fn reconcile(
     }
     let phase = status.phase.unwrap_or_default();
     let session = ctx.discovery.session(&ns, &b.spec.virtual_machine).ok();
+    if !task_alive(&ctx, &uid)
+        && let Some(action) = quiesce::thaw_first(
+            &ctx,
+            &api,
+            &*b,
+            &status.conditions,
+            session.as_ref().map(|s| &s.0),
+            async |conditions| {
+                let mut status = status.clone();
+                status.conditions = conditions;
+                apply_status(&api, &b.name_any(), &status).await
+            },
+        )
+        .await?
+    {
+        return Ok(action);
+    }
 
     if b.metadata.deletion_timestamp.is_some() {
         if !b.finalizers().iter().any(|f| f == BACKUP_FINALIZER)
@@ -268,6 +285,7 @@ async fn start(
         Err((reason, msg)) => return fail(api, &name, status, generation, &reason, msg).await,
     };
     let operation = OperationId::new(uid);
+    let qga = b.spec.quiesce.then(|| quiesce::guest_agent(ctx, &vmref));
     let new_checkpoint = b.spec.checkpoint.as_ref().map(|c| c.name.clone());
     status.node_name = Some(ctx.config.node_name.clone());
     status.checkpoint = new_checkpoint.clone();
@@ -328,24 +346,35 @@ async fn start(
                 fallback_to_full: b.spec.fallback_to_full,
                 standalone_incremental: base_standalone,
                 speed_limit: None,
+                quiesce: qga.clone(),
             };
-            if status.phase != Some(BackupPhase::Running) {
+            if status.phase != Some(BackupPhase::Running) || qga.is_some() {
                 status.phase = Some(BackupPhase::Running);
-                status.conditions = agent_conditions(
-                    &status.conditions,
-                    &[cond(
-                        "Ready",
-                        false,
-                        "Running",
-                        "the backup job is starting",
-                    )],
-                    generation,
-                );
+                let mut updates = vec![cond(
+                    "Ready",
+                    false,
+                    "Running",
+                    "the backup job is starting",
+                )];
+                match &qga {
+                    Some(_) => updates.push(quiesce::freezing()),
+                    // Known now: saves a status write after the start.
+                    None => updates.extend(quiesce::outcome(false, None).0),
+                }
+                status.conditions = agent_conditions(&status.conditions, &updates, generation);
                 apply_status(api, &name, &status).await?;
             }
             match start_push_backup(&client, &vmref, &ctx.targets, &request).await {
                 Ok(running) => {
-                    if mark_checkpoint_created(&mut status, generation) {
+                    let mut changed = mark_checkpoint_created(&mut status, generation);
+                    if b.spec.quiesce {
+                        let (updates, quiesced) = quiesce::outcome(true, running.quiesce_report());
+                        status.conditions =
+                            agent_conditions(&status.conditions, &updates, generation);
+                        status.quiesce = quiesced;
+                        changed = true;
+                    }
+                    if changed {
                         apply_status(api, &name, &status).await?;
                     }
                     let job_ids: Vec<String> =
@@ -421,6 +450,11 @@ async fn start(
                 }
                 Err(e) => {
                     let reason = backup_reason(&e);
+                    status.conditions = agent_conditions(
+                        &status.conditions,
+                        &quiesce::after_failure(b.spec.quiesce, quiesce::backup_quiesce_error(&e)),
+                        generation,
+                    );
                     fail(
                         api,
                         &b.name_any(),
@@ -459,8 +493,13 @@ async fn start(
                 new_checkpoint,
                 socket: requested_socket(b),
                 fallback_to_full: b.spec.fallback_to_full,
+                quiesce: qga.clone(),
             };
             status.phase = Some(BackupPhase::Running);
+            if qga.is_some() {
+                status.conditions =
+                    agent_conditions(&status.conditions, &[quiesce::freezing()], generation);
+            }
             apply_status(api, &name, &status).await?;
             match start_pull_export(&client, &vmref, &ctx.pull, &request).await {
                 Ok(export) => {
@@ -470,6 +509,10 @@ async fn start(
                         )
                     });
                     status.phase = Some(BackupPhase::Exporting);
+                    let (updates, quiesced) =
+                        quiesce::outcome(b.spec.quiesce, export.quiesce.as_ref());
+                    status.conditions = agent_conditions(&status.conditions, &updates, generation);
+                    status.quiesce = quiesced;
                     mark_checkpoint_created(&mut status, generation);
                     status.export = Some(BackupExport {
                         url: format!("nbd+unix:///?socket={}", export.socket.display()),
@@ -512,6 +555,11 @@ async fn start(
                 }
                 Err(e) => {
                     let reason = backup_reason(&e);
+                    status.conditions = agent_conditions(
+                        &status.conditions,
+                        &quiesce::after_failure(b.spec.quiesce, quiesce::backup_quiesce_error(&e)),
+                        generation,
+                    );
                     fail(api, &name, status, generation, reason, error_chain(&e)).await
                 }
             }

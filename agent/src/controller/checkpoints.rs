@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use super::status::{
     agent_conditions, apply_status, cache_is_current, checkpoint_reason, cond, error_chain, now,
 };
-use super::{Context, ControllerError};
+use super::{Context, ControllerError, quiesce};
 use crate::checkpoint::{
     self, CheckpointError, CheckpointInfo, CheckpointRequest, Domain, create_checkpoint,
     delete_checkpoint, inspect_checkpoint, plan_create, redefine_checkpoint,
@@ -188,6 +188,22 @@ async fn reconcile(
     let generation = cp.metadata.generation;
     let vm = cp.spec.virtual_machine.clone();
     let session = ctx.discovery.session(&ns, &vm).ok();
+    if let Some(action) = quiesce::thaw_first(
+        &ctx,
+        &api,
+        &*cp,
+        &status.conditions,
+        session.as_ref().map(|s| &s.0),
+        async |conditions| {
+            let mut status = status.clone();
+            status.conditions = conditions;
+            apply_status(&api, &name, &status).await
+        },
+    )
+    .await?
+    {
+        return Ok(action);
+    }
 
     // A bitmap name we can't serve is a spec error, whatever the phase.
     let request = match plan_request(&cp) {
@@ -369,6 +385,20 @@ async fn create(
             && !cp.labels().contains_key(CREATED_BY_BACKUP_LABEL)
             && let Some(domain) = stopped_domain(ctx, &ns, &cp.spec.virtual_machine).await?
         {
+            if cp.spec.quiesce {
+                return fail(
+                    api,
+                    &name,
+                    status,
+                    generation,
+                    "QuiesceUnavailable",
+                    format!(
+                        "quiesce needs the guest agent of a running guest, and VM {} is stopped; a stopped VM's images need no freeze: create the checkpoint without quiesce",
+                        cp.spec.virtual_machine
+                    ),
+                )
+                .await;
+            }
             return create_offline(cp, api, status, request, domain).await;
         }
         status.phase = Some(CheckpointPhase::Pending);
@@ -388,13 +418,7 @@ async fn create(
         apply_status(api, &name, &status).await?;
         return Ok(Action::requeue(Duration::from_secs(5)));
     };
-    if cp.spec.quiesce {
-        return fail(api, &name, status, generation, "QuiesceUnavailable", format!(
-            "quiesce was requested but Cairn cannot reach a QEMU guest agent for VM {} (guest-agent freeze is not supported yet); create the checkpoint without quiesce",
-            cp.spec.virtual_machine
-        )).await;
-    }
-
+    let qga = (cp.spec.quiesce && !cp.spec.redefine).then(|| quiesce::guest_agent(ctx, &vmref));
     let was_creating = status.phase == Some(CheckpointPhase::Creating);
     if !was_creating && !cp.spec.redefine {
         // Refuse before recording `Creating`, so that a bitmap found while
@@ -411,8 +435,12 @@ async fn create(
             .await;
         }
     }
-    if !was_creating {
+    if !was_creating || qga.is_some() {
         status.phase = Some(CheckpointPhase::Creating);
+        if qga.is_some() {
+            status.conditions =
+                agent_conditions(&status.conditions, &[quiesce::freezing()], generation);
+        }
         apply_status(api, &name, &status).await?;
     }
     let result = if cp.spec.redefine {
@@ -424,26 +452,58 @@ async fn create(
                 (i, d)
             })
     } else {
-        match create_checkpoint(&client, &vmref, &request).await {
-            Ok(i) => {
-                let d = i.domain.clone();
-                Ok((i, d))
+        let create = async {
+            match create_checkpoint(&client, &vmref, &request).await {
+                Ok(i) => {
+                    let d = i.domain.clone();
+                    Ok((i, d))
+                }
+                // A retry after our own transaction succeeded but the status write did not.
+                Err(CheckpointError::AlreadyExists { .. }) if was_creating => {
+                    let i = inspect_checkpoint(&client, &vmref, &request.name).await;
+                    let inv = ctx
+                        .discovery
+                        .inventory(&vmref.namespace, &vmref.name)
+                        .await
+                        .ok();
+                    i.map(|i| (i, inv.map(|inv| Domain::observe(&inv))))
+                }
+                Err(e) => Err(e),
             }
-            // A retry after our own transaction succeeded but the status write did not.
-            Err(CheckpointError::AlreadyExists { .. }) if was_creating => {
-                let i = inspect_checkpoint(&client, &vmref, &request.name).await;
-                let inv = ctx
-                    .discovery
-                    .inventory(&vmref.namespace, &vmref.name)
-                    .await
-                    .ok();
-                i.map(|i| (i, inv.map(|inv| Domain::observe(&inv))))
-            }
-            Err(e) => Err(e),
+        };
+        match &qga {
+            None => create.await,
+            Some(agent) => match agent.quiesced(create).await {
+                Ok((result, report)) => {
+                    let (updates, quiesced) = match &result {
+                        Ok(_) => quiesce::outcome(true, Some(&report)),
+                        Err(_) => (quiesce::after_failure(true, None), None),
+                    };
+                    status.conditions = agent_conditions(&status.conditions, &updates, generation);
+                    status.quiesce = quiesced;
+                    result
+                }
+                Err(e) => {
+                    // Nothing ran: no bitmap was made; the guest was thawed.
+                    status.conditions = agent_conditions(
+                        &status.conditions,
+                        &quiesce::after_failure(true, Some(&e)),
+                        generation,
+                    );
+                    return fail(api, &name, status, generation, e.reason(), e.to_string()).await;
+                }
+            },
         }
     };
     match result {
         Ok((info, observed)) => {
+            if qga.is_none() && !cp.spec.redefine {
+                status.conditions = agent_conditions(
+                    &status.conditions,
+                    &quiesce::outcome(false, None).0,
+                    generation,
+                );
+            }
             let (reason, msg) = if cp.spec.redefine {
                 (
                     "Redefined",

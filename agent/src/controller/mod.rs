@@ -14,6 +14,7 @@ pub mod checkpoints;
 pub mod health;
 pub mod instances;
 pub mod instant;
+pub mod quiesce;
 pub mod repositories;
 pub mod repository_backups;
 pub mod restores;
@@ -63,6 +64,8 @@ pub struct NodeAgentConfig {
     pub cairn_namespace: String,
     /// Roots directory BackupRepositories must lie under.
     pub repository_roots: Vec<PathBuf>,
+    /// Deadline of each guest agent call of `quiesce` (sync, freeze, thaw).
+    pub quiesce_timeout: Duration,
 }
 
 /// State shared by the agent's loops.

@@ -120,6 +120,10 @@ pub async fn start(
         incremental,
         new_checkpoint,
         fallback_to_full: b.spec.fallback_to_full,
+        quiesce: b
+            .spec
+            .quiesce
+            .then(|| super::quiesce::guest_agent(ctx, &s.vm)),
     };
     status.phase = Some(BackupPhase::Running);
     status.node_name = Some(ctx.config.node_name.clone());
@@ -130,16 +134,16 @@ pub async fn start(
         name: s.repository.clone(),
         ..Default::default()
     });
-    status.conditions = agent_conditions(
-        &status.conditions,
-        &[cond(
-            "Ready",
-            false,
-            "Running",
-            format!("uploading into BackupRepository {}", s.repository),
-        )],
-        generation,
-    );
+    let mut updates = vec![cond(
+        "Ready",
+        false,
+        "Running",
+        format!("uploading into BackupRepository {}", s.repository),
+    )];
+    if b.spec.quiesce {
+        updates.push(super::quiesce::freezing());
+    }
+    status.conditions = agent_conditions(&status.conditions, &updates, generation);
     apply_status(api, &name, &status).await?;
 
     let (progress, cell) = progress_cell();
@@ -147,6 +151,7 @@ pub async fn start(
     let ctx2 = ctx.clone();
     let (vm, client, repository) = (s.vm, s.client, s.repository);
     let incremental_cp = b.spec.incremental.clone();
+    let quiesce = b.spec.quiesce;
     let task = tokio::spawn(async move {
         let run = run_repository_backup(&client, &vm, &ctx2.pull, &repo, &request, Some(progress));
         let report = report_progress(&api, &name, status.clone(), &cell);
@@ -158,6 +163,14 @@ pub async fn start(
             Ok(outcome) => outcome,
             Err(e) => {
                 let reason = backup_reason(&e);
+                status.conditions = agent_conditions(
+                    &status.conditions,
+                    &super::quiesce::after_failure(
+                        quiesce,
+                        super::quiesce::backup_quiesce_error(&e),
+                    ),
+                    generation,
+                );
                 if let Err(e) =
                     super::backups::fail(&api, &name, status, generation, reason, error_chain(&e))
                         .await
@@ -220,6 +233,9 @@ pub async fn start(
                 ),
             ));
         }
+        let (quiesced, report) = super::quiesce::outcome(quiesce, outcome.quiesce.as_ref());
+        updates.extend(quiesced);
+        status.quiesce = report;
         status.conditions = agent_conditions(&status.conditions, &updates, generation);
         if let Err(e) = apply_status(&api, &name, &status).await {
             warn!(backup = %name, error = %error_chain(&e), "cannot report the result");

@@ -26,6 +26,8 @@ pub const AGENT_CONDITIONS: &[&str] = &[
     "Verified",
     "Degraded",
     cairn_api::CHECKPOINT_CREATED_CONDITION,
+    cairn_api::APPLICATION_CONSISTENT_CONDITION,
+    cairn_api::GUEST_FROZEN_CONDITION,
 ];
 
 /// Applies `status` (the agent's whole share of it) to object `name`, with
@@ -173,6 +175,7 @@ fn selection_reason(e: &crate::inventory::SelectionError) -> &'static str {
 pub fn backup_reason(e: &crate::backup::BackupError) -> &'static str {
     use crate::backup::BackupError as E;
     match e {
+        E::Quiesce(q) => q.reason(),
         E::Selection(s) => selection_reason(s),
         E::Checkpoint(c) => checkpoint_reason(c),
         E::Inventory(_) => "VirtualMachineUnreachable",

@@ -240,6 +240,7 @@ fn push_request(
         fallback_to_full: false,
         standalone_incremental: false,
         speed_limit: None,
+        quiesce: None,
     }
 }
 
@@ -289,6 +290,7 @@ async fn pull_run(
         new_checkpoint: new,
         socket: None,
         fallback_to_full: false,
+        quiesce: None,
     };
     cold(r);
     let full = request("full", None, Some(base_cp.clone()));

@@ -128,6 +128,7 @@ fn request(
         incremental,
         new_checkpoint: new,
         fallback_to_full: false,
+        quiesce: None,
     }
 }
 
@@ -417,6 +418,7 @@ async fn nbdcopy_export(
         new_checkpoint: None,
         socket: None,
         fallback_to_full: false,
+        quiesce: None,
     };
     let out = work.join("nbdcopy.raw");
     cold();
