@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod control_plane;
+pub mod fake_guest_agent;
 pub mod harness;
 pub mod local_cluster;
 pub mod local_s3;

@@ -326,6 +326,8 @@ impl LocalCluster {
                     self.repository_dir().display().to_string(),
                 ),
                 ("CAIRN_RESCAN_SECONDS", "2".into()),
+                // A freeze of the test guest takes ~60 ms; hung-agent tests wait less.
+                ("CAIRN_QUIESCE_TIMEOUT_SECONDS", "5".into()),
                 (
                     "CAIRN_RUNTIME_DIR",
                     node_dir.join("run").display().to_string(),
