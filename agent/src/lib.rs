@@ -9,6 +9,7 @@ pub mod discovery;
 pub mod identity;
 pub mod image;
 pub mod inventory;
+pub mod offline;
 pub mod qga;
 pub mod qmp;
 pub mod restore;

@@ -160,6 +160,18 @@ impl TestVm {
         let deadline = Instant::now() + Duration::from_secs(20);
         // The file appears at bind(); QEMU accepts only after listen().
         while UnixStream::connect(&self.test_socket).is_err() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                // As a launcher would: no stale monitor socket for discovery.
+                let _ = std::fs::remove_file(&self.agent_socket);
+                let log = std::fs::read_to_string(self.dir.join(format!("{}.qemu.log", self.name)))
+                    .unwrap_or_default();
+                bail!("QEMU exited ({status}): {}", log.trim());
+            }
             if Instant::now() > deadline {
                 bail!(
                     "QEMU did not create its QMP socket; see {}",

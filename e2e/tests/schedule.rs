@@ -319,7 +319,7 @@ async fn scheduled_chains_are_pruned_with_their_files_and_kept_backups_restore()
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_run_of_a_stopped_vm_is_reported_and_the_next_recovers() -> Result<()> {
+async fn a_failed_run_is_reported_and_the_next_recovers() -> Result<()> {
     let _use = CLUSTER_USE.read().await;
     let (env, cluster) = TestEnv::with_cluster("sched-fail").await?;
     let mut vm = start_vm1(cluster, &env, SIZE).await?;
@@ -334,13 +334,17 @@ async fn a_run_of_a_stopped_vm_is_reported_and_the_next_recovers() -> Result<()>
         "{first:?}"
     );
 
-    // The VM stops: the next run fails, and the schedule says why.
+    // The VM stops and its image goes missing (a stopped VM alone is backed
+    // up offline): the next run fails, and the schedule says why.
     vm.quit()?;
     let api: Api<QemuInstance> = Api::namespaced(env.client.clone(), &env.namespace);
     wait::until(&api, "vm1", T, "QemuInstance stopped", |qi| {
         qi.status.as_ref().and_then(|s| s.run_state.as_deref()) == Some("stopped")
     })
     .await?;
+    let image = vm.disks[0].image.clone();
+    let moved = image.with_extension("moved");
+    std::fs::rename(&image, &moved)?;
     let failed = s.window().await?;
     ensure!(
         failed.iter().all(|b| phase(b) == Some(BackupPhase::Failed)),
@@ -352,9 +356,10 @@ async fn a_run_of_a_stopped_vm_is_reported_and_the_next_recovers() -> Result<()>
             .filter(|c| c.0 == "True"))
     })
     .await?;
-    ensure!(lrf.1 == "VirtualMachineNotRunning", "{lrf:?}");
+    ensure!(lrf.1 == "OfflineOpenFailed", "{lrf:?}");
 
     // It runs again: the next run builds on the last success and restores exactly.
+    std::fs::rename(&moved, &image)?;
     vm.launch()?;
     wait::until(&api, "vm1", T, "QemuInstance running", |qi| {
         qi.status.as_ref().and_then(|s| s.run_state.as_deref()) == Some("running")

@@ -144,7 +144,7 @@ async fn reconcile(
         return Ok(Action::await_change());
     }
     let phase = status.phase.unwrap_or_default();
-    let session = ctx.discovery.session(&ns, &b.spec.virtual_machine).ok();
+    let session = ctx.session(&ns, &b.spec.virtual_machine).await;
     if !task_alive(&ctx, &uid)
         && let Some(action) = quiesce::thaw_first(
             &ctx,
@@ -172,6 +172,11 @@ async fn reconcile(
         return delete(&b, &ctx, &api, status, session, &uid).await;
     }
 
+    if phase.is_finished() {
+        // A pull export of a stopped VM ended, or a start failed: close its images.
+        ctx.release_offline(&ns, &b.spec.virtual_machine, &uid)
+            .await;
+    }
     match phase {
         BackupPhase::Pending => start(&b, &ctx, &api, status, session, &uid).await,
         BackupPhase::Running => {
@@ -262,19 +267,52 @@ async fn start(
         // outcome this agent already wrote: wait for the cache to catch up.
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
-    let Some((vmref, client)) = session else {
-        return fail(
-            api,
-            &name,
-            status,
-            generation,
-            "VirtualMachineNotRunning",
-            format!(
-                "VM {} has no QMP socket on node {}: a backup needs the VM running",
-                b.spec.virtual_machine, ctx.config.node_name
-            ),
-        )
-        .await;
+    let vm = &b.spec.virtual_machine;
+    let (vmref, client) = match session {
+        Some(s) => s,
+        None => match super::checkpoints::stopped_domain(ctx, &ns, vm).await? {
+            // A stopped VM whose disks this node knows: back up its images.
+            Some(_) if b.spec.quiesce => {
+                let (reason, msg) = quiesce::stopped(vm);
+                return fail(api, &name, status, generation, reason, msg).await;
+            }
+            Some(domain) => match ctx.open_offline(&ns, vm, &domain, uid).await {
+                Ok(s) => {
+                    info!(backup = %name, vm = %vm, "VM is stopped: backing up its images offline");
+                    s
+                }
+                // The VM is starting: back it up live once discovery has it.
+                Err(e) if e.is_locked() => {
+                    info!(backup = %name, error = %error_chain(&e), "images locked; retrying");
+                    return Ok(Action::requeue(Duration::from_secs(2)));
+                }
+                Err(e) => {
+                    return fail(
+                        api,
+                        &name,
+                        status,
+                        generation,
+                        "OfflineOpenFailed",
+                        error_chain(&e),
+                    )
+                    .await;
+                }
+            },
+            None => {
+                return fail(
+                    api,
+                    &name,
+                    status,
+                    generation,
+                    "VirtualMachineNotRunning",
+                    format!(
+                        "VM {vm} has no QMP socket on node {} and no recorded disks to back up offline",
+                        ctx.config.node_name
+                    ),
+                )
+                .await;
+            }
+        },
     };
     let (incremental, base_standalone, incremental_uid) = match base_bitmap(b, ctx, &ns).await {
         Ok(x) => (
@@ -399,6 +437,8 @@ async fn start(
                     let api = api.clone();
                     let base_checkpoint = b.spec.incremental.clone();
                     let health = ctx.health.clone();
+                    let (ctx2, ns2, vm2, uid2) =
+                        (ctx.clone(), ns.clone(), vm.clone(), uid.to_string());
                     let task = tokio::spawn(async move {
                         let progress =
                             report_progress(&api, &name, status.clone(), &client, &job_ids);
@@ -406,6 +446,9 @@ async fn start(
                             r = running.wait() => r,
                             () = progress => unreachable!("progress reporting never ends"),
                         };
+                        // A stopped VM's images close before the result is
+                        // reported, so the new checkpoint's bitmap is in them.
+                        ctx2.release_offline(&ns2, &vm2, &uid2).await;
                         let (reason, manifest_file, finish) = match result {
                             Ok(mut outcome) => {
                                 let file = outcome.manifest.own_file_name();
@@ -449,6 +492,7 @@ async fn start(
                     Ok(Action::requeue(Duration::from_secs(10)))
                 }
                 Err(e) => {
+                    ctx.release_offline(&ns, vm, uid).await;
                     let reason = backup_reason(&e);
                     status.conditions = agent_conditions(
                         &status.conditions,
@@ -554,6 +598,7 @@ async fn start(
                     Ok(requeue_until_expiry(&status))
                 }
                 Err(e) => {
+                    ctx.release_offline(&ns, vm, uid).await;
                     let reason = backup_reason(&e);
                     status.conditions = agent_conditions(
                         &status.conditions,
@@ -1018,6 +1063,12 @@ async fn delete(
         ));
     }
     status.conditions = agent_conditions(&status.conditions, &updates, generation);
+    ctx.release_offline(
+        &b.namespace().unwrap_or_default(),
+        &b.spec.virtual_machine,
+        uid,
+    )
+    .await;
     apply_status(api, &name, &status).await?;
     ctx.jobs.lock().expect("jobs lock").remove(uid);
     Ok(Action::await_change())

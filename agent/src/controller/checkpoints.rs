@@ -187,7 +187,7 @@ async fn reconcile(
     }
     let generation = cp.metadata.generation;
     let vm = cp.spec.virtual_machine.clone();
-    let session = ctx.discovery.session(&ns, &vm).ok();
+    let session = ctx.session(&ns, &vm).await;
     if let Some(action) = quiesce::thaw_first(
         &ctx,
         &api,
@@ -358,6 +358,30 @@ async fn create(
                         }
                     }
                 }
+                // A stopped VM backed up offline: the bitmap is in its images.
+                if let Some(domain) = stopped_domain(ctx, &ns, &cp.spec.virtual_machine).await? {
+                    let vm = format!("{ns}/{}", cp.spec.virtual_machine);
+                    match checkpoint::inspect_checkpoint_offline(&vm, &domain, &request.name).await
+                    {
+                        Ok(info) => {
+                            return ready(
+                                api,
+                                &name,
+                                status,
+                                generation,
+                                &info,
+                                Some(&domain),
+                                "CreatedByBackup",
+                                format!("bitmaps created by offline backup {backup}"),
+                            )
+                            .await;
+                        }
+                        Err(e) => {
+                            warn!(checkpoint = %name, error = %error_chain(&e), "cannot inspect the stopped VM's bitmaps yet");
+                            return Ok(Action::requeue(Duration::from_secs(2)));
+                        }
+                    }
+                }
                 // The VM is not running: wait for it below.
             }
             // Not started yet, or before its transaction: the bitmaps come with it.
@@ -386,18 +410,8 @@ async fn create(
             && let Some(domain) = stopped_domain(ctx, &ns, &cp.spec.virtual_machine).await?
         {
             if cp.spec.quiesce {
-                return fail(
-                    api,
-                    &name,
-                    status,
-                    generation,
-                    "QuiesceUnavailable",
-                    format!(
-                        "quiesce needs the guest agent of a running guest, and VM {} is stopped; a stopped VM's images need no freeze: create the checkpoint without quiesce",
-                        cp.spec.virtual_machine
-                    ),
-                )
-                .await;
+                let (reason, msg) = quiesce::stopped(&cp.spec.virtual_machine);
+                return fail(api, &name, status, generation, reason, msg).await;
             }
             return create_offline(cp, api, status, request, domain).await;
         }
@@ -545,7 +559,7 @@ async fn create(
 
 /// The last-known disk layout of `vm` when its QemuInstance says it is
 /// stopped on this node.
-async fn stopped_domain(
+pub(super) async fn stopped_domain(
     ctx: &Context,
     ns: &str,
     vm: &str,

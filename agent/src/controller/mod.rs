@@ -14,6 +14,7 @@ pub mod checkpoints;
 pub mod health;
 pub mod instances;
 pub mod instant;
+pub mod offline;
 pub mod quiesce;
 pub mod repositories;
 pub mod repository_backups;
@@ -84,6 +85,8 @@ pub struct Context {
     pub repositories: repositories::RepositoryAccess,
     /// Backup jobs this process watches, by backup UID.
     pub jobs: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// Stopped VMs' images opened for backups.
+    pub offline: offline::OfflineVms,
     /// Metrics and readiness.
     pub health: Arc<health::Health>,
 }
@@ -185,6 +188,8 @@ pub async fn run(
     std::fs::create_dir_all(&config.pull.scratch_dir).ok();
     std::fs::create_dir_all(&config.pull.export_dir).ok();
     restrict_export_dir(&config.pull);
+    // Helpers of a previous agent process hold image locks: release them.
+    crate::offline::OfflineVm::kill_leftovers(&config.runtime_dir);
     let discovery = Discovery::start(DiscoveryOptions {
         root: config.socket_dir.clone(),
         rescan_interval: config.rescan_interval,
@@ -214,6 +219,7 @@ pub async fn run(
         config,
         discovery,
         jobs: Mutex::new(HashMap::new()),
+        offline: Default::default(),
         health,
     });
     tracing::info!(node = %ctx.config.node_name, socket_dir = %ctx.config.socket_dir.display(), "agent started");

@@ -116,6 +116,16 @@ pub fn refused(e: &QgaError) -> Vec<NewCondition<'static>> {
     ]
 }
 
+/// Why `quiesce` cannot apply to stopped VM `vm` (condition reason, message).
+pub fn stopped(vm: &str) -> (&'static str, String) {
+    (
+        "QuiesceUnavailable",
+        format!(
+            "quiesce needs the guest agent of a running guest, and VM {vm} is stopped; a stopped VM's images need no freeze: retry without quiesce"
+        ),
+    )
+}
+
 /// The conditions after an operation with `quiesce` failed: a freeze error
 /// (the operation did not run) or a later failure (the thaw already ran).
 pub fn after_failure(requested: bool, error: Option<&QgaError>) -> Vec<NewCondition<'static>> {

@@ -152,6 +152,7 @@ pub async fn start(
     let (vm, client, repository) = (s.vm, s.client, s.repository);
     let incremental_cp = b.spec.incremental.clone();
     let quiesce = b.spec.quiesce;
+    let uid = s.uid.to_string();
     let task = tokio::spawn(async move {
         let run = run_repository_backup(&client, &vm, &ctx2.pull, &repo, &request, Some(progress));
         let report = report_progress(&api, &name, status.clone(), &cell);
@@ -159,6 +160,8 @@ pub async fn start(
             r = run => r,
             () = report => unreachable!("progress reporting never ends"),
         };
+        // A stopped VM's images close before the result is reported.
+        ctx2.release_offline(&vm.namespace, &vm.name, &uid).await;
         let outcome = match result {
             Ok(outcome) => outcome,
             Err(e) => {
