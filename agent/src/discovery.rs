@@ -1,7 +1,7 @@
 //! Finds QEMU processes by their QMP sockets and keeps one session per VM.
 //!
 //! The layout is `<root>/<namespace>/<vm>.sock`; the namespace comes from the
-//! path only. A `notify` watcher triggers a rescan on any change below the
+//! path only. `<vm>.qga.sock` next to it is that VM's guest agent, not a VM. A `notify` watcher triggers a rescan on any change below the
 //! root, and a periodic rescan catches whatever the watcher missed. Each
 //! socket gets one reconnecting [`QmpClient`]; when the socket disappears the
 //! session is dropped. Changes are announced as [`DiscoveryEvent`]s.
@@ -73,7 +73,11 @@ fn valid_segment(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
 }
 
-/// Lists `<root>/<namespace>/<vm>.sock` unix sockets, sorted.
+/// Suffix of a VM's guest-agent socket, which sits next to its QMP socket.
+pub const GUEST_AGENT_SUFFIX: &str = ".qga.sock";
+
+/// Lists `<root>/<namespace>/<vm>.sock` unix sockets, sorted; guest-agent
+/// sockets (`<vm>.qga.sock`) are not VMs.
 pub fn scan_socket_dir(root: &Path) -> Vec<VmRef> {
     let mut out = Vec::new();
     let Ok(namespaces) = std::fs::read_dir(root) else {
@@ -89,6 +93,9 @@ pub fn scan_socket_dir(root: &Path) -> Vec<VmRef> {
         };
         for f in files.flatten() {
             let file = f.file_name().to_string_lossy().to_string();
+            if file.ends_with(GUEST_AGENT_SUFFIX) {
+                continue;
+            }
             let Some(vm) = file.strip_suffix(".sock") else {
                 continue;
             };
@@ -303,4 +310,21 @@ fn forward_changes(client: &QmpClient, vm: &VmRef, changes: broadcast::Sender<Vm
             let _ = changes.send(vm.clone());
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_agent_sockets_are_not_vms() {
+        let root = tempfile::tempdir().unwrap();
+        let ns = root.path().join("ns");
+        std::fs::create_dir(&ns).unwrap();
+        let _vm = std::os::unix::net::UnixListener::bind(ns.join("vm1.sock")).unwrap();
+        let _qga = std::os::unix::net::UnixListener::bind(ns.join("vm1.qga.sock")).unwrap();
+        let found = scan_socket_dir(root.path());
+        let names: Vec<&str> = found.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["vm1"]);
+    }
 }
