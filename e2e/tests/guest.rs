@@ -73,17 +73,24 @@ async fn a_backup_of_a_writing_guest_holds_a_consistent_prefix_and_boots() -> Re
         .backup_dir("node-1")
         .join(&env.namespace)
         .join("vm1");
-    apply(
-        &env,
-        &backup_yaml("full", "vm1", &push_extra(&backups, None, None)),
-    )?;
+    // Slowed to 8 MiB/s, the backup of the 64 MiB disk runs for seconds
+    // while the guest keeps writing (copy-before-write under real guest I/O).
+    std::thread::scope(|s| {
+        let throttle = s.spawn(|| throttle_next_job(&vm, 8 * MIB, Duration::from_secs(60)));
+        let applied = apply(
+            &env,
+            &backup_yaml("full", "vm1", &push_extra(&backups, None, None)),
+        );
+        let job = throttle.join().expect("throttle thread");
+        applied.and(job)
+    })?;
     let b = wait_backup(&env, "full", BackupPhase::Succeeded).await?;
     let after = vm
         .last_record_seq()?
         .context("the guest lost its records")?;
     ensure!(
-        after > before,
-        "the workload stopped during the backup: last record {before} before, {after} after"
+        after >= before + 5,
+        "the guest hardly wrote during the backup: last record {before} before, {after} after"
     );
     let target = PathBuf::from(
         b.status
