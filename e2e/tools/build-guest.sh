@@ -26,11 +26,12 @@ fi
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 init="$here/guest-init.sh"
 
-# The candidate version of a package, as apt would install it (bookworm and
-# bookworm-security; backports only when pinned, which it is not).
-candidate() { apt-cache policy "$1" | awk '/Candidate:/ {print $2}'; }
-
+# The candidate versions, as apt would install them (bookworm and
+# bookworm-security; backports only when pinned, which they are not); one
+# apt-cache call, as each takes about half a second.
 meta=linux-image-cloud-amd64
+policy=$(apt-cache policy "$meta" busybox-static qemu-guest-agent)
+candidate() { awk -v p="$1:" '/^[^ ]/ {cur=$1} cur==p && /Candidate:/ {print $2}' <<<"$policy"; }
 meta_version=$(candidate "$meta")
 if [ -z "$meta_version" ] || [ "$meta_version" = "(none)" ]; then
   echo "build-guest: apt knows no $meta; run apt-get update" >&2
