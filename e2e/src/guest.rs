@@ -492,6 +492,26 @@ impl GuestAgent {
         self.execute("guest-ping", Value::Null).map(|_| ())
     }
 
+    /// `guest-fsfreeze-freeze`: the number of filesystems frozen.
+    pub fn fsfreeze(&mut self) -> Result<u64> {
+        let n = self.execute("guest-fsfreeze-freeze", Value::Null)?;
+        n.as_u64()
+            .with_context(|| format!("guest-fsfreeze-freeze returned {n}"))
+    }
+
+    /// `guest-fsfreeze-status`: `frozen` or `thawed`.
+    pub fn fsfreeze_status(&mut self) -> Result<String> {
+        let s = self.execute("guest-fsfreeze-status", Value::Null)?;
+        Ok(s.as_str().unwrap_or_default().to_string())
+    }
+
+    /// `guest-fsfreeze-thaw`: the number of filesystems thawed.
+    pub fn thaw(&mut self) -> Result<u64> {
+        let n = self.execute("guest-fsfreeze-thaw", Value::Null)?;
+        n.as_u64()
+            .with_context(|| format!("guest-fsfreeze-thaw returned {n}"))
+    }
+
     /// Runs `path args…` in the guest (`guest-exec` with captured output,
     /// then `guest-exec-status` until it exits) and returns its output.
     pub fn exec(&mut self, path: &str, args: &[&str]) -> Result<ExecOutput> {
