@@ -319,7 +319,7 @@ impl GuestVm {
     }
 
     /// Waits until a console line contains `marker` and returns that line;
-    /// fails early on [`GUEST_FAIL_MARKER`], a kernel panic or QEMU's exit.
+    /// fails early on [`GUEST_FAIL_MARKER`] or a kernel panic.
     pub fn wait_console(&self, marker: &str, timeout: Duration) -> Result<String> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -641,10 +641,12 @@ impl RecordsCheck {
 /// (`e2fsck -E journal_only`), runs `e2fsck -fn`, reads the file with
 /// `debugfs -R "cat /records.log"` and verifies it with [`verify_records`].
 pub fn check_records(image: &Path) -> Result<RecordsCheck> {
+    // In the temporary directory, not next to the image: a backup directory
+    // is the agent's to list.
     let scratch = tempfile::Builder::new()
         .prefix("cairn-records-")
         .suffix(".raw")
-        .tempfile_in(image.parent().unwrap_or(Path::new(".")))?;
+        .tempfile()?;
     let raw = scratch.path();
     run(Command::new("qemu-img")
         .args(["convert", "-U", "-q", "-O", "raw"])
