@@ -1,7 +1,7 @@
 //! Finds QEMU processes by their QMP sockets and keeps one session per VM.
 //!
 //! The layout is `<root>/<namespace>/<vm>.sock`; the namespace comes from the
-//! path only. A `notify` watcher triggers a rescan on any change below the
+//! path only. `<vm>.qga.sock` next to it is that VM's guest agent, not a VM. A `notify` watcher triggers a rescan on any change below the
 //! root, and a periodic rescan catches whatever the watcher missed. Each
 //! socket gets one reconnecting [`QmpClient`]; when the socket disappears the
 //! session is dropped. Changes are announced as [`DiscoveryEvent`]s.
@@ -73,7 +73,11 @@ fn valid_segment(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
 }
 
-/// Lists `<root>/<namespace>/<vm>.sock` unix sockets, sorted.
+/// Suffix of a VM's guest-agent socket, which sits next to its QMP socket.
+pub const GUEST_AGENT_SUFFIX: &str = ".qga.sock";
+
+/// Lists `<root>/<namespace>/<vm>.sock` unix sockets, sorted; guest-agent
+/// sockets (`<vm>.qga.sock`) are not VMs.
 pub fn scan_socket_dir(root: &Path) -> Vec<VmRef> {
     let mut out = Vec::new();
     let Ok(namespaces) = std::fs::read_dir(root) else {
@@ -89,13 +93,12 @@ pub fn scan_socket_dir(root: &Path) -> Vec<VmRef> {
         };
         for f in files.flatten() {
             let file = f.file_name().to_string_lossy().to_string();
+            if file.ends_with(GUEST_AGENT_SUFFIX) {
+                continue;
+            }
             let Some(vm) = file.strip_suffix(".sock") else {
                 continue;
             };
-            // `<vm>.qga.sock` is the guest agent channel beside a monitor.
-            if vm.ends_with(".qga") {
-                continue;
-            }
             if valid_segment(vm) && f.file_type().map(|t| t.is_socket()).unwrap_or(false) {
                 out.push(VmRef {
                     namespace: ns_name.clone(),

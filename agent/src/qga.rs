@@ -32,7 +32,7 @@ pub fn socket_beside(qmp_socket: &Path) -> PathBuf {
         .and_then(|n| n.to_str())
         .and_then(|n| n.strip_suffix(".sock"))
         .unwrap_or_default();
-    qmp_socket.with_file_name(format!("{stem}.qga.sock"))
+    qmp_socket.with_file_name(format!("{stem}{}", crate::discovery::GUEST_AGENT_SUFFIX))
 }
 
 /// Guest agent failures. `Unavailable` means nothing answers on the socket's

@@ -24,6 +24,28 @@ pub struct VmDisk {
     pub size: u64,
 }
 
+/// How QEMU is started beyond disks and monitors: the guestless defaults, or a
+/// booted guest (e.g. [`crate::guest`]'s kernel, console and guest agent).
+#[derive(Clone, Debug)]
+pub struct Launch {
+    /// The `accel=` of `-machine q35` (`kvm:tcg`, `tcg`, `kvm`).
+    pub accel: String,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// More arguments, appended as they are.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for Launch {
+    fn default() -> Self {
+        Self {
+            accel: "kvm:tcg".into(),
+            memory_mib: 64,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
 /// A running guestless VM.
 pub struct TestVm {
     /// VM name (the QemuInstance name).
@@ -36,6 +58,7 @@ pub struct TestVm {
     pub agent_socket: PathBuf,
     test_socket: PathBuf,
     dir: PathBuf,
+    launch: Launch,
     child: Option<Child>,
 }
 
@@ -95,6 +118,18 @@ impl TestVm {
         dir: &Path,
         disks: Vec<VmDisk>,
     ) -> Result<Self> {
+        Self::start_with(qmp_root, namespace, name, dir, disks, Launch::default())
+    }
+
+    /// Like [`TestVm::start_on`], started as `launch` says.
+    pub fn start_with(
+        qmp_root: &Path,
+        namespace: &str,
+        name: &str,
+        dir: &Path,
+        disks: Vec<VmDisk>,
+        launch: Launch,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut vm = Self {
             name: name.into(),
@@ -103,6 +138,7 @@ impl TestVm {
             test_socket: dir.join(format!("{name}.test.sock")),
             dir: dir.to_path_buf(),
             disks,
+            launch,
             child: None,
         };
         vm.launch()?;
@@ -114,25 +150,20 @@ impl TestVm {
         std::fs::create_dir_all(self.agent_socket.parent().unwrap())?;
         let _ = std::fs::remove_file(&self.test_socket);
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-machine",
-            "q35,accel=kvm:tcg",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-m",
-            "64",
-        ])
-        .arg("-qmp")
-        .arg(format!(
-            "unix:{},server=on,wait=off",
-            self.agent_socket.display()
-        ))
-        .arg("-qmp")
-        .arg(format!(
-            "unix:{},server=on,wait=off",
-            self.test_socket.display()
-        ));
+        cmd.arg("-machine")
+            .arg(format!("q35,accel={}", self.launch.accel))
+            .args(["-nodefaults", "-display", "none", "-m"])
+            .arg(self.launch.memory_mib.to_string())
+            .arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                self.agent_socket.display()
+            ))
+            .arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                self.test_socket.display()
+            ));
         for d in &self.disks {
             cmd.arg("-blockdev")
                 .arg(format!(
@@ -149,6 +180,7 @@ impl TestVm {
                 .arg("-device")
                 .arg(format!("virtio-blk-pci,drive={n}-fmt,id={n}", n = d.name));
         }
+        cmd.args(&self.launch.extra_args);
         let log = std::fs::File::create(self.dir.join(format!("{}.qemu.log", self.name)))?;
         let child = cmd
             .stdin(Stdio::null())
@@ -272,6 +304,11 @@ impl TestVm {
             let _ = c.wait();
         }
         let _ = std::fs::remove_file(&self.agent_socket);
+    }
+
+    /// The directory of its images and logs.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The disk called `name`.

@@ -1,0 +1,223 @@
+//! A real Linux guest under a running workload, backed up by Cairn: the guest
+//! appends fsynced records to its ext4 data disk while a full push backup
+//! runs; the backup must hold a clean filesystem with every record the guest
+//! had written before the backup started (a consistent prefix), and a second
+//! guest must boot on the restored disk and read it. Also: the guest agent
+//! answers on `<namespace>/<vm>.qga.sock` next to the QMP socket.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use cairn_api::BackupPhase;
+use cairn_e2e::guest::{
+    self, DATA_OK_MARKER, GuestImage, GuestMode, GuestOptions, GuestVm, make_data_disk,
+};
+use cairn_e2e::harness::TestEnv;
+use cairn_e2e::scenario::*;
+use serde_json::json;
+
+/// Boots of a TCG guest take 20-30 s on 2 busy cores; leave room.
+const BOOT: Duration = Duration::from_secs(180);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_of_a_writing_guest_holds_a_consistent_prefix_and_boots() -> Result<()> {
+    let t0 = Instant::now();
+    let image = GuestImage::ensure()?;
+    eprintln!(
+        "guest image {} ({:.1?}):\n{}",
+        image.dir.display(),
+        t0.elapsed(),
+        image.versions
+    );
+    let (env, cluster) = TestEnv::with_cluster("guest").await?;
+    let dir = cluster.state_dir.join("vms").join(&env.namespace);
+    std::fs::create_dir_all(&dir)?;
+    let qmp_root = cluster.qmp_dir("node-1");
+
+    // The guest writes a record every 50 ms (plus the time to write it under TCG).
+    let disk = make_data_disk(
+        "disk0",
+        &dir.join("vm1-disk0.qcow2"),
+        64 * MIB,
+        "qcow2",
+        None,
+    )?;
+    let vm = GuestVm::start(
+        &qmp_root,
+        &env.namespace,
+        "vm1",
+        &dir,
+        disk,
+        GuestOptions {
+            mode: GuestMode::Workload {
+                interval: Duration::from_millis(50),
+            },
+            ..GuestOptions::default()
+        },
+    )?;
+    let boot = vm.wait_ready(BOOT)?;
+    eprintln!("guest vm1 booted in {boot:.1?} with accel={:?}", vm.accel);
+    wait_instance(&env, "vm1", "node-1").await?;
+
+    // The guest agent answers from the host on the socket the design names.
+    ensure!(
+        vm.qga_socket == qmp_root.join(&env.namespace).join("vm1.qga.sock"),
+        "guest agent socket at {}",
+        vm.qga_socket.display()
+    );
+    vm.agent()?.ping()?;
+
+    // Some records first; every record up to `before` is fsynced before the backup starts.
+    let before = vm.wait_records(20, Duration::from_secs(120))?;
+    let backups = cluster
+        .backup_dir("node-1")
+        .join(&env.namespace)
+        .join("vm1");
+    // The backup job is held at 64 KiB/s until the guest has written ten more
+    // records, so its copy-before-write runs under real guest writes; then it
+    // goes at full speed.
+    let job = std::thread::scope(|s| {
+        let throttle = s.spawn(|| throttle_next_job(&vm, 64 * 1024, Duration::from_secs(60)));
+        let applied = apply(
+            &env,
+            &backup_yaml("full", "vm1", &push_extra(&backups, None, None)),
+        );
+        let job = throttle.join().expect("throttle thread");
+        applied.and(job)
+    })?;
+    let after = vm.wait_records(before + 10, Duration::from_secs(120))?;
+    let jobs = vm.qmp("query-jobs", json!({}))?;
+    let state = jobs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|j| j["id"] == job.as_str())
+        .map(|j| j["status"].clone());
+    ensure!(
+        state.as_ref().and_then(|s| s.as_str()) == Some("running"),
+        "backup job {job} is {state:?}, not running, after the guest wrote records {before}..={after}"
+    );
+    set_job_speed(&vm, &job, 0)?;
+    let b = wait_backup(&env, "full", BackupPhase::Succeeded).await?;
+    let target = PathBuf::from(
+        b.status
+            .as_ref()
+            .and_then(|s| s.disks.first())
+            .and_then(|d| d.target.clone())
+            .context("backup without a target file")?,
+    );
+
+    // The guest agent freezes and thaws /data; the workload waits meanwhile and goes on.
+    {
+        let mut qga = vm.agent()?;
+        let frozen = qga.fsfreeze()?;
+        let status = qga.fsfreeze_status();
+        let thawed = qga.thaw()?;
+        ensure!(
+            frozen >= 1 && status? == "frozen" && thawed == frozen,
+            "fsfreeze froze {frozen}, thawed {thawed}"
+        );
+        ensure!(qga.fsfreeze_status()? == "thawed", "still frozen");
+    }
+    vm.wait_records(after + 3, Duration::from_secs(60))?;
+
+    // The backup on the host, without mounting: a clean filesystem and a consistent prefix.
+    let check = guest::check_records(&target)?;
+    eprintln!(
+        "backup {}: journal replayed {}, fsck clean {}, {} records (guest had {before} before, {after} after), torn tail {:?}",
+        target.display(),
+        check.journal_replayed,
+        check.fsck_clean,
+        check.records.count,
+        check.records.torn_tail
+    );
+    ensure!(
+        check.fsck_clean,
+        "e2fsck -fn found errors in the backup:\n{}",
+        check.fsck_output
+    );
+    ensure!(
+        check.records.is_consistent(),
+        "records in the backup are not a consistent prefix: {:?}",
+        check.records.errors
+    );
+    ensure!(
+        check.records.count > before,
+        "the backup has {} records, but the guest had fsynced records 0..={before} before it started",
+        check.records.count
+    );
+    ensure!(
+        check.records.count <= after + 1,
+        "the backup has {} records, more than the guest had written ({after}) while it ran: not point-in-time",
+        check.records.count
+    );
+
+    // The checker is not blind: one flipped byte in a record of a copy fails it.
+    let copy = dir.join("corrupted.raw");
+    let status = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&target)
+        .arg(&copy)
+        .status()?;
+    ensure!(status.success(), "qemu-img convert failed");
+    let mut bytes = std::fs::read(&copy)?;
+    let needle = guest::record_line(5);
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())
+        .context("record 5 not found in the raw backup")?;
+    bytes[at + 3] ^= 0x01;
+    std::fs::write(&copy, &bytes)?;
+    drop(bytes);
+    let corrupt = guest::check_records(&copy)?;
+    ensure!(
+        !corrupt.is_ok(),
+        "a corrupted record went unnoticed: {:?}",
+        corrupt.records
+    );
+    std::fs::remove_file(&copy)?;
+
+    // Restore with the real restore path, then boot a guest on it that mounts and reads it.
+    let restored = dir.join("restored.raw");
+    restore(&backups, "full", &restored)?;
+    let disk = cairn_e2e::vm::VmDisk {
+        name: "disk0".into(),
+        image: restored.clone(),
+        format: "raw".into(),
+        size: 64 * MIB,
+    };
+    // A QMP root no agent watches: this VM is the test's own.
+    let private = dir.join("private-qmp");
+    let mut check_vm = GuestVm::start(
+        &private,
+        &env.namespace,
+        "check",
+        &dir,
+        disk,
+        GuestOptions {
+            mode: GuestMode::Check,
+            ..GuestOptions::default()
+        },
+    )?;
+    let line = check_vm.wait_console(DATA_OK_MARKER, BOOT)?;
+    eprintln!("restored guest: {line}");
+    let seen: u64 = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("records="))
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no records= in {line:?}"))?;
+    ensure!(
+        seen == check.records.count,
+        "the restored guest read {seen} records, the backup holds {}",
+        check.records.count
+    );
+    check_vm.wait_ready(BOOT)?;
+    check_vm.agent()?.ping()?;
+    check_vm.quit()?;
+
+    let mut vm = vm;
+    vm.quit()?;
+    eprintln!("guest test took {:.1?}", t0.elapsed());
+    Ok(())
+}
