@@ -198,6 +198,8 @@ pub struct GuestOptions {
     pub memory_mib: u32,
     /// The accelerator; `None` = [`Accel::from_env`].
     pub accel: Option<Accel>,
+    /// Run the data disk's I/O in an iothread.
+    pub iothread: bool,
 }
 
 impl Default for GuestOptions {
@@ -206,6 +208,7 @@ impl Default for GuestOptions {
             mode: GuestMode::Idle,
             memory_mib: 256,
             accel: None,
+            iothread: false,
         }
     }
 }
@@ -274,6 +277,7 @@ impl GuestVm {
                 "-device".into(),
                 "isa-serial,chardev=qga".into(),
             ],
+            iothread: options.iothread,
         };
         eprintln!(
             "guest {namespace}/{name}: booting with accel={} ({}), {:?}, disk {}",

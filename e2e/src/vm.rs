@@ -34,6 +34,8 @@ pub struct Launch {
     pub memory_mib: u32,
     /// More arguments, appended as they are.
     pub extra_args: Vec<String>,
+    /// Run the disks' I/O in an iothread (`-object iothread`), as production VMs do.
+    pub iothread: bool,
 }
 
 impl Default for Launch {
@@ -42,6 +44,7 @@ impl Default for Launch {
             accel: "kvm:tcg".into(),
             memory_mib: 64,
             extra_args: Vec::new(),
+            iothread: false,
         }
     }
 }
@@ -164,6 +167,14 @@ impl TestVm {
                 "unix:{},server=on,wait=off",
                 self.test_socket.display()
             ));
+        if self.launch.iothread {
+            cmd.args(["-object", "iothread,id=io0"]);
+        }
+        let iothread = if self.launch.iothread {
+            ",iothread=io0"
+        } else {
+            ""
+        };
         for d in &self.disks {
             cmd.arg("-blockdev")
                 .arg(format!(
@@ -178,7 +189,10 @@ impl TestVm {
                     n = d.name
                 ))
                 .arg("-device")
-                .arg(format!("virtio-blk-pci,drive={n}-fmt,id={n}", n = d.name));
+                .arg(format!(
+                    "virtio-blk-pci,drive={n}-fmt,id={n}{iothread}",
+                    n = d.name
+                ));
         }
         cmd.args(&self.launch.extra_args);
         let log = std::fs::File::create(self.dir.join(format!("{}.qemu.log", self.name)))?;

@@ -2,9 +2,10 @@
 # Builds the tiny real test guest (e2e/src/guest.rs) from Debian bookworm
 # packages only: the cloud kernel that `linux-image-cloud-amd64` depends on,
 # `busybox-static` and `qemu-guest-agent` (with the libraries `ldd` lists).
-# The initramfs carries busybox, qemu-ga, six virtio modules and
-# e2e/tools/guest-init.sh as /init. The result is cached in a directory named
-# by the package versions and the init script's hash:
+# The initramfs carries busybox, qemu-ga, six virtio modules,
+# e2e/tools/guest-init.sh as /init and the static benchmark writer
+# e2e/tools/iowriter.c as /bin/cairn-iowriter. The result is cached in a directory named
+# by the package versions and the hash of the init script and writer:
 #
 #   <cache>/guest-<kernel>-bb<busybox>-qga<qemu-ga>-init<sha>/{vmlinuz,initrd.img}
 #
@@ -25,6 +26,7 @@ else
 fi
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 init="$here/guest-init.sh"
+writer="$here/iowriter.c"
 
 # The candidate versions, as apt would install them (bookworm and
 # bookworm-security; backports only when pinned, which they are not); one
@@ -52,7 +54,7 @@ for v in "$bb_version" "$qga_version"; do
 done
 # Versions like 1:1.35.0-4+deb12u1+b1 -> 1.35.0-4+deb12u1+b1 (no epoch, path-safe).
 clean() { echo "${1#*:}" | tr -c 'A-Za-z0-9.+\n-' '_'; }
-init_sum=$(sha256sum "$init" | cut -c1-12)
+init_sum=$(cat "$init" "$writer" | sha256sum | cut -c1-12)
 name="guest-${kernel_release}-bb$(clean "$bb_version")-qga$(clean "$qga_version")-init${init_sum}"
 out="$cache/$name"
 if [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.img" ]; then
@@ -97,6 +99,11 @@ moddir=$pkgs/lib/modules/$kernel_release/kernel/drivers
 for m in virtio/virtio_ring virtio/virtio virtio/virtio_pci_legacy_dev virtio/virtio_pci_modern_dev virtio/virtio_pci block/virtio_blk; do
   cp "$moddir/$m.ko" "$rootfs/modules/"
 done
+# The guest-impact benchmark's writer, static (no loader or libc in the guest needed).
+if ! command -v gcc >/dev/null || [ ! -f /usr/lib/x86_64-linux-gnu/libc.a ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc libc6-dev >&2
+fi
+gcc -static -O2 -o "$rootfs/bin/cairn-iowriter" "$writer"
 cp "$init" "$rootfs/init"
 chmod 0755 "$rootfs/init"
 printf '%s\n' "$kernel_pkg $meta_version" "busybox-static $bb_version" "qemu-guest-agent $qga_version" > "$rootfs/etc/cairn-guest-versions"

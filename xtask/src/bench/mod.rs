@@ -10,6 +10,7 @@
 
 mod control;
 mod data;
+mod guest;
 mod instant;
 mod machine;
 mod peer;
@@ -147,10 +148,15 @@ pub fn run(quick: bool) -> Result<()> {
     // target/bench/<section>-only.md, leaving BENCHMARKS.md alone
     // (`CAIRN_BENCH_CONTROL_ONLY=1` is the older spelling of `control`).
     let only = match std::env::var("CAIRN_BENCH_ONLY") {
-        Ok(s) if ["data", "peer", "control", "repository", "instant"].contains(&s.as_str()) => {
+        Ok(s)
+            if ["data", "peer", "control", "repository", "instant", "guest"]
+                .contains(&s.as_str()) =>
+        {
             Some(s)
         }
-        Ok(s) => bail!("CAIRN_BENCH_ONLY={s}: expected data, peer, control, repository or instant"),
+        Ok(s) => bail!(
+            "CAIRN_BENCH_ONLY={s}: expected data, peer, control, repository, instant or guest"
+        ),
         Err(_) => std::env::var_os("CAIRN_BENCH_CONTROL_ONLY").map(|_| "control".to_string()),
     };
     let section = |name: &str| only.as_deref().is_none_or(|o| o == name);
@@ -199,6 +205,12 @@ pub fn run(quick: bool) -> Result<()> {
         {
             eprintln!("bench: instant recovery failed: {e:#}");
             results.errors.push(format!("instant recovery: {e:#}"));
+        }
+        if section("guest")
+            && let Err(e) = guest::run_all(&cfg, &mut results.guest).await
+        {
+            eprintln!("bench: guest section failed: {e:#}");
+            results.errors.push(format!("guest: {e:#}"));
         }
         anyhow::Ok(())
     })?;

@@ -22,6 +22,8 @@ pub struct Results {
     pub repository: RepoResults,
     /// Instant recovery.
     pub instant: super::instant::InstantResults,
+    /// The real-guest section.
+    pub guest: super::guest::GuestResults,
     /// Sections that failed, with why.
     pub errors: Vec<String>,
     /// Wall time of the bench.
@@ -394,6 +396,7 @@ pub fn render(cfg: &Config, r: &Results) -> String {
 
     // 8.
     o.push_str(&super::instant::render(&r.instant));
+    o.push_str(&super::guest::render(&r.guest));
 
     // Targets.
     let _ = writeln!(
