@@ -20,6 +20,9 @@ use serde_json::json;
 /// Boots of a TCG guest take 20-30 s on 2 busy cores; leave room.
 const BOOT: Duration = Duration::from_secs(180);
 
+/// The data disk of the crash-consistency test.
+const DISK: u64 = 512 * MIB;
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_backup_of_a_writing_guest_holds_a_consistent_prefix_and_boots() -> Result<()> {
     let t0 = Instant::now();
@@ -36,13 +39,22 @@ async fn a_backup_of_a_writing_guest_holds_a_consistent_prefix_and_boots() -> Re
     let qmp_root = cluster.qmp_dir("node-1");
 
     // The guest writes a record every 50 ms (plus the time to write it under TCG).
+    // 384 MiB of data on the disk: the full backup job takes long enough to
+    // be caught and slowed down (an almost empty disk copies in milliseconds).
+    let seed = tempfile::tempdir()?;
+    let status = std::process::Command::new("dd")
+        .args(["if=/dev/urandom", "bs=1M", "count=384", "status=none"])
+        .arg(format!("of={}", seed.path().join("ballast").display()))
+        .status()?;
+    ensure!(status.success(), "dd failed");
     let disk = make_data_disk(
         "disk0",
         &dir.join("vm1-disk0.qcow2"),
-        64 * MIB,
+        DISK,
         "qcow2",
-        None,
+        Some(seed.path()),
     )?;
+    drop(seed);
     let vm = GuestVm::start(
         &qmp_root,
         &env.namespace,
@@ -185,7 +197,7 @@ async fn a_backup_of_a_writing_guest_holds_a_consistent_prefix_and_boots() -> Re
         name: "disk0".into(),
         image: restored.clone(),
         format: "raw".into(),
-        size: 64 * MIB,
+        size: DISK,
     };
     // A QMP root no agent watches: this VM is the test's own.
     let private = dir.join("private-qmp");
@@ -332,6 +344,61 @@ async fn a_quiesced_backup_of_a_real_guest_is_application_consistent() -> Result
         "{} records, but the guest had fsynced 0..={before} before the backup",
         check.records.count
     );
+
+    // A hung guest agent: qemu-ga is stopped (SIGSTOP) for 25 s inside the
+    // guest. The checkpoint fails `QuiesceTimeout` within the deadline, no
+    // bitmap is made, and once qemu-ga runs again the guest is not frozen.
+    let out = vm.agent()?.exec(
+        "/bin/sh",
+        &[
+            "-c",
+            "(sleep 1; kill -STOP $(pidof qemu-ga); sleep 25; kill -CONT $(pidof qemu-ga)) </dev/null >/dev/null 2>&1 &",
+        ],
+    )?;
+    ensure!(out.exit_code == 0, "{out:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    let hung_at = Instant::now();
+    apply(
+        &env,
+        &checkpoint_yaml(
+            "hung",
+            "vm1",
+            "  quiesce: true
+",
+        ),
+    )?;
+    let cp = wait_checkpoint(&env, "hung", cairn_api::CheckpointPhase::Failed).await?;
+    let ready = cp
+        .status
+        .as_ref()
+        .and_then(|s| condition(&s.conditions, "Ready"))
+        .context("Ready")?
+        .clone();
+    ensure!(ready.reason == "QuiesceTimeout", "{ready:?}");
+    ensure!(
+        hung_at.elapsed() < Duration::from_secs(25),
+        "the timeout took {:.1?}: no hard deadline",
+        hung_at.elapsed()
+    );
+    ensure!(
+        !vm.bitmaps("disk0")?.contains(&"hung".to_string()),
+        "a bitmap was made without the freeze"
+    );
+    // qemu-ga resumes; the guest is thawed and writing.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        match vm.agent().and_then(|mut a| a.fsfreeze_status()) {
+            Ok(s) if s == "thawed" => break,
+            Ok(s) => anyhow::bail!("guest is {s} after a hung quiesce"),
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("waiting for qemu-ga to resume: {e:#}");
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let last = vm.last_record_seq()?.unwrap_or(0);
+    vm.wait_records(last + 3, Duration::from_secs(60))?;
     let mut vm = vm;
     vm.quit()?;
     Ok(())

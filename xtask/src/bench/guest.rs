@@ -92,11 +92,7 @@ fn run_writer(vm: &GuestVm, file_mib: u64, secs: u64) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-async fn impact(
-    cfg: &Config,
-    iothread: bool,
-    r: &mut GuestResults,
-) -> Result<Impact> {
+async fn impact(cfg: &Config, iothread: bool, r: &mut GuestResults) -> Result<Impact> {
     let tag = if iothread { "iothread" } else { "mainloop" };
     let dir = cfg.work.join(format!("guest-{tag}"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -140,7 +136,7 @@ async fn impact(
         socket: vm.agent_socket.clone(),
     };
     let client = QmpClient::connect(&vmref.socket, QmpOptions::default()).await?;
-    let policy = TargetPolicy::new(vec![dir.clone()]);
+    let policy = TargetPolicy::new(vec![dir.join("backup")]);
     let mut result = Impact::default();
     let vm = std::sync::Arc::new(vm);
     for run_no in 0..cfg.runs {
@@ -161,7 +157,10 @@ async fn impact(
         };
         let t0 = Instant::now();
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let target = dir.join("backup").join("bench").join(format!("run-{run_no}"));
+        let target = dir
+            .join("backup")
+            .join("bench")
+            .join(format!("run-{run_no}"));
         let request = PushRequest {
             operation: OperationId::new(format!("guest-{tag}-{run_no}")),
             name: format!("impact-{run_no}"),
