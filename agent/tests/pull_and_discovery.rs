@@ -41,6 +41,7 @@ async fn pull_export_is_point_in_time_with_dirty_bitmap() {
         new_checkpoint: Some("next".into()),
         socket: None,
         fallback_to_full: false,
+        tcp: None,
     };
     let export = start_pull_export(&vm.client, &vm.vm, &policy, &req)
         .await

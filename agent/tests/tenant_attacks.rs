@@ -339,6 +339,7 @@ async fn pull_sockets_never_replace_foreign_files() {
         new_checkpoint: None,
         socket: Some(socket),
         fallback_to_full: false,
+        tcp: None,
     };
     for bad in [
         victim.clone(),
@@ -406,6 +407,7 @@ async fn full_scratch_breaks_the_export_not_the_guest() {
         new_checkpoint: None,
         socket: None,
         fallback_to_full: false,
+        tcp: None,
     };
     // Honest size check: 8 MiB allocated do not fit in 6 MiB.
     let e = start_pull_export(&vm.client, &vm.vm, &policy, &request)

@@ -120,6 +120,7 @@ pub async fn run_repository_backup(
         new_checkpoint: request.new_checkpoint.as_ref().map(|c| c.name.clone()),
         socket: None,
         fallback_to_full: request.fallback_to_full,
+        tcp: None,
     };
     let export = start_pull_export(client, vm, policy, &pull).await?;
     let result = ingest(vm, repo, request, base, &export, progress).await;

@@ -279,6 +279,7 @@ async fn pull_run(
         scratch_dir: out.join("scratch"),
         scratch_reserve: ScratchReserve::Allocated,
         cbw_timeout_seconds: 30,
+        tcp: Default::default(),
     };
     let base_cp = format!("pull{run_no}");
     let request = |id: &str, inc: Option<String>, new: Option<String>| PullRequest {
@@ -289,6 +290,7 @@ async fn pull_run(
         new_checkpoint: new,
         socket: None,
         fallback_to_full: false,
+        tcp: None,
     };
     cold(r);
     let full = request("full", None, Some(base_cp.clone()));

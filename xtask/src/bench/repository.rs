@@ -227,6 +227,7 @@ async fn runs(
         scratch_dir: work.join("scratch"),
         scratch_reserve: ScratchReserve::Allocated,
         cbw_timeout_seconds: 30,
+        tcp: Default::default(),
     };
     let raw = raw_image(cfg, base)?;
     let restic = restic_available();
@@ -417,6 +418,7 @@ async fn nbdcopy_export(
         new_checkpoint: None,
         socket: None,
         fallback_to_full: false,
+        tcp: None,
     };
     let out = work.join("nbdcopy.raw");
     cold();
