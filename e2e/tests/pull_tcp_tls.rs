@@ -98,9 +98,15 @@ fn qemu_leftovers(vm: &TestVm) -> Result<Vec<String>> {
     Ok(left)
 }
 
-/// The agent's key directories of node-1 (`<runtime dir>/nbd-tls/*`).
-fn key_dirs(cluster: &LocalCluster) -> Vec<String> {
-    files_in(&cluster.state_dir.join("nodes/node-1/run/nbd-tls"))
+/// The agent's key directory of backup `uid` on node-1
+/// (`<runtime dir>/nbd-tls/cairn-<tag>-tls`, the tag derived from the UID).
+fn key_dir(cluster: &LocalCluster, uid: &str) -> std::path::PathBuf {
+    use sha2::Digest;
+    let tag = hex(&sha2::Sha256::digest(uid.as_bytes())[..5]);
+    cluster
+        .state_dir
+        .join("nodes/node-1/run/nbd-tls")
+        .join(format!("cairn-{tag}-tls"))
 }
 
 async fn secret_exists(env: &TestEnv, ns: &str, name: &str) -> Result<bool> {
@@ -176,12 +182,7 @@ async fn tcp_tls_export_is_read_whole_with_the_key_and_refused_without() -> Resu
             .is_some_and(|n| n.starts_with("cairn-") && n.ends_with("tls"))),
         "no tls-creds object: {objects}"
     );
-    let dirs = key_dirs(cluster);
-    ensure!(dirs.len() == 1, "key dirs: {dirs:?}");
-    let kd = cluster
-        .state_dir
-        .join("nodes/node-1/run/nbd-tls")
-        .join(&dirs[0]);
+    let kd = key_dir(cluster, &uid);
     assert_eq!(std::fs::metadata(&kd)?.permissions().mode() & 0o777, 0o700);
     assert_eq!(
         std::fs::metadata(kd.join("keys.psk"))?.permissions().mode() & 0o777,
@@ -202,7 +203,7 @@ async fn tcp_tls_export_is_read_whole_with_the_key_and_refused_without() -> Resu
     let raw2 = out_dir.path().join("disk0-nbdcopy.raw");
     std::fs::File::create(&raw2)?.set_len(SIZE)?;
     let url = format!(
-        "nbds://127.0.0.1:{port}/disk0?tls-psk-file={}&tls-username={username}",
+        "nbds://{username}@127.0.0.1:{port}/disk0?tls-psk-file={}",
         keys.path().join("keys.psk").display()
     );
     let o = Command::new("nbdcopy").arg(&url).arg(&raw2).output()?;
@@ -245,11 +246,7 @@ async fn tcp_tls_export_is_read_whole_with_the_key_and_refused_without() -> Resu
     ensure!(!connectable(port), "port {port} still listens after delete");
     let left = qemu_leftovers(&vm)?;
     ensure!(left.is_empty(), "left in QEMU: {left:?}");
-    ensure!(
-        key_dirs(cluster).is_empty(),
-        "key dirs left: {:?}",
-        key_dirs(cluster)
-    );
+    ensure!(!kd.exists(), "key dir left: {}", kd.display());
     wait_secret_gone(&env, &env.namespace, "tls-1-nbd-tls").await?;
     wait_secret_gone(&env, CAIRN_NAMESPACE, &agent_copy).await?;
     Ok(())
@@ -298,7 +295,7 @@ async fn tcp_export_failures_are_clear_and_leave_nothing() -> Result<()> {
         wait_secret_gone(&env, CAIRN_NAMESPACE, &format!("cairn-nbd-psk-{uid}")).await?;
         let left = qemu_leftovers(&vm)?;
         ensure!(left.is_empty(), "{name}: left in QEMU: {left:?}");
-        ensure!(key_dirs(cluster).is_empty(), "{name}: key dirs left");
+        ensure!(!key_dir(cluster, &uid).exists(), "{name}: key dir left");
         env.kubectl(&["delete", "vmb", name, "--timeout=60s"])
             .output()?;
         wait::gone(&api, name, Duration::from_secs(60)).await?;
