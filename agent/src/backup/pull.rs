@@ -1056,3 +1056,103 @@ pub fn remove_local_files(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn psk(username: &str, key_hex: &str) -> PskCredentials {
+        PskCredentials {
+            username: username.into(),
+            key_hex: key_hex.into(),
+        }
+    }
+
+    #[test]
+    fn keys_file_is_one_line_and_refuses_what_would_break_it() {
+        let key = "0f".repeat(32);
+        assert_eq!(psk("b1", &key).keys_file().unwrap(), format!("b1:{key}\n"));
+        for (u, k) in [
+            ("", key.as_str()),
+            ("a:b", key.as_str()),
+            ("a\nb", key.as_str()),
+            ("a b", key.as_str()),
+            ("b1", "abc"),
+            ("b1", "zz"),
+            ("b1", &key[..30]),
+        ] {
+            assert!(psk(u, k).keys_file().is_err(), "{u:?} {k:?}");
+        }
+        assert!(
+            !format!("{:?}", psk("b1", &key)).contains(&key),
+            "Debug shows the key"
+        );
+    }
+
+    fn policy(address: Option<&str>, ports: (u16, u16)) -> TcpExportPolicy {
+        TcpExportPolicy {
+            address: address.map(str::to_string),
+            ports,
+            key_dir: PathBuf::from("/nonexistent"),
+        }
+    }
+
+    #[test]
+    fn ports_come_from_the_nodes_range_only() {
+        let p = policy(Some("127.0.0.1"), (10809, 10811));
+        assert_eq!(
+            candidate_ports(&p, None).unwrap(),
+            ("127.0.0.1".to_string(), vec![10809, 10810, 10811])
+        );
+        assert_eq!(candidate_ports(&p, Some(10810)).unwrap().1, vec![10810]);
+        for port in [10808, 10812, 0, -1, 70000] {
+            assert!(
+                matches!(
+                    candidate_ports(&p, Some(port)),
+                    Err(BackupError::ExportPortOutsideRange { .. })
+                ),
+                "{port}"
+            );
+        }
+        assert!(matches!(
+            candidate_ports(&policy(None, (1, 2)), None),
+            Err(BackupError::TcpExportsDisabled { .. })
+        ));
+        assert!(matches!(
+            candidate_ports(&policy(Some("node-1.example"), (1, 2)), None),
+            Err(BackupError::TcpExportsDisabled { .. })
+        ));
+        assert!(matches!(
+            candidate_ports(&policy(Some("::1"), (5, 4)), None),
+            Err(BackupError::TcpExportsDisabled { .. })
+        ));
+    }
+
+    #[test]
+    fn tcp_urls_bracket_ipv6() {
+        let t = |a: &str| TcpEndpoint {
+            address: a.into(),
+            port: 10809,
+        };
+        assert_eq!(t("10.0.0.1").url(), "nbds://10.0.0.1:10809");
+        assert_eq!(t("fd00::1").url(), "nbds://[fd00::1]:10809");
+    }
+
+    #[test]
+    fn key_dir_is_private_and_removed() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("nbd-tls").join("cairn-x-tls");
+        write_key_dir(&dir, &psk("b1", &"ab".repeat(16))).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("keys.psk")), 0o600);
+        assert_eq!(key_dir_username(&dir).as_deref(), Some("b1"));
+        // Written again (a retried start): replaced, not refused.
+        write_key_dir(&dir, &psk("b2", &"cd".repeat(16))).unwrap();
+        assert_eq!(key_dir_username(&dir).as_deref(), Some("b2"));
+        remove_key_dir(&dir);
+        assert!(!dir.exists());
+        remove_key_dir(&dir);
+    }
+}
