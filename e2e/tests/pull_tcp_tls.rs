@@ -474,3 +474,46 @@ async fn other_tenants_and_the_agent_cannot_read_the_credentials() -> Result<()>
     wait_secret_gone(&env, &env.namespace, "tls-a-nbd-tls").await?;
     Ok(())
 }
+
+/// The export's health check reads through TLS with the agent's key (the
+/// export stays `Exporting` across several checks), and the export timeout
+/// tears everything down: `Succeeded`, no listener, nothing in QEMU, no key
+/// file, no Secrets.
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_export_survives_its_checks_and_goes_at_its_timeout() -> Result<()> {
+    let (env, cluster) = TestEnv::with_cluster("pull-tls-ttl").await?;
+    let vm = start_vm1(cluster, &env, 8 * MIB).await?;
+    apply(
+        &env,
+        &backup_yaml(
+            "short",
+            "vm1",
+            "  mode: Pull\n  exportTimeoutSeconds: 35\n  target:\n    nbd:\n      tcp: {}\n",
+        ),
+    )?;
+    let b = wait_backup(&env, "short", BackupPhase::Exporting).await?;
+    let uid = b.uid().unwrap();
+    let url = b.status.unwrap().export.unwrap().url;
+    let port: u16 = url.rsplit(':').next().unwrap().parse()?;
+    ensure!(connectable(port), "nothing listens on {port}");
+    // The agent checks the export every 10 s through TLS; a failing check
+    // would tear it down (ExportBroken).
+    tokio::time::sleep(Duration::from_secs(22)).await;
+    let api: Api<VirtualMachineBackup> = Api::namespaced(env.client.clone(), &env.namespace);
+    let now = api.get("short").await?;
+    let s = now.status.unwrap();
+    assert_eq!(s.phase, Some(BackupPhase::Exporting), "{:?}", s.conditions);
+    let b = wait_backup(&env, "short", BackupPhase::Succeeded).await?;
+    let (reason, _) = failure_of(&b);
+    assert_eq!(reason, "ExportClosed");
+    ensure!(
+        !connectable(port),
+        "port {port} still listens after the timeout"
+    );
+    let left = qemu_leftovers(&vm)?;
+    ensure!(left.is_empty(), "left in QEMU: {left:?}");
+    ensure!(!key_dir(cluster, &uid).exists(), "key dir left");
+    wait_secret_gone(&env, &env.namespace, "short-nbd-tls").await?;
+    wait_secret_gone(&env, CAIRN_NAMESPACE, &format!("cairn-nbd-psk-{uid}")).await?;
+    Ok(())
+}
