@@ -516,18 +516,15 @@ pub async fn cleanup_leftovers(
     }
 
     remove_fdsets(client, &prefix).await?;
-    // The TLS credentials of a TCP export: the NBD server holds them, so a
-    // server left without exports (a setup that failed after starting it)
-    // stops first. Only our exports use a server started with our credentials.
+    // The TLS credentials of a TCP export (the server that used them was
+    // stopped with our exports above, or by the failed setup itself; a
+    // server without exports is never stopped here, it may not be ours).
     for id in client
         .list_objects()
         .await?
         .into_iter()
         .filter(|o| o.starts_with(&prefix))
     {
-        if client.query_block_exports().await?.is_empty() {
-            let _ = client.nbd_server_stop().await;
-        }
         match client.object_del(&id).await {
             Ok(()) => report.objects.push(id),
             Err(err) => warn!(object = %id, error = %err, "cannot remove object"),

@@ -859,7 +859,7 @@ async fn setup(
             .iter()
             .map(|b| (p.disk.node_name.clone(), b.clone()))
             .collect();
-        client
+        if let Err(e) = client
             .nbd_export_add(
                 &op.export_id(&p.disk.name),
                 &p.access_node,
@@ -867,7 +867,14 @@ async fn setup(
                 &bitmaps,
             )
             .await
-            .map_err(|e| (qmp_err(vm, "block-export-add")(e), created))?;
+        {
+            // The server is ours (it started above); with no export of ours
+            // on it yet, cleanup_leftovers would not know to stop it.
+            if exported.is_empty() {
+                let _ = client.nbd_server_stop().await;
+            }
+            return Err((qmp_err(vm, "block-export-add")(e), created));
+        }
         exported.push(ExportedDisk {
             disk: p.disk.name.clone(),
             export_name: p.disk.name.clone(),
