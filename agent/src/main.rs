@@ -99,6 +99,19 @@ struct Cli {
         global = true
     )]
     cbw_timeout_seconds: u32,
+    /// The node's address TCP pull exports (`target.nbd.tcp`) listen on, and
+    /// that clients are told to connect to. Unset: TCP exports are refused.
+    #[arg(long, env = "CAIRN_EXPORT_ADDRESS", global = true)]
+    export_address: Option<std::net::IpAddr>,
+    /// Ports TCP pull exports may use, `FIRST-LAST`.
+    #[arg(
+        long,
+        env = "CAIRN_EXPORT_PORTS",
+        default_value = "10809-10908",
+        value_parser = parse_port_range,
+        global = true
+    )]
+    export_ports: (u16, u16),
     /// Seconds between full refreshes of QemuInstance status. A VM is also
     /// re-read as soon as its QEMU reports a change (QMP event, reconnect, or
     /// a state-changing command from the agent); the periodic pass catches
@@ -237,13 +250,18 @@ async fn main() -> anyhow::Result<()> {
                 node_name: cli.node_name.unwrap_or_default(),
                 socket_dir: cli.socket_dir,
                 backup_roots: cli.allowed_root,
-                runtime_dir: cli.runtime_dir,
+                runtime_dir: cli.runtime_dir.clone(),
                 pull: cairn_agent::backup::PullPolicy {
                     export_dir: cli.export_dir,
                     socket_group,
                     scratch_dir: cli.scratch_dir,
                     scratch_reserve: cli.scratch_reserve,
                     cbw_timeout_seconds: cli.cbw_timeout_seconds.max(1),
+                    tcp: cairn_agent::backup::TcpExportPolicy {
+                        address: cli.export_address.map(|a| a.to_string()),
+                        ports: cli.export_ports,
+                        key_dir: cli.runtime_dir.join("nbd-tls"),
+                    },
                 },
                 rescan_interval: Duration::from_secs(cli.rescan_seconds.max(1)),
                 qmp_timeout: Duration::from_secs(cli.qmp_timeout_seconds.max(1)),
@@ -355,4 +373,17 @@ fn resolve_group(group: &str) -> anyhow::Result<u32> {
         .with_context(|| format!("cannot look up group {group:?}"))?
         .with_context(|| format!("no group {group:?} on this node"))?;
     Ok(found.gid.as_raw())
+}
+
+/// `FIRST-LAST`, a non-empty range of ports.
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?} is not FIRST-LAST"))?;
+    let first: u16 = a.trim().parse().map_err(|e| format!("{a:?}: {e}"))?;
+    let last: u16 = b.trim().parse().map_err(|e| format!("{b:?}: {e}"))?;
+    if first == 0 || first > last {
+        return Err(format!("{s:?} is empty or starts at 0"));
+    }
+    Ok((first, last))
 }

@@ -42,6 +42,7 @@ async fn pull_export_is_point_in_time_with_dirty_bitmap() {
         socket: None,
         fallback_to_full: false,
         quiesce: None,
+        tcp: None,
     };
     let export = start_pull_export(&vm.client, &vm.vm, &policy, &req)
         .await

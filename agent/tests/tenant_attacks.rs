@@ -341,6 +341,7 @@ async fn pull_sockets_never_replace_foreign_files() {
         socket: Some(socket),
         fallback_to_full: false,
         quiesce: None,
+        tcp: None,
     };
     for bad in [
         victim.clone(),
@@ -409,6 +410,7 @@ async fn full_scratch_breaks_the_export_not_the_guest() {
         socket: None,
         fallback_to_full: false,
         quiesce: None,
+        tcp: None,
     };
     // Honest size check: 8 MiB allocated do not fit in 6 MiB.
     let e = start_pull_export(&vm.client, &vm.vm, &policy, &request)

@@ -257,20 +257,45 @@ pub struct UnixSocketTarget {
     pub path: Option<String>,
 }
 
-/// A TLS-protected TCP listener.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+/// An NBD export over TCP, protected by TLS with a pre-shared key (TLS-PSK).
+///
+/// The export listens on the node's export address (the agent's
+/// `--export-address`, chart value `agent.exports.tcp.address`); the operator
+/// issues a key for this backup only and stores it in the Secret
+/// `<backup>-nbd-tls` of the backup's namespace (`username`, `key` in hex, and
+/// `keys.psk` ready for QEMU's `tls-creds-psk`); status.export.url gives
+/// `nbds://<address>:<port>`. The Secret goes with the backup.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct TcpTarget {
-    /// Address to bind on the node.
-    #[schemars(length(min = 1, max = 253))]
-    pub address: String,
-    /// Port to listen on.
+    /// Port to listen on; it must lie in the node's export port range (the
+    /// agent's `--export-ports`, chart value `agent.exports.tcp.ports`). When
+    /// omitted, the first free port of that range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
-    pub port: i32,
-    /// Secret (type kubernetes.io/tls, same namespace) with the server certificate and key.
-    #[schemars(length(min = 1, max = 253))]
-    pub tls_secret_name: String,
+    pub port: Option<i32>,
 }
+
+/// Name of the Secret, in the backup's namespace, that carries the TLS-PSK
+/// credentials of a `target.nbd.tcp` export.
+pub fn nbd_tls_secret_name(backup: &str) -> String {
+    format!("{backup}-nbd-tls")
+}
+
+/// Name of the operator's copy of those credentials in Cairn's own namespace,
+/// the one the agent reads (it never reads a tenant's Secrets): keyed by the
+/// backup's UID, so a re-used backup name never finds an older key.
+pub fn nbd_psk_agent_secret_name(backup_uid: &str) -> String {
+    format!("cairn-nbd-psk-{backup_uid}")
+}
+
+/// Keys of both credential Secrets: the TLS user name, the key (hex), and a
+/// ready `keys.psk` (`username:hexkey`) for QEMU or nbdcopy clients.
+pub const NBD_TLS_USERNAME_KEY: &str = "username";
+/// See [`NBD_TLS_USERNAME_KEY`].
+pub const NBD_TLS_KEY_KEY: &str = "key";
+/// See [`NBD_TLS_USERNAME_KEY`].
+pub const NBD_TLS_KEYS_FILE_KEY: &str = "keys.psk";
 
 /// Lifecycle phase of a backup.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -460,8 +485,13 @@ pub struct BackupDiskStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BackupExport {
-    /// NBD URL of the server, e.g. `nbd+unix:///?socket=/run/cairn/exports/<namespace>/<backup>.sock`.
+    /// NBD URL of the server, e.g. `nbd+unix:///?socket=/run/cairn/exports/<namespace>/<backup>.sock`,
+    /// or `nbds://<node address>:<port>` for a TCP export (TLS required).
     pub url: String,
+    /// TCP exports: the Secret of this namespace with the TLS-PSK credentials
+    /// (`username`, `key`, `keys.psk`) a client needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_secret_name: Option<String>,
     /// When the export is torn down if the resource still exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,

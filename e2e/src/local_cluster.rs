@@ -40,6 +40,9 @@ pub const S3_CREDENTIALS_SECRET: &str = "local-s3-credentials";
 /// Secret (in [`CAIRN_NAMESPACE`]) whose `key` holds `local-s3`'s 32-byte key.
 pub const S3_KEY_SECRET: &str = "local-s3-key";
 
+/// Ports TCP pull exports of the local cluster's agents use (on 127.0.0.1).
+pub const LOCAL_EXPORT_PORTS: &str = "20809-20908";
+
 /// A running local cluster.
 #[derive(Clone, Debug)]
 pub struct LocalCluster {
@@ -340,6 +343,9 @@ impl LocalCluster {
                     "CAIRN_SCRATCH_DIR",
                     self.scratch_dir(node).display().to_string(),
                 ),
+                // TCP pull exports listen on loopback, every node sharing the range.
+                ("CAIRN_EXPORT_ADDRESS", "127.0.0.1".into()),
+                ("CAIRN_EXPORT_PORTS", LOCAL_EXPORT_PORTS.into()),
                 ("RUST_LOG", "info,cairn=debug".into()),
                 ("CAIRN_METRICS_ADDR", "127.0.0.1:0".into()),
             ],

@@ -729,9 +729,18 @@ fn check_rendered(objs: &[Value], values: &Value) -> Result<()> {
             &["get", "update", "patch"],
         ),
         ("", &["namespaces"], READ),
+        // TLS-PSK Secrets of TCP pull exports in tenant namespaces: written
+        // and removed, never read.
+        ("", &["secrets"], &["create", "delete"]),
     ]);
     want.extend(triples(&events));
     assert_eq!(grants(operator_role), want, "operator ClusterRole");
+    // The agent's copy of those credentials: the operator annotates it.
+    assert_eq!(
+        grants(find(objs, "Role", "-operator-export-credentials")?),
+        triples(&[("", &["secrets"], &["patch"])]),
+        "export-credentials Role"
+    );
     // Repository credentials: `get` on Secrets of the release namespace, nothing more.
     for who in ["-operator-repository-secrets", "-agent-repository-secrets"] {
         let role = find(objs, "Role", who)?;
@@ -1376,6 +1385,35 @@ async fn helm_install_upgrade_and_uninstall_with_least_privilege_service_account
         assert_eq!(
             got, *want,
             "{who} {verb} {resource}: expected {want}, got {got}"
+        );
+    }
+    // Secrets of a tenant namespace: the agent cannot read them at all; the
+    // operator can create and delete (TCP export credentials) but not read.
+    for (user, verb, want) in [
+        (&agent, "get", "no"),
+        (&agent, "list", "no"),
+        (&agent, "create", "no"),
+        (&operator, "get", "no"),
+        (&operator, "list", "no"),
+        (&operator, "watch", "no"),
+        (&operator, "create", "yes"),
+        (&operator, "delete", "yes"),
+    ] {
+        let out = env
+            .kubectl(&[
+                "auth",
+                "can-i",
+                verb,
+                "secrets",
+                "-n",
+                "default",
+                &format!("--as={user}"),
+            ])
+            .output()?;
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            want,
+            "{user} {verb} secrets in namespace default"
         );
     }
     // The lease permissions are namespaced: not in another namespace.

@@ -472,3 +472,91 @@ async fn symlink_swap_during_backups_never_escapes() -> Result<()> {
     assert!(leftovers(&vm)?.is_empty(), "{:?}", leftovers(&vm)?);
     Ok(())
 }
+
+/// TCP pull exports: a tenant of another namespace, acting with its own
+/// token (even one allowed to read every Secret of its namespace), cannot
+/// read the victim's export key, cannot take the victim's port, and its
+/// refused backup leaves the victim's export serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn tcp_export_keys_and_ports_stay_with_their_namespace() -> Result<()> {
+    let (victim, cluster) = TestEnv::with_cluster("ta-tcp-victim").await?;
+    let (env, _) = TestEnv::with_cluster("ta-tcp").await?;
+    let _victim_vm = start_vm1(cluster, &victim, 8 * MIB).await?;
+    let vm = start_vm1(cluster, &env, 8 * MIB).await?;
+    apply(
+        &victim,
+        &backup_yaml(
+            "v",
+            "vm1",
+            "  mode: Pull\n  target:\n    nbd:\n      tcp: {}\n",
+        ),
+    )?;
+    let b = wait_backup(&victim, "v", BackupPhase::Exporting).await?;
+    let url = b.status.unwrap().export.context("export")?.url;
+    let port: u16 = url.rsplit(':').next().unwrap().parse()?;
+
+    let tenant = Tenant::new(&env)?;
+    // Let the tenant read Secrets of its own namespace, as `edit` does in a
+    // real cluster.
+    kubectl(
+        &env,
+        &[
+            "create",
+            "role",
+            "own-secrets",
+            "--verb=get,list,watch",
+            "--resource=secrets",
+        ],
+    )?;
+    kubectl(
+        &env,
+        &[
+            "create",
+            "rolebinding",
+            "own-secrets",
+            "--role=own-secrets",
+            &format!("--serviceaccount={}:tenant", env.namespace),
+        ],
+    )?;
+    let (ok, out) = tenant.run(&["get", "secrets"], "")?;
+    ensure!(ok, "the tenant cannot list its own Secrets: {out}");
+    for args in [
+        vec![
+            "get",
+            "secret",
+            "v-nbd-tls",
+            "-n",
+            victim.namespace.as_str(),
+            "-o",
+            "yaml",
+        ],
+        vec!["get", "secrets", "-n", victim.namespace.as_str()],
+        vec!["get", "secrets", "-n", "cairn-system"],
+    ] {
+        let (ok, out) = tenant.run(&args, "")?;
+        ensure!(
+            !ok && out.contains("Forbidden"),
+            "{args:?} was allowed: {out}"
+        );
+        ensure!(!out.contains("keys.psk"), "{args:?} leaked the key: {out}");
+    }
+
+    // The victim's port: refused with a clear reason; the victim still serves.
+    tenant.must_apply(&backup_yaml(
+        "steal-port",
+        "vm1",
+        &format!("  mode: Pull\n  target:\n    nbd:\n      tcp:\n        port: {port}\n"),
+    ))?;
+    let (reason, message) = failure(&env, "steal-port").await?;
+    assert_eq!(reason, "ExportPortInUse", "{message}");
+    assert!(leftovers(&vm)?.is_empty(), "{:?}", leftovers(&vm)?);
+    let api: Api<VirtualMachineBackup> = Api::namespaced(victim.client.clone(), &victim.namespace);
+    let v = api.get("v").await?;
+    assert_eq!(v.status.unwrap().phase, Some(BackupPhase::Exporting));
+    std::net::TcpStream::connect(("127.0.0.1", port))
+        .context("the victim's export no longer listens")?;
+    victim
+        .kubectl(&["delete", "vmb", "v", "--timeout=60s"])
+        .output()?;
+    Ok(())
+}

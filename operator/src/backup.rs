@@ -4,9 +4,11 @@
 //! reconcile(backup)
 //!   1. resolve   the VM's QemuInstance, the incremental base and the checkpoint to create (caches)
 //!   2. deletion  plan_deletion: remove the finalizer once the agent cancelled the job, or wait;
+//!                a TCP export's credentials (nbd_tls::remove) go first, and as soon as it finished;
 //!                with deletionPolicy Delete, the repository snapshot is deleted first
 //!   3. ttl       ttl_decision: delete a finished backup once ttlSecondsAfterFinished passed
-//!   4. validate  validate_backup: VM, incremental base, checkpoint name
+//!   4. validate  validate_backup: VM, incremental base, checkpoint name; a TCP pull export's
+//!                TLS credentials are issued (nbd_tls::ensure) before routing
 //!   5. plan      plan_backup (+ checkpoint_for_backup): labels, finalizer, status, checkpoint to create
 //!   6. apply     create the checkpoint, apply status (server-side apply), then routing metadata
 //!   7. report    events (Routed, VirtualMachineNotFound, CheckpointCreated, Deleted, Expired)
@@ -38,6 +40,7 @@ use kube::{Resource, ResourceExt};
 
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::nbd_tls;
 use crate::routing::{
     self, DeletionPlan, Placement, Rejection, accepted, is_routed, operator_conditions, rejected,
 };
@@ -455,6 +458,9 @@ pub async fn reconcile(backup: Arc<VirtualMachineBackup>, ctx: Arc<Context>) -> 
             DeletionPlan::WaitForAgent => Ok(Action::requeue(Duration::from_secs(30))),
             DeletionPlan::RemoveFinalizer(reason) => {
                 delete_repository_snapshot(&ctx, backup.as_ref()).await?;
+                if nbd_tls::wanted(&backup) {
+                    nbd_tls::remove(&ctx, backup.as_ref()).await?;
+                }
                 routing::remove_finalizer(&api, backup.as_ref(), BACKUP_FINALIZER).await?;
                 tracing::info!(?reason, "finalizer removed");
                 routing::publish(
@@ -504,6 +510,25 @@ pub async fn reconcile(backup: Arc<VirtualMachineBackup>, ctx: Arc<Context>) -> 
         _ => None,
     };
 
+    // A finished TCP export's credentials are useless: they go now, not with the backup.
+    let finished = backup
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_some_and(BackupPhase::is_finished);
+    if finished && nbd_tls::wanted(&backup) {
+        nbd_tls::remove(&ctx, backup.as_ref()).await?;
+    }
+    // A backup the operator rejected may still be routed once its input is fixed.
+    let finished_by_agent = finished
+        && !routing::rejected_by_operator(
+            backup
+                .status
+                .as_ref()
+                .map(|s| s.conditions.as_slice())
+                .unwrap_or_default(),
+        );
+
     // Accepted backups belong to the agent; only the TTL is still the operator's.
     let conds = backup
         .status
@@ -533,6 +558,14 @@ pub async fn reconcile(backup: Arc<VirtualMachineBackup>, ctx: Arc<Context>) -> 
     );
     if matches!(verdict, Verdict::Route { .. })
         && let Some(rejection) = check_repository(&ctx, &namespace, &backup).await?
+    {
+        verdict = Verdict::Reject(rejection);
+    }
+    // The export's TLS credentials exist before the agent may start it.
+    if matches!(verdict, Verdict::Route { .. })
+        && nbd_tls::wanted(&backup)
+        && !finished_by_agent
+        && let nbd_tls::Issued::Conflict(rejection) = nbd_tls::ensure(&ctx, &backup).await?
     {
         verdict = Verdict::Reject(rejection);
     }

@@ -30,6 +30,7 @@ pub mod context;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod nbd_tls;
 pub mod repository;
 pub mod repository_controller;
 pub mod restore;

@@ -33,7 +33,8 @@ use crate::tenant_dir::{TenantDir, TenantDirError};
 
 pub use manifest::{BackupKind, Manifest, ManifestDisk};
 pub use pull::{
-    ExportedDisk, PullExport, PullPolicy, PullRequest, ScratchReserve, check_pull_export,
+    ExportedDisk, PskCredentials, PullExport, PullPolicy, PullRequest, ScratchReserve, TcpEndpoint,
+    TcpExportPolicy, TcpExportRequest, check_pull_export, check_tcp_pull_export,
     remove_local_files, start_pull_export, stop_pull_export,
 };
 pub use push::{
@@ -215,6 +216,54 @@ pub enum BackupError {
         #[source]
         source: QmpError,
     },
+    /// The TCP port a pull export asked for is taken on the node.
+    #[error(
+        "port {port} on {address} is already in use on this node; omit target.nbd.tcp.port to get a free port, or choose another"
+    )]
+    ExportPortInUse {
+        /// Export address of the node.
+        address: String,
+        /// The port.
+        port: u16,
+    },
+    /// The TCP port a pull export asked for lies outside the node's export range.
+    #[error(
+        "port {port} is outside this node's export port range {first}-{last}; choose a port in it or omit the port"
+    )]
+    ExportPortOutsideRange {
+        /// The port asked for.
+        port: i64,
+        /// First port of the range.
+        first: u16,
+        /// Last port of the range.
+        last: u16,
+    },
+    /// Every port of the node's export range is taken.
+    #[error(
+        "every port of this node's export range {first}-{last} on {address} is in use; delete finished pull backups or widen the range (chart value agent.exports.tcp.ports)"
+    )]
+    NoFreeExportPort {
+        /// Export address of the node.
+        address: String,
+        /// First port of the range.
+        first: u16,
+        /// Last port of the range.
+        last: u16,
+    },
+    /// The node has no TCP export address configured, or it does not parse.
+    #[error(
+        "this node serves no TCP exports: {detail}; set the chart value agent.exports.tcp.address (agent flag --export-address), or use target.nbd.unixSocket"
+    )]
+    TcpExportsDisabled {
+        /// What is wrong.
+        detail: String,
+    },
+    /// The TLS key of a TCP export cannot be written or read.
+    #[error("the TLS key of the export cannot be prepared: {detail}")]
+    TlsKey {
+        /// What failed (never the key).
+        detail: String,
+    },
     /// A pull export is already being served from this VM.
     #[error("VM {vm} already serves an NBD export that Cairn did not start; stop it first")]
     NbdServerBusy {
@@ -320,6 +369,8 @@ pub struct LeftoverReport {
     pub nodes: Vec<String>,
     /// Temporary bitmaps removed, as `node/bitmap`.
     pub bitmaps: Vec<String>,
+    /// QOM objects removed (the TLS credentials of a TCP export).
+    pub objects: Vec<String>,
     /// Files removed.
     pub files: Vec<PathBuf>,
 }
@@ -331,6 +382,7 @@ impl LeftoverReport {
             && self.exports.is_empty()
             && self.nodes.is_empty()
             && self.bitmaps.is_empty()
+            && self.objects.is_empty()
             && self.files.is_empty()
     }
 }
@@ -467,6 +519,20 @@ pub async fn cleanup_leftovers(
     }
 
     remove_fdsets(client, &prefix).await?;
+    // The TLS credentials of a TCP export (the server that used them was
+    // stopped with our exports above, or by the failed setup itself; a
+    // server without exports is never stopped here, it may not be ours).
+    for id in client
+        .list_objects()
+        .await?
+        .into_iter()
+        .filter(|o| o.starts_with(&prefix))
+    {
+        match client.object_del(&id).await {
+            Ok(()) => report.objects.push(id),
+            Err(err) => warn!(object = %id, error = %err, "cannot remove object"),
+        }
+    }
     if let Some(scope) = files {
         report.files = remove_partial_files(scope.dir, scope.stem, &prefix);
     }

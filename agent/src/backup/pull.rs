@@ -87,6 +87,27 @@ pub struct PullPolicy {
     /// Seconds a single copy-before-write may take before the view is dropped
     /// (the guest write then proceeds).
     pub cbw_timeout_seconds: u32,
+    /// Exports over TCP with TLS.
+    pub tcp: TcpExportPolicy,
+}
+
+/// Where TCP exports listen on this node and where their keys are kept.
+#[derive(Debug, Clone, Default)]
+pub struct TcpExportPolicy {
+    /// The node's export address; `None` disables TCP exports.
+    pub address: Option<String>,
+    /// Ports exports may use, first and last (inclusive).
+    pub ports: (u16, u16),
+    /// Private directory of the agent (mode 0700) for each export's
+    /// `keys.psk`; never a tenant's directory.
+    pub key_dir: PathBuf,
+}
+
+impl TcpExportPolicy {
+    /// The private directory holding `keys.psk` of `op`'s export.
+    pub fn key_dir_of(&self, op: &OperationId) -> PathBuf {
+        self.key_dir.join(format!("{}tls", op.prefix()))
+    }
 }
 
 impl PullPolicy {
@@ -169,6 +190,81 @@ pub struct PullRequest {
     pub fallback_to_full: bool,
     /// Freeze the guest's filesystems through its agent around the export point.
     pub quiesce: Option<crate::qga::GuestAgent>,
+    /// Serve over TCP with TLS-PSK instead of the unix socket.
+    pub tcp: Option<TcpExportRequest>,
+}
+
+/// A pull export over TCP, protected by TLS with a pre-shared key.
+#[derive(Debug, Clone)]
+pub struct TcpExportRequest {
+    /// Port asked for; `None` = the first free port of the node's range.
+    pub port: Option<i32>,
+    /// The credentials clients must present.
+    pub psk: PskCredentials,
+}
+
+/// TLS-PSK credentials: a user name and its key (hex). `Debug` hides the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PskCredentials {
+    /// User name (no `:` or line breaks).
+    pub username: String,
+    /// The key, hex-encoded.
+    pub key_hex: String,
+}
+
+impl std::fmt::Debug for PskCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PskCredentials")
+            .field("username", &self.username)
+            .field("key_hex", &"<redacted>")
+            .finish()
+    }
+}
+
+impl PskCredentials {
+    /// The `keys.psk` line QEMU and GnuTLS read: `username:hexkey`.
+    pub fn keys_file(&self) -> Result<String, BackupError> {
+        let bad = |detail: &str| BackupError::TlsKey {
+            detail: detail.to_string(),
+        };
+        if self.username.is_empty()
+            || self
+                .username
+                .chars()
+                .any(|c| c == ':' || c.is_control() || c.is_whitespace())
+        {
+            return Err(bad(
+                "the user name is empty or holds ':', blanks or control characters",
+            ));
+        }
+        if self.key_hex.len() < 32
+            || !self.key_hex.len().is_multiple_of(2)
+            || !self.key_hex.chars().all(|c| c.is_ascii_hexdigit())
+        {
+            return Err(bad("the key is not hex of at least 16 bytes"));
+        }
+        Ok(format!("{}:{}\n", self.username, self.key_hex))
+    }
+}
+
+/// Where a TCP export listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpEndpoint {
+    /// The node's export address.
+    pub address: String,
+    /// The port.
+    pub port: u16,
+}
+
+impl TcpEndpoint {
+    /// `nbds://<address>:<port>` (IPv6 addresses in brackets).
+    pub fn url(&self) -> String {
+        if self.address.contains(':') {
+            format!("nbds://[{}]:{}", self.address, self.port)
+        } else {
+            format!("nbds://{}:{}", self.address, self.port)
+        }
+    }
 }
 
 /// One exported disk.
@@ -178,7 +274,7 @@ pub struct ExportedDisk {
     pub disk: String,
     /// NBD export name.
     pub export_name: String,
-    /// `nbd+unix:///<export>?socket=<path>`.
+    /// `nbd+unix:///<export>?socket=<path>` or `nbds://<address>:<port>/<export>`.
     pub url: String,
     /// Meta context with the blocks changed since the base, e.g. `qemu:dirty-bitmap:<name>`.
     pub bitmap_context: Option<String>,
@@ -191,12 +287,139 @@ pub struct ExportedDisk {
 /// A running pull export.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PullExport {
-    /// NBD socket (its real path, for clients).
+    /// NBD socket (its real path, for clients); empty for a TCP export.
     pub socket: PathBuf,
+    /// Where a TCP export listens.
+    pub tcp: Option<TcpEndpoint>,
     /// Exported disks.
     pub disks: Vec<ExportedDisk>,
     /// How the guest was frozen for the export point (`quiesce`).
     pub quiesce: Option<crate::qga::QuiesceReport>,
+}
+
+impl PullExport {
+    /// The server's NBD URL: `nbd+unix:///?socket=<path>` or `nbds://<address>:<port>`.
+    pub fn url(&self) -> String {
+        match &self.tcp {
+            Some(t) => t.url(),
+            None => format!("nbd+unix:///?socket={}", self.socket.display()),
+        }
+    }
+
+    /// Where clients connect, for messages: the socket path or `address:port`.
+    pub fn location(&self) -> String {
+        match &self.tcp {
+            Some(t) => format!("{}:{} (TLS)", t.address, t.port),
+            None => self.socket.display().to_string(),
+        }
+    }
+}
+
+/// How the export listens, prepared before QEMU is touched.
+enum Listen {
+    /// A unix socket the agent binds inside the namespace's export directory.
+    Unix { dir: TenantDir, name: String },
+    /// A TCP port QEMU binds on the node's export address (in QEMU's network
+    /// namespace: the agent's may differ), and the private directory with the
+    /// export's `keys.psk`.
+    Tcp {
+        address: String,
+        ports: Vec<u16>,
+        explicit: bool,
+        key_dir: PathBuf,
+    },
+}
+
+/// The ports a TCP export may try, in order: the one asked for (which must
+/// lie in the node's range) or the whole range.
+fn candidate_ports(
+    policy: &TcpExportPolicy,
+    port: Option<i32>,
+) -> Result<(String, Vec<u16>), BackupError> {
+    let Some(address) = policy.address.clone() else {
+        return Err(BackupError::TcpExportsDisabled {
+            detail: "no export address is configured".into(),
+        });
+    };
+    if address.parse::<std::net::IpAddr>().is_err() {
+        return Err(BackupError::TcpExportsDisabled {
+            detail: format!("the export address {address:?} is not an IP address"),
+        });
+    }
+    let (first, last) = policy.ports;
+    if first == 0 || first > last {
+        return Err(BackupError::TcpExportsDisabled {
+            detail: format!("the export port range {first}-{last} is empty"),
+        });
+    }
+    match port {
+        Some(p) => match u16::try_from(p).ok().filter(|p| (first..=last).contains(p)) {
+            Some(p) => Ok((address, vec![p])),
+            None => Err(BackupError::ExportPortOutsideRange {
+                port: p.into(),
+                first,
+                last,
+            }),
+        },
+        None => Ok((address, (first..=last).collect())),
+    }
+}
+
+/// Whether QEMU's `nbd-server-start` failed because the port is taken.
+fn port_taken(e: &QmpError) -> bool {
+    matches!(e, QmpError::Command { desc, .. }
+        if desc.contains("in use") || desc.contains("available port"))
+}
+
+/// Writes `<key dir>/keys.psk` (mode 0600) into a fresh private directory
+/// (mode 0700), for QEMU's `tls-creds-psk`.
+fn write_key_dir(dir: &Path, psk: &PskCredentials) -> Result<(), BackupError> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let line = psk.keys_file()?;
+    let io = |what: &str, e: std::io::Error| BackupError::TlsKey {
+        detail: format!("{what} {}: {e}", dir.display()),
+    };
+    if let Some(parent) = dir.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(|e| io("creating the parent of", e))?;
+    }
+    remove_key_dir(dir);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| io("creating", e))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(dir.join("keys.psk"))
+        .map_err(|e| io("writing keys.psk in", e))?;
+    f.write_all(line.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| io("writing keys.psk in", e))?;
+    Ok(())
+}
+
+/// Removes an export's key directory (idempotent).
+fn remove_key_dir(dir: &Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            warn!(dir = %dir.display(), error = %e, "cannot remove the export's key directory")
+        }
+    }
+}
+
+/// The TLS user name recorded in an export's `keys.psk`.
+fn key_dir_username(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("keys.psk")).ok()?;
+    text.split(':').next().map(str::to_string)
 }
 
 struct PullDisk<'a> {
@@ -223,8 +446,21 @@ pub async fn start_pull_export(
     validate_backup_name(&request.name)?;
     let vm_name = vm.to_string();
     let op = &request.operation;
-    let (sock_dir, sock_name) =
-        policy.socket_location(&vm.namespace, request.socket.as_deref(), &request.name)?;
+    let unix = match &request.tcp {
+        None => {
+            Some(policy.socket_location(&vm.namespace, request.socket.as_deref(), &request.name)?)
+        }
+        Some(t) => {
+            // Refuse a bad port or user name before QEMU is touched.
+            t.psk.keys_file()?;
+            if policy.tcp.address.is_none() {
+                return Err(BackupError::TcpExportsDisabled {
+                    detail: "no export address is configured".into(),
+                });
+            }
+            None
+        }
+    };
     let scratch = policy.scratch(&vm.namespace)?;
     let inv = read_inventory(client, vm).await?;
     let selected = match &request.incremental {
@@ -330,16 +566,37 @@ pub async fn start_pull_export(
         .await
         .map_err(qmp_err(&vm_name, "cleanup"))?;
     remove_scratch_files(&scratch, op);
-    claim_socket_name(&sock_dir, &sock_name)?;
+    let key_dir = policy.tcp.key_dir_of(op);
+    remove_key_dir(&key_dir);
+    let listen = match (unix, &request.tcp) {
+        (Some((dir, name)), _) => {
+            claim_socket_name(&dir, &name)?;
+            Listen::Unix { dir, name }
+        }
+        (None, Some(t)) => {
+            let (address, ports) = candidate_ports(&policy.tcp, t.port)?;
+            write_key_dir(&key_dir, &t.psk)?;
+            Listen::Tcp {
+                address,
+                ports,
+                explicit: t.port.is_some(),
+                key_dir: key_dir.clone(),
+            }
+        }
+        (None, None) => unreachable!("a request without tcp has a socket location"),
+    };
+    let socket_of = match &listen {
+        Listen::Unix { dir, name } => Some((dir.try_clone()?, name.clone())),
+        Listen::Tcp { .. } => None,
+    };
     let mut held = Vec::new();
     let result = setup(
-        client, &vm_name, policy, request, &disks, steps, &scratch, &mut held, &sock_dir,
-        &sock_name,
+        client, &vm_name, policy, request, &disks, steps, &scratch, &mut held, listen,
     )
     .await;
     match result {
         Ok(export) => {
-            info!(vm = %vm, socket = %export.socket.display(), disks = export.disks.len(), "pull export started");
+            info!(vm = %vm, at = %export.location(), disks = export.disks.len(), "pull export started");
             Ok(export)
         }
         Err((e, checkpoint_created)) => {
@@ -350,7 +607,10 @@ pub async fn start_pull_export(
                 }
             }
             remove_scratch_files(&scratch, op);
-            remove_socket(&sock_dir, &sock_name);
+            if let Some((dir, name)) = socket_of {
+                remove_socket(&dir, &name);
+            }
+            remove_key_dir(&key_dir);
             Err(e)
         }
     }
@@ -469,8 +729,7 @@ async fn setup(
     mut steps: Vec<TransactionStep>,
     scratch: &TenantDir,
     held: &mut Vec<File>,
-    sock_dir: &TenantDir,
-    sock_name: &str,
+    listen: Listen,
 ) -> Result<PullExport, (BackupError, bool)> {
     let op = &request.operation;
     let fail = |step: &str| {
@@ -538,36 +797,86 @@ async fn setup(
             .map_err(|e| (qmp_err(vm, "blockdev-add snapshot-access")(e), created))?;
     }
 
-    // The agent binds the socket inside the directory it holds open, sets its
-    // mode and group, and hands QEMU the listening descriptor (getfd): QEMU
-    // never resolves or unlinks a path.
-    let listener = std::os::unix::net::UnixListener::bind(sock_dir.proc_path().join(sock_name))
-        .map_err(|source| {
-            (
-                BackupError::TargetIo {
-                    path: sock_dir.display_path(sock_name),
-                    source,
-                },
-                created,
-            )
-        })?;
-    sock_dir
-        .set_mode(sock_name, 0o660, policy_group(policy))
-        .map_err(|e| (BackupError::from(e), created))?;
-    let fd_name = format!("{}nbd", op.prefix());
-    client
-        .getfd(&fd_name, std::os::fd::OwnedFd::from(listener))
-        .await
-        .map_err(|e| (qmp_err(vm, "getfd")(e), created))?;
-    if let Err(e) = client.nbd_server_start_fd(&fd_name).await {
-        return Err(match e {
-            QmpError::Command { ref desc, .. } if desc.contains("already running") => {
-                (BackupError::NbdServerBusy { vm: vm.to_string() }, created)
+    let (socket, tcp) = match listen {
+        Listen::Unix { dir, name } => {
+            // The agent binds the socket inside the directory it holds open, sets its
+            // mode and group, and hands QEMU the listening descriptor (getfd): QEMU
+            // never resolves or unlinks a path.
+            let listener = std::os::unix::net::UnixListener::bind(dir.proc_path().join(&name))
+                .map_err(|source| {
+                    (
+                        BackupError::TargetIo {
+                            path: dir.display_path(&name),
+                            source,
+                        },
+                        created,
+                    )
+                })?;
+            dir.set_mode(&name, 0o660, policy_group(policy))
+                .map_err(|e| (BackupError::from(e), created))?;
+            let fd_name = format!("{}nbd", op.prefix());
+            client
+                .getfd(&fd_name, std::os::fd::OwnedFd::from(listener))
+                .await
+                .map_err(|e| (qmp_err(vm, "getfd")(e), created))?;
+            if let Err(e) = client.nbd_server_start_fd(&fd_name).await {
+                let _ = client.closefd(&fd_name).await;
+                return Err(server_start_error(vm, e, created));
             }
-            e => (qmp_err(vm, "nbd-server-start")(e), created),
-        });
-    }
-    let socket = sock_dir.display_path(sock_name);
+            (dir.display_path(&name), None)
+        }
+        Listen::Tcp {
+            address,
+            ports,
+            explicit,
+            key_dir,
+        } => {
+            // QEMU binds the port itself: its network namespace is the one
+            // clients reach the node in (the agent's pod may have its own).
+            // The `tls-creds-psk` object reads the private `keys.psk`; the
+            // server refuses clients that do not complete the TLS handshake.
+            let creds = format!("{}tls", op.prefix());
+            client
+                .add_tls_creds_psk(&creds, &key_dir.display().to_string())
+                .await
+                .map_err(|e| (qmp_err(vm, "object-add tls-creds-psk")(e), created))?;
+            let mut bound = None;
+            for port in &ports {
+                match client
+                    .nbd_server_start_tcp_tls(&address, *port, &creds)
+                    .await
+                {
+                    Ok(()) => {
+                        bound = Some(*port);
+                        break;
+                    }
+                    Err(e) if port_taken(&e) && explicit => {
+                        return Err((
+                            BackupError::ExportPortInUse {
+                                address,
+                                port: *port,
+                            },
+                            created,
+                        ));
+                    }
+                    Err(e) if port_taken(&e) => continue,
+                    Err(e) => return Err(server_start_error(vm, e, created)),
+                }
+            }
+            let Some(port) = bound else {
+                let (first, last) = policy.tcp.ports;
+                return Err((
+                    BackupError::NoFreeExportPort {
+                        address,
+                        first,
+                        last,
+                    },
+                    created,
+                ));
+            };
+            (PathBuf::new(), Some(TcpEndpoint { address, port }))
+        }
+    };
     let mut exported = Vec::new();
     for p in disks {
         let bitmaps: Vec<(String, String)> = p
@@ -575,7 +884,7 @@ async fn setup(
             .iter()
             .map(|b| (p.disk.node_name.clone(), b.clone()))
             .collect();
-        client
+        if let Err(e) = client
             .nbd_export_add(
                 &op.export_id(&p.disk.name),
                 &p.access_node,
@@ -583,11 +892,21 @@ async fn setup(
                 &bitmaps,
             )
             .await
-            .map_err(|e| (qmp_err(vm, "block-export-add")(e), created))?;
+        {
+            // The server is ours (it started above); with no export of ours
+            // on it yet, cleanup_leftovers would not know to stop it.
+            if exported.is_empty() {
+                let _ = client.nbd_server_stop().await;
+            }
+            return Err((qmp_err(vm, "block-export-add")(e), created));
+        }
         exported.push(ExportedDisk {
             disk: p.disk.name.clone(),
             export_name: p.disk.name.clone(),
-            url: format!("nbd+unix:///{}?socket={}", p.disk.name, socket.display()),
+            url: match &tcp {
+                Some(t) => format!("{}/{}", t.url(), p.disk.name),
+                None => format!("nbd+unix:///{}?socket={}", p.disk.name, socket.display()),
+            },
             bitmap_context: p
                 .temp_bitmap
                 .as_ref()
@@ -598,9 +917,19 @@ async fn setup(
     }
     Ok(PullExport {
         socket,
+        tcp,
         disks: exported,
         quiesce,
     })
+}
+
+fn server_start_error(vm: &str, e: QmpError, created: bool) -> (BackupError, bool) {
+    match e {
+        QmpError::Command { ref desc, .. } if desc.contains("already running") => {
+            (BackupError::NbdServerBusy { vm: vm.to_string() }, created)
+        }
+        e => (qmp_err(vm, "nbd-server-start")(e), created),
+    }
 }
 
 fn policy_group(policy: &PullPolicy) -> Option<u32> {
@@ -621,12 +950,65 @@ pub async fn check_pull_export(
 ) -> Result<(), BackupError> {
     let (sock_dir, sock_name) = policy.socket_location(&vm.namespace, request_socket, backup)?;
     let socket = sock_dir.proc_path().join(&sock_name);
+    check_reads(policy, vm, disks, |disk| {
+        vec![
+            "-r".into(),
+            "-f".into(),
+            "raw".into(),
+            "-c".into(),
+            "read 0 512".into(),
+            format!("nbd+unix:///{disk}?socket={}", socket.display()),
+        ]
+    })
+    .await
+}
+
+/// [`check_pull_export`] for a TCP export of `operation` on `port`: reads
+/// through TLS with the export's own key.
+pub async fn check_tcp_pull_export(
+    policy: &PullPolicy,
+    vm: &VmRef,
+    operation: &OperationId,
+    port: u16,
+    disks: &[String],
+) -> Result<(), BackupError> {
+    let key_dir = policy.tcp.key_dir_of(operation);
+    let Some(username) = key_dir_username(&key_dir) else {
+        return Err(BackupError::TlsKey {
+            detail: format!("{} has no keys.psk", key_dir.display()),
+        });
+    };
+    let host = policy.tcp.address.clone().unwrap_or_default();
+    let object = format!(
+        "tls-creds-psk,id=tls0,endpoint=client,dir={},username={username}",
+        key_dir.display()
+    );
+    check_reads(policy, vm, disks, |disk| {
+        vec![
+            "--object".into(),
+            object.clone(),
+            "-r".into(),
+            "-c".into(),
+            "read 0 512".into(),
+            "--image-opts".into(),
+            format!("driver=nbd,host={host},port={port},export={disk},tls-creds=tls0"),
+        ]
+    })
+    .await
+}
+
+/// Reads the first sector of each disk with `qemu-io <args_of(disk)>`.
+async fn check_reads(
+    policy: &PullPolicy,
+    vm: &VmRef,
+    disks: &[String],
+    args_of: impl Fn(&str) -> Vec<String>,
+) -> Result<(), BackupError> {
     for disk in disks {
-        let url = format!("nbd+unix:///{disk}?socket={}", socket.display());
         let out = tokio::time::timeout(
             Duration::from_secs(30),
             tokio::process::Command::new("qemu-io")
-                .args(["-r", "-f", "raw", "-c", "read 0 512", &url])
+                .args(args_of(disk))
                 .kill_on_drop(true)
                 .output(),
         )
@@ -688,7 +1070,7 @@ pub async fn stop_pull_export(
 }
 
 /// The file side of [`stop_pull_export`], for when QEMU is gone: scratch
-/// files of `operation` and the export socket.
+/// files of `operation`, its TLS key directory and the export socket.
 pub fn remove_local_files(
     operation: &OperationId,
     policy: &PullPolicy,
@@ -699,10 +1081,111 @@ pub fn remove_local_files(
     if let Ok(scratch) = policy.scratch(&vm.namespace) {
         remove_scratch_files(&scratch, operation);
     }
+    remove_key_dir(&policy.tcp.key_dir_of(operation));
     if let Ok((dir, name)) = policy.socket_location(&vm.namespace, request_socket, backup) {
         let live = std::os::unix::net::UnixStream::connect(dir.proc_path().join(&name)).is_ok();
         if !live {
             remove_socket(&dir, &name);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn psk(username: &str, key_hex: &str) -> PskCredentials {
+        PskCredentials {
+            username: username.into(),
+            key_hex: key_hex.into(),
+        }
+    }
+
+    #[test]
+    fn keys_file_is_one_line_and_refuses_what_would_break_it() {
+        let key = "0f".repeat(32);
+        assert_eq!(psk("b1", &key).keys_file().unwrap(), format!("b1:{key}\n"));
+        for (u, k) in [
+            ("", key.as_str()),
+            ("a:b", key.as_str()),
+            ("a\nb", key.as_str()),
+            ("a b", key.as_str()),
+            ("b1", "abc"),
+            ("b1", "zz"),
+            ("b1", &key[..30]),
+        ] {
+            assert!(psk(u, k).keys_file().is_err(), "{u:?} {k:?}");
+        }
+        assert!(
+            !format!("{:?}", psk("b1", &key)).contains(&key),
+            "Debug shows the key"
+        );
+    }
+
+    fn policy(address: Option<&str>, ports: (u16, u16)) -> TcpExportPolicy {
+        TcpExportPolicy {
+            address: address.map(str::to_string),
+            ports,
+            key_dir: PathBuf::from("/nonexistent"),
+        }
+    }
+
+    #[test]
+    fn ports_come_from_the_nodes_range_only() {
+        let p = policy(Some("127.0.0.1"), (10809, 10811));
+        assert_eq!(
+            candidate_ports(&p, None).unwrap(),
+            ("127.0.0.1".to_string(), vec![10809, 10810, 10811])
+        );
+        assert_eq!(candidate_ports(&p, Some(10810)).unwrap().1, vec![10810]);
+        for port in [10808, 10812, 0, -1, 70000] {
+            assert!(
+                matches!(
+                    candidate_ports(&p, Some(port)),
+                    Err(BackupError::ExportPortOutsideRange { .. })
+                ),
+                "{port}"
+            );
+        }
+        assert!(matches!(
+            candidate_ports(&policy(None, (1, 2)), None),
+            Err(BackupError::TcpExportsDisabled { .. })
+        ));
+        assert!(matches!(
+            candidate_ports(&policy(Some("node-1.example"), (1, 2)), None),
+            Err(BackupError::TcpExportsDisabled { .. })
+        ));
+        assert!(matches!(
+            candidate_ports(&policy(Some("::1"), (5, 4)), None),
+            Err(BackupError::TcpExportsDisabled { .. })
+        ));
+    }
+
+    #[test]
+    fn tcp_urls_bracket_ipv6() {
+        let t = |a: &str| TcpEndpoint {
+            address: a.into(),
+            port: 10809,
+        };
+        assert_eq!(t("10.0.0.1").url(), "nbds://10.0.0.1:10809");
+        assert_eq!(t("fd00::1").url(), "nbds://[fd00::1]:10809");
+    }
+
+    #[test]
+    fn key_dir_is_private_and_removed() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("nbd-tls").join("cairn-x-tls");
+        write_key_dir(&dir, &psk("b1", &"ab".repeat(16))).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("keys.psk")), 0o600);
+        assert_eq!(key_dir_username(&dir).as_deref(), Some("b1"));
+        // Written again (a retried start): replaced, not refused.
+        write_key_dir(&dir, &psk("b2", &"cd".repeat(16))).unwrap();
+        assert_eq!(key_dir_username(&dir).as_deref(), Some("b2"));
+        remove_key_dir(&dir);
+        assert!(!dir.exists());
+        remove_key_dir(&dir);
     }
 }

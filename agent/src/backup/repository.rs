@@ -125,6 +125,7 @@ pub async fn run_repository_backup(
         socket: None,
         fallback_to_full: request.fallback_to_full,
         quiesce: request.quiesce.clone(),
+        tcp: None,
     };
     let export = start_pull_export(client, vm, policy, &pull).await?;
     let result = ingest(vm, repo, request, base, &export, progress).await;

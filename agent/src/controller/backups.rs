@@ -24,9 +24,9 @@ use super::status::{
 };
 use super::{Context, ControllerError, quiesce};
 use crate::backup::{
-    BackupError, FileScope, Manifest, PullRequest, PushRequest, check_pull_export,
-    cleanup_leftovers, remove_local_files, start_pull_export, start_push_backup, stop_pull_export,
-    verify_backup,
+    BackupError, FileScope, Manifest, PskCredentials, PullRequest, PushRequest, TcpExportRequest,
+    check_pull_export, check_tcp_pull_export, cleanup_leftovers, remove_local_files,
+    start_pull_export, start_push_backup, stop_pull_export, verify_backup,
 };
 use crate::identity::OperationId;
 use crate::inventory::VmRef;
@@ -67,6 +67,59 @@ fn requested_socket(b: &VirtualMachineBackup) -> Option<PathBuf> {
         .and_then(|n| n.unix_socket.as_ref())
         .and_then(|u| u.path.clone())
         .map(PathBuf::from)
+}
+
+/// `Some(port)` when the backup asks for an export over TCP with TLS.
+fn tcp_target(b: &VirtualMachineBackup) -> Option<Option<i32>> {
+    if b.spec.mode != BackupMode::Pull {
+        return None;
+    }
+    b.spec
+        .target
+        .as_ref()
+        .and_then(|t| t.nbd.as_ref())
+        .and_then(|n| n.tcp.as_ref())
+        .map(|t| t.port)
+}
+
+/// The port of a served TCP export, from the URL this agent wrote into status.
+fn served_port(status: &VirtualMachineBackupStatus) -> Option<u16> {
+    let url = &status.export.as_ref()?.url;
+    url.strip_prefix("nbds://")?
+        .rsplit(':')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The TLS-PSK credentials the operator issued for backup `uid`, from its
+/// copy in Cairn's own namespace (the agent never reads a tenant's Secrets).
+/// `None` when that Secret does not exist or lacks a field.
+async fn read_psk(ctx: &Context, uid: &str) -> Result<Option<PskCredentials>, ControllerError> {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(ctx.client.clone(), &ctx.config.cairn_namespace);
+    let Some(secret) = secrets
+        .get_opt(&cairn_api::nbd_psk_agent_secret_name(uid))
+        .await?
+    else {
+        return Ok(None);
+    };
+    let field = |k: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+    };
+    Ok(
+        match (
+            field(cairn_api::NBD_TLS_USERNAME_KEY),
+            field(cairn_api::NBD_TLS_KEY_KEY),
+        ) {
+            (Some(username), Some(key_hex)) => Some(PskCredentials { username, key_hex }),
+            _ => None,
+        },
+    )
 }
 
 /// The VM as a data-path reference, for file cleanup when its QEMU is gone.
@@ -512,23 +565,26 @@ async fn start(
             }
         }
         BackupMode::Pull => {
-            if b.spec
-                .target
-                .as_ref()
-                .and_then(|t| t.nbd.as_ref())
-                .and_then(|n| n.tcp.as_ref())
-                .is_some()
-            {
-                return fail(
-                    api,
-                    &name,
-                    status,
-                    generation,
-                    "TcpExportUnsupported",
-                    "NBD over TCP with TLS is not supported yet; use target.nbd.unixSocket".into(),
-                )
-                .await;
-            }
+            let tcp = match tcp_target(b) {
+                None => None,
+                Some(port) => match read_psk(ctx, uid).await? {
+                    Some(psk) => Some(TcpExportRequest { port, psk }),
+                    None => {
+                        return fail(
+                            api,
+                            &name,
+                            status,
+                            generation,
+                            "CredentialsMissing",
+                            format!(
+                                "the TLS credentials the operator issues for this backup are missing (Secret {} in Cairn's namespace); delete the backup and create it again",
+                                cairn_api::nbd_psk_agent_secret_name(uid)
+                            ),
+                        )
+                        .await;
+                    }
+                },
+            };
             let request = PullRequest {
                 operation,
                 name: name.clone(),
@@ -538,6 +594,7 @@ async fn start(
                 socket: requested_socket(b),
                 fallback_to_full: b.spec.fallback_to_full,
                 quiesce: qga.clone(),
+                tcp,
             };
             status.phase = Some(BackupPhase::Running);
             if qga.is_some() {
@@ -559,7 +616,11 @@ async fn start(
                     status.quiesce = quiesced;
                     mark_checkpoint_created(&mut status, generation);
                     status.export = Some(BackupExport {
-                        url: format!("nbd+unix:///?socket={}", export.socket.display()),
+                        url: export.url(),
+                        tls_secret_name: export
+                            .tcp
+                            .is_some()
+                            .then(|| cairn_api::nbd_tls_secret_name(&name)),
                         expires_at: expires,
                     });
                     status.disks = export
@@ -588,12 +649,12 @@ async fn start(
                             format!(
                                 "point-in-time export of {} disk(s) is served at {}",
                                 export.disks.len(),
-                                export.socket.display()
+                                export.location()
                             ),
                         )],
                         generation,
                     );
-                    info!(backup = %name, vm = %vmref, socket = %export.socket.display(), "pull export ready");
+                    info!(backup = %name, vm = %vmref, at = %export.location(), "pull export ready");
                     apply_status(api, &name, &status).await?;
                     Ok(requeue_until_expiry(&status))
                 }
@@ -911,8 +972,16 @@ async fn watch_export(
         }
         // The point-in-time view still holds (the scratch did not fill up)?
         let disks: Vec<String> = status.disks.iter().map(|d| d.name.clone()).collect();
-        if let Err(e) = check_pull_export(&ctx.pull, &vmref, socket.as_deref(), &name, &disks).await
-        {
+        let checked = match (tcp_target(b), served_port(&status)) {
+            (Some(_), Some(port)) => {
+                check_tcp_pull_export(&ctx.pull, &vmref, &OperationId::new(uid), port, &disks).await
+            }
+            (Some(_), None) => Ok(()),
+            (None, _) => {
+                check_pull_export(&ctx.pull, &vmref, socket.as_deref(), &name, &disks).await
+            }
+        };
+        if let Err(e) = checked {
             // A QEMU that died meanwhile took the export with it: that is not a
             // broken view, and the next pass says what happened.
             let still_served = client

@@ -667,12 +667,67 @@ impl QmpClient {
             .map(drop)
     }
 
+    /// `closefd`: drops a descriptor passed with [`Self::getfd`] that was not used.
+    pub async fn closefd(&self, name: &str) -> Result<(), QmpError> {
+        self.execute_raw("closefd", Some(serde_json::json!({ "fdname": name })))
+            .await
+            .map(drop)
+    }
+
     /// `nbd-server-start` on a listening socket passed earlier with [`Self::getfd`].
     pub async fn nbd_server_start_fd(&self, fd_name: &str) -> Result<(), QmpError> {
         let args = serde_json::json!({ "addr": { "type": "fd", "data": { "str": fd_name } } });
         self.execute_raw("nbd-server-start", Some(args))
             .await
             .map(drop)
+    }
+
+    /// `nbd-server-start` listening on TCP `host:port`, requiring TLS with
+    /// the credentials object `tls_creds`.
+    pub async fn nbd_server_start_tcp_tls(
+        &self,
+        host: &str,
+        port: u16,
+        tls_creds: &str,
+    ) -> Result<(), QmpError> {
+        let args = serde_json::json!({
+            "addr": { "type": "inet", "data": { "host": host, "port": port.to_string() } },
+            "tls-creds": tls_creds,
+        });
+        self.execute_raw("nbd-server-start", Some(args))
+            .await
+            .map(drop)
+    }
+
+    /// `object-add` of a server-side `tls-creds-psk` object that reads
+    /// `<dir>/keys.psk` (lines `username:hexkey`).
+    pub async fn add_tls_creds_psk(&self, id: &str, dir: &str) -> Result<(), QmpError> {
+        let args = serde_json::json!({
+            "qom-type": "tls-creds-psk",
+            "id": id,
+            "endpoint": "server",
+            "dir": dir,
+        });
+        self.execute_raw("object-add", Some(args)).await.map(drop)
+    }
+
+    /// `object-del`.
+    pub async fn object_del(&self, id: &str) -> Result<(), QmpError> {
+        self.execute_raw("object-del", Some(serde_json::json!({ "id": id })))
+            .await
+            .map(drop)
+    }
+
+    /// Ids of the user-created objects (`qom-list /objects`).
+    pub async fn list_objects(&self) -> Result<Vec<String>, QmpError> {
+        #[derive(Deserialize)]
+        struct Prop {
+            name: String,
+        }
+        let props: Vec<Prop> = self
+            .query("qom-list", Some(serde_json::json!({ "path": "/objects" })))
+            .await?;
+        Ok(props.into_iter().map(|p| p.name).collect())
     }
 
     /// `stop`: pauses the vCPUs and drains in-flight I/O.

@@ -387,5 +387,10 @@ pub fn pull_policy(base: &Path) -> cairn_agent::backup::PullPolicy {
         scratch_dir: base.join("scratch"),
         scratch_reserve: cairn_agent::backup::ScratchReserve::Allocated,
         cbw_timeout_seconds: 5,
+        tcp: cairn_agent::backup::TcpExportPolicy {
+            address: Some("127.0.0.1".into()),
+            ports: (21000, 21999),
+            key_dir: base.join("keys"),
+        },
     }
 }

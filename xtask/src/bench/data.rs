@@ -280,6 +280,7 @@ async fn pull_run(
         scratch_dir: out.join("scratch"),
         scratch_reserve: ScratchReserve::Allocated,
         cbw_timeout_seconds: 30,
+        tcp: Default::default(),
     };
     let base_cp = format!("pull{run_no}");
     let request = |id: &str, inc: Option<String>, new: Option<String>| PullRequest {
@@ -291,6 +292,7 @@ async fn pull_run(
         socket: None,
         fallback_to_full: false,
         quiesce: None,
+        tcp: None,
     };
     cold(r);
     let full = request("full", None, Some(base_cp.clone()));

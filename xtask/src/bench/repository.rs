@@ -228,6 +228,7 @@ async fn runs(
         scratch_dir: work.join("scratch"),
         scratch_reserve: ScratchReserve::Allocated,
         cbw_timeout_seconds: 30,
+        tcp: Default::default(),
     };
     let raw = raw_image(cfg, base)?;
     let restic = restic_available();
@@ -419,6 +420,7 @@ async fn nbdcopy_export(
         socket: None,
         fallback_to_full: false,
         quiesce: None,
+        tcp: None,
     };
     let out = work.join("nbdcopy.raw");
     cold();
