@@ -9,14 +9,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use cairn_agent::backup::{
     PullPolicy, PullRequest, PushRequest, ScratchReserve, TargetPolicy, run_push_backup,
-    start_pull_export, start_push_backup, stop_pull_export, verify_backup_file,
+    start_pull_export, stop_pull_export, verify_backup_file,
 };
 use cairn_agent::identity::OperationId;
 use serde_json::json;
 
 use super::qemu::{
-    BenchVm, DISK, FMT_NODE, MIB, bench_qdev, copy_image, direct_backup, dirty, drop_caches,
-    guest_write, run,
+    BenchVm, DISK, FMT_NODE, MIB, bench_qdev, copy_image, direct_backup, dirty, drop_caches, run,
 };
 use super::{Config, Samples};
 
@@ -58,10 +57,6 @@ pub struct DataResults {
     pub qemu_nbd_ready: Samples,
     /// qemu-nbd: nbdcopy of the whole image.
     pub qemu_nbd_read: Samples,
-    /// Guest write IOPS idle.
-    pub iops_idle: Samples,
-    /// Guest write IOPS during a full backup.
-    pub iops_backup: Samples,
     /// Whether the page cache was dropped before timed steps.
     pub cold_cache: bool,
 }
@@ -214,8 +209,7 @@ pub async fn run_all(cfg: &Config, base: &Path, r: &mut DataResults) -> Result<(
         // 3. Pull.
         pull_run(cfg, &vm, &policy, &out, base, run_no, r).await?;
 
-        // 6. Guest impact.
-        guest_impact(&vm, &policy, &out, run_no, r).await?;
+        // 6. Guest impact: the guest section (a real guest writes from inside).
     }
     vm.quit().await?;
     let _ = std::fs::remove_dir_all(&work);
@@ -360,76 +354,6 @@ async fn pull_run(
     let _ = child.wait();
     let _ = std::fs::remove_file(&sock);
     res.map(drop)
-}
-
-/// Random 4 KiB guest writes for `window` (or until `until` says stop); writes per second.
-async fn write_iops(
-    vm: &BenchVm,
-    size: u64,
-    window: Duration,
-    mut busy: impl FnMut() -> bool,
-) -> Result<f64> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let qdev = bench_qdev();
-    let t = Instant::now();
-    let mut n = 0u64;
-    while t.elapsed() < window && busy() {
-        let off = rng.random_range(0..size / 4096) * 4096;
-        guest_write(&vm.writer, &qdev, 0x42, off, 4096).await?;
-        n += 1;
-    }
-    Ok(n as f64 / t.elapsed().as_secs_f64())
-}
-
-async fn guest_impact(
-    vm: &BenchVm,
-    policy: &TargetPolicy,
-    out: &Path,
-    run_no: usize,
-    r: &mut DataResults,
-) -> Result<()> {
-    let size = vm_size(vm).await?;
-    r.iops_idle
-        .push(write_iops(vm, size, Duration::from_secs(3), || true).await?);
-    cold(r);
-    let dir = out.join(format!("impact-{run_no}"));
-    let running = start_push_backup(
-        &vm.client,
-        &vm.vm,
-        policy,
-        &push_request(&format!("impact-{run_no}"), &dir, None, None),
-    )
-    .await?;
-    // Writes while the job copies (measured from the start; stop once it ends).
-    let client = vm.client.clone();
-    let job = running.plan()[0].job_id.clone();
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = done.clone();
-    let watcher = tokio::spawn(async move {
-        loop {
-            let jobs = client.query_jobs().await.unwrap_or_default();
-            if jobs.iter().all(|j| j.id != job || j.status == "concluded") {
-                flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    });
-    let iops = write_iops(vm, size, Duration::from_secs(600), || {
-        !done.load(std::sync::atomic::Ordering::SeqCst)
-    })
-    .await?;
-    r.iops_backup.push(iops);
-    watcher.await?;
-    running.wait().await?;
-    std::fs::remove_dir_all(&dir)?;
-    Ok(())
-}
-
-async fn vm_size(vm: &BenchVm) -> Result<u64> {
-    let inv = cairn_agent::inventory::read_inventory(&vm.client, &vm.vm).await?;
-    Ok(inv.disks.first().context("no disk")?.virtual_size)
 }
 
 /// Megabytes.
