@@ -224,13 +224,21 @@ async fn reconcile(
         }
         // Bitmaps exist once the checkpoint was Ready (creationTime), also when
         // it turned Failed later because they went bad; or while Creating.
-        let created = status.creation_time.is_some()
+        let mut created = status.creation_time.is_some()
             || status.phase.is_some_and(|p| {
                 matches!(
                     p,
                     CheckpointPhase::Ready | CheckpointPhase::Creating | CheckpointPhase::Deleting
                 )
             });
+        // Made by a backup's transaction but deleted before this agent
+        // adopted it (a schedule drops a chain's last checkpoint right after
+        // its run): the backup's word says the bitmaps exist.
+        if !created && let Some(backup) = cp.labels().get(CREATED_BY_BACKUP_LABEL) {
+            let backups: Api<VirtualMachineBackup> = Api::namespaced(ctx.client.clone(), &ns);
+            let found = backups.get_opt(backup).await?;
+            created = matches!(backup_vouch(&cp, backup, found.as_ref()), BackupVouch::Made);
+        }
         let msg = match (&session, created) {
             (_, false) => "no bitmap was created".to_string(),
             (Some((vmref, client)), true) => {

@@ -44,24 +44,33 @@ impl Context {
         domain: &Domain,
         uid: &str,
     ) -> Result<(VmRef, QmpClient), OfflineError> {
-        let mut helpers = self.offline.0.lock().await;
         let key = (ns.to_string(), vm.to_string());
-        if !helpers.contains_key(&key) {
-            let helper = OfflineVm::start(
-                &self.config.runtime_dir,
-                ns,
-                vm,
-                domain,
-                crate::qmp::QmpOptions {
-                    command_timeout: self.config.qmp_timeout,
-                    reconnect: false,
-                    ..Default::default()
-                },
-            )
-            .await?;
-            helpers.insert(key.clone(), (helper, BTreeSet::new()));
+        {
+            let mut helpers = self.offline.0.lock().await;
+            if let Some((helper, users)) = helpers.get_mut(&key) {
+                users.insert(uid.to_string());
+                return Ok((helper.vm.clone(), helper.client.clone()));
+            }
         }
-        let (helper, users) = helpers.get_mut(&key).expect("just inserted");
+        // Started without the lock: every reconcile looks sessions up here.
+        let helper = OfflineVm::start(
+            &self.config.runtime_dir,
+            ns,
+            vm,
+            domain,
+            crate::qmp::QmpOptions {
+                command_timeout: self.config.qmp_timeout,
+                reconnect: false,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let mut helpers = self.offline.0.lock().await;
+        // Another backup of the same VM won the race (its QEMU holds the
+        // image lock, so ours could not have opened): use theirs.
+        let (helper, users) = helpers
+            .entry(key)
+            .or_insert_with(|| (helper, BTreeSet::new()));
         users.insert(uid.to_string());
         Ok((helper.vm.clone(), helper.client.clone()))
     }
@@ -77,10 +86,11 @@ impl Context {
         if !users.remove(uid) || !users.is_empty() {
             return;
         }
-        if let Some((helper, _)) = helpers.remove(&key) {
-            helper.stop().await;
-        } else {
-            warn!(namespace = ns, vm, "offline helper vanished");
+        let helper = helpers.remove(&key);
+        drop(helpers);
+        match helper {
+            Some((helper, _)) => helper.stop().await,
+            None => warn!(namespace = ns, vm, "offline helper vanished"),
         }
     }
 }
