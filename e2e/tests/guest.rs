@@ -20,6 +20,29 @@ use serde_json::json;
 /// Boots of a TCG guest take 20-30 s on 2 busy cores; leave room.
 const BOOT: Duration = Duration::from_secs(180);
 
+/// Guest `vm1` of the test's namespace on `disk`, writing a record every
+/// 50 ms (plus the time to write it under TCG).
+fn writing_guest(
+    qmp_root: &std::path::Path,
+    env: &TestEnv,
+    dir: &std::path::Path,
+    disk: cairn_e2e::vm::VmDisk,
+) -> Result<GuestVm> {
+    GuestVm::start(
+        qmp_root,
+        &env.namespace,
+        "vm1",
+        dir,
+        disk,
+        GuestOptions {
+            mode: GuestMode::Workload {
+                interval: Duration::from_millis(50),
+            },
+            ..GuestOptions::default()
+        },
+    )
+}
+
 /// The data disk of the crash-consistency test.
 const DISK: u64 = 512 * MIB;
 
@@ -55,19 +78,7 @@ async fn a_backup_of_a_writing_guest_holds_a_consistent_prefix_and_boots() -> Re
         Some(seed.path()),
     )?;
     drop(seed);
-    let vm = GuestVm::start(
-        &qmp_root,
-        &env.namespace,
-        "vm1",
-        &dir,
-        disk,
-        GuestOptions {
-            mode: GuestMode::Workload {
-                interval: Duration::from_millis(50),
-            },
-            ..GuestOptions::default()
-        },
-    )?;
+    let vm = writing_guest(&qmp_root, &env, &dir, disk)?;
     let boot = vm.wait_ready(BOOT)?;
     eprintln!("guest vm1 booted in {boot:.1?} with accel={:?}", vm.accel);
     wait_instance(&env, "vm1", "node-1").await?;
@@ -253,19 +264,7 @@ async fn a_quiesced_backup_of_a_real_guest_is_application_consistent() -> Result
         "qcow2",
         None,
     )?;
-    let vm = GuestVm::start(
-        &qmp_root,
-        &env.namespace,
-        "vm1",
-        &dir,
-        disk,
-        GuestOptions {
-            mode: GuestMode::Workload {
-                interval: Duration::from_millis(50),
-            },
-            ..GuestOptions::default()
-        },
-    )?;
+    let vm = writing_guest(&qmp_root, &env, &dir, disk)?;
     vm.wait_ready(BOOT)?;
     wait_instance(&env, "vm1", "node-1").await?;
     vm.agent()?.ping()?;

@@ -176,3 +176,37 @@ async fn starting_the_vm_during_an_offline_backup_is_refused_not_corrupting() ->
 fn content_sha(vm: &TestVm) -> Result<String> {
     cairn_e2e::vm::content_sha256(&vm.disks[0].image)
 }
+
+/// A tenant of another namespace names the stopped VM: the VM lookup is by
+/// namespace, so nothing of the victim's is opened or changed — the backup
+/// fails `VirtualMachineNotFound` and the victim's VM starts at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn another_namespace_cannot_back_up_a_stopped_vm() -> Result<()> {
+    let (victim, cluster) = TestEnv::with_cluster("offline-victim").await?;
+    let (thief, _) = TestEnv::with_cluster("offline-thief").await?;
+    let size = 16 * MIB;
+    let mut vm = start_vm1(cluster, &victim, size).await?;
+    let mut model = DiskModel::new(size);
+    model.write(&vm, "disk0", 0x71, 0, MIB)?;
+    stop(&victim, &mut vm).await?;
+    let before = content_sha(&vm)?;
+    let dir = cluster
+        .backup_dir("node-1")
+        .join(&thief.namespace)
+        .join("stolen");
+    apply(
+        &thief,
+        &backup_yaml("steal", "vm1", &push_extra(&dir, None, Some("stolen"))),
+    )?;
+    let b = wait_backup(&thief, "steal", BackupPhase::Failed).await?;
+    let ready = condition(&b.status.as_ref().context("status")?.conditions, "Ready")
+        .context("Ready")?
+        .clone();
+    ensure!(ready.reason == "VirtualMachineNotFound", "{ready:?}");
+    ensure!(files_in(&dir).is_empty(), "{:?}", files_in(&dir));
+    ensure!(image_bitmaps(&vm)?.is_empty(), "{:?}", image_bitmaps(&vm)?);
+    ensure!(content_sha(&vm)? == before);
+    // No helper holds the victim's images.
+    start(&victim, &mut vm).await?;
+    Ok(())
+}
