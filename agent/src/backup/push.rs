@@ -419,6 +419,7 @@ impl RunningBackup {
         }
         // Backups first, so QEMU reports a job problem before a bitmap one.
         steps.sort_by_key(|s| !matches!(s, TransactionStep::Backup(_)));
+        info!(vm = %vm, backup = %self.request.name, "backup transaction sent");
         let result = match self.request.quiesce.clone() {
             Some(agent) => {
                 let (result, report) = agent.quiesced(self.client.transaction(&steps)).await?;
@@ -508,6 +509,7 @@ impl RunningBackup {
                 }
             }
             if all_done {
+                info!(vm = %vm, backup = %self.request.name, "backup jobs concluded");
                 break failures;
             }
             if !failures.is_empty() {

@@ -15,6 +15,7 @@ use cairn_e2e::local_cluster::LocalCluster;
 use futures::StreamExt;
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
+use serde::{Deserialize, Serialize};
 
 use super::qemu::{BenchVm, MIB, copy_image, drop_caches, run};
 use super::{Config, Samples};
@@ -23,10 +24,20 @@ const NODE: &str = "node-1";
 const NS: &str = "bench";
 
 /// What the cluster measured.
-#[derive(Default)]
+#[derive(Default, serde::Serialize, serde::Deserialize)]
 pub struct ControlResults {
     /// `kubectl apply` of a full push backup → Succeeded.
     pub e2e_full: Samples,
+    /// The stages of each of those.
+    pub e2e_full_timelines: Vec<Timeline>,
+    /// `kubectl apply` of a 1 % incremental push backup → Succeeded.
+    pub e2e_inc: Samples,
+    /// The stages of each of those.
+    pub e2e_inc_timelines: Vec<Timeline>,
+    /// `kubectl apply` of a full backup into the `local-dir` repository → Succeeded.
+    pub e2e_repo_full: Samples,
+    /// The same for a 1 % incremental into it.
+    pub e2e_repo_inc: Samples,
     /// Checkpoint create → Ready, seconds.
     pub checkpoint_latency: Samples,
     /// Operator RSS (MiB) with the checkpoint objects reconciled.
@@ -55,6 +66,133 @@ pub struct ControlResults {
     pub agent_idle_cpu: f64,
     /// Seconds of the idle window.
     pub idle_window: u64,
+}
+
+/// The stages of one end-to-end backup: what, and when it was reached in
+/// seconds after `kubectl apply` started.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Timeline(pub Vec<(String, f64)>);
+
+/// Stages the agent logs (message, stage), in the order they happen.
+const AGENT_STAGES: [(&str, &str); 5] = [
+    ("backup transaction sent", "agent: QMP transaction sent"),
+    (
+        "push backup started",
+        "agent: transaction answered, job running",
+    ),
+    ("push backup running", "agent: `Running` status written"),
+    ("backup jobs concluded", "agent: QEMU's job concluded"),
+    (
+        "push backup complete",
+        "agent: target closed, manifest written",
+    ),
+];
+
+/// `kubectl apply` of `yaml` (backup `name` in [`NS`]) until `Succeeded`,
+/// observed through a watch; then the stages until `Verified`, from the watch
+/// and the agent's log. Returns apply → Succeeded in seconds and the stages.
+async fn e2e_backup(
+    cluster: &LocalCluster,
+    client: &Client,
+    name: &str,
+    yaml: &str,
+    until_verified: bool,
+) -> Result<(f64, Timeline)> {
+    use kube::runtime::watcher;
+    let api: Api<VirtualMachineBackup> = Api::namespaced(client.clone(), NS);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(&'static str, Instant)>();
+    let stream = watcher(
+        api,
+        watcher::Config::default().fields(&format!("metadata.name={name}")),
+    );
+    let watch = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut seen = std::collections::HashSet::new();
+        while let Some(event) = stream.next().await {
+            let now = Instant::now();
+            let mut mark = |k: &'static str| {
+                if seen.insert(k) {
+                    let _ = tx.send((k, now));
+                }
+            };
+            let b = match event {
+                Ok(watcher::Event::InitDone) => {
+                    mark("watching");
+                    continue;
+                }
+                Ok(watcher::Event::Apply(b) | watcher::Event::InitApply(b)) => b,
+                _ => continue,
+            };
+            if kube::ResourceExt::labels(&b).contains_key(cairn_api::NODE_LABEL) {
+                mark("operator: routed (label seen)");
+            }
+            let status = b.status.unwrap_or_default();
+            match status.phase {
+                Some(BackupPhase::Running) => mark("`Running` seen"),
+                Some(BackupPhase::Succeeded) => mark("`Succeeded` seen"),
+                Some(p) if p.is_finished() => mark("failed"),
+                _ => {}
+            }
+            if cairn_api::conditions::is_true(
+                &status.conditions,
+                cairn_api::condition_types::VERIFIED,
+            ) {
+                mark("`Verified` seen");
+                return;
+            }
+        }
+    });
+    let recv = async |rx: &mut tokio::sync::mpsc::UnboundedReceiver<(&'static str, Instant)>| {
+        tokio::time::timeout(Duration::from_secs(600), rx.recv())
+            .await
+            .ok()
+            .flatten()
+            .context("the backup's watch ended")
+    };
+    while recv(&mut rx).await?.0 != "watching" {}
+    let wall = chrono::Utc::now();
+    let t = Instant::now();
+    kubectl(cluster, &["apply", "-f", "-"], Some(yaml))?;
+    let mut stages = vec![(
+        "`kubectl apply` returned".to_string(),
+        t.elapsed().as_secs_f64(),
+    )];
+    let mut succeeded = None;
+    // Until `Verified` (the watch ends), or two minutes after `Succeeded`.
+    let wait = |done: bool| Duration::from_secs(if done { 120 } else { 600 });
+    while let Ok(Some((stage, at))) =
+        tokio::time::timeout(wait(succeeded.is_some()), rx.recv()).await
+    {
+        ensure!(stage != "failed", "backup {name} did not succeed");
+        let secs = at.duration_since(t).as_secs_f64();
+        stages.push((stage.to_string(), secs));
+        if stage == "`Succeeded` seen" {
+            succeeded = Some(secs);
+            if !until_verified {
+                break;
+            }
+        }
+    }
+    watch.abort();
+    let succeeded = succeeded.with_context(|| format!("backup {name} timed out"))?;
+    // The agent's own stages, from its log's timestamps (same clock).
+    let log = std::fs::read_to_string(cluster.state_dir.join(format!("logs/agent-{NODE}.log")))?;
+    let tag = format!(" backup={name} ");
+    for (message, stage) in AGENT_STAGES {
+        let at = log
+            .lines()
+            .filter(|l| l.contains(message) && format!("{l} ").contains(&tag))
+            .find_map(|l| chrono::DateTime::parse_from_rfc3339(l.split_whitespace().next()?).ok());
+        if let Some(at) = at {
+            let secs = (at.with_timezone(&chrono::Utc) - wall).as_seconds_f64();
+            stages.push((stage.to_string(), secs));
+        }
+    }
+    stages.sort_by(|a, b| a.1.total_cmp(&b.1));
+    for (stage, at) in &stages {
+        eprintln!("bench:   {name}: {at:7.3} s  {stage}");
+    }
+    Ok((succeeded, Timeline(stages)))
 }
 
 /// PID of the process a `spawn_service` watchdog (`watchdog`) runs, found by parent.
@@ -230,45 +368,111 @@ async fn measure(
         .context("agent pid not recorded")?;
     let agent = service_pid(agent_watchdog, "cairn-agent").context("agent process")?;
     r.agent_rss_one_mib = rss_mib(agent)?;
-
-    // 1. A full push backup, end to end.
     let backups: Api<VirtualMachineBackup> = Api::namespaced(client.clone(), NS);
+    let cps: Api<VirtualMachineCheckpoint> = Api::namespaced(client.clone(), NS);
+
+    // 1 and 2. Full push backups and a 1 % incremental after each, end to end.
     for run_no in 0..cfg.runs {
-        eprintln!("bench: end-to-end backup {}/{}", run_no + 1, cfg.runs);
+        eprintln!("bench: end-to-end backups {}/{}", run_no + 1, cfg.runs);
         let dir = cluster
             .backup_dir(NODE)
             .join(NS)
             .join(format!("e2e-{run_no}"));
-        let name = format!("full-{run_no}");
-        let yaml = format!(
-            "apiVersion: cairn.dev/v1alpha1\nkind: VirtualMachineBackup\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  virtualMachine: vm\n  target:\n    directory:\n      path: {}\n",
-            dir.display()
-        );
+        let full = format!("full-{run_no}");
+        let inc = format!("inc-{run_no}");
+        let yaml = |name: &str, extra: &str| {
+            format!(
+                "apiVersion: cairn.dev/v1alpha1\nkind: VirtualMachineBackup\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  virtualMachine: vm\n{extra}  target:\n    directory:\n      path: {}\n",
+                dir.display()
+            )
+        };
         drop_caches();
-        let t = Instant::now();
-        kubectl(cluster, &["apply", "-f", "-"], Some(&yaml))?;
-        loop {
-            let b = backups.get(&name).await?;
-            let phase = b.status.as_ref().and_then(|s| s.phase);
-            if phase == Some(BackupPhase::Succeeded) {
-                break;
-            }
-            if phase.is_some_and(BackupPhase::is_finished) {
-                bail!("backup {name} ended {phase:?}: {:?}", b.status);
-            }
-            ensure!(
-                t.elapsed() < Duration::from_secs(600),
-                "backup {name} timed out"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let (secs, timeline) = e2e_backup(
+            cluster,
+            &client,
+            &full,
+            &yaml(&full, &format!("  checkpoint:\n    name: c-{full}\n")),
+            true,
+        )
+        .await?;
+        r.e2e_full.push(secs);
+        r.e2e_full_timelines.push(timeline);
+        // The same 1 % of distinct 64 KiB clusters as section 2's first step.
+        super::qemu::dirty(
+            &vm.writer,
+            &super::qemu::bench_qdev(),
+            cfg.disk_size,
+            super::data::FRACTIONS[0],
+            1000 + run_no as u64,
+        )
+        .await?;
+        drop_caches();
+        let (secs, timeline) = e2e_backup(
+            cluster,
+            &client,
+            &inc,
+            &yaml(
+                &inc,
+                &format!("  incremental: c-{full}\n  checkpoint:\n    name: c-{inc}\n"),
+            ),
+            true,
+        )
+        .await?;
+        r.e2e_inc.push(secs);
+        r.e2e_inc_timelines.push(timeline);
+        for name in [&inc, &full] {
+            backups.delete(name, &Default::default()).await?;
         }
-        r.e2e_full.push(t.elapsed().as_secs_f64());
-        backups.delete(&name, &Default::default()).await?;
+        for name in [&inc, &full] {
+            let _ = cps.delete(&format!("c-{name}"), &Default::default()).await;
+        }
         let _ = std::fs::remove_dir_all(&dir);
+
+        // The same into the cluster's directory repository (restic's peers).
+        let (rfull, rinc) = (format!("repo-full-{run_no}"), format!("repo-inc-{run_no}"));
+        let repo_yaml = |name: &str, extra: &str| {
+            format!(
+                "apiVersion: cairn.dev/v1alpha1\nkind: VirtualMachineBackup\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  virtualMachine: vm\n{extra}  target:\n    repository:\n      name: local-dir\n"
+            )
+        };
+        drop_caches();
+        let (secs, _) = e2e_backup(
+            cluster,
+            &client,
+            &rfull,
+            &repo_yaml(&rfull, &format!("  checkpoint:\n    name: c-{rfull}\n")),
+            false,
+        )
+        .await?;
+        r.e2e_repo_full.push(secs);
+        super::qemu::dirty(
+            &vm.writer,
+            &super::qemu::bench_qdev(),
+            cfg.disk_size,
+            super::data::FRACTIONS[0],
+            2000 + run_no as u64,
+        )
+        .await?;
+        drop_caches();
+        let (secs, _) = e2e_backup(
+            cluster,
+            &client,
+            &rinc,
+            &repo_yaml(
+                &rinc,
+                &format!("  incremental: c-{rfull}\n  checkpoint:\n    name: c-{rinc}\n"),
+            ),
+            false,
+        )
+        .await?;
+        r.e2e_repo_inc.push(secs);
+        for name in [&rinc, &rfull] {
+            backups.delete(name, &Default::default()).await?;
+            let _ = cps.delete(&format!("c-{name}"), &Default::default()).await;
+        }
     }
 
     // 5a. Checkpoint create → Ready.
-    let cps: Api<VirtualMachineCheckpoint> = Api::namespaced(client.clone(), NS);
     eprintln!("bench: {} checkpoints", cfg.checkpoints);
     for i in 0..cfg.checkpoints {
         let name = format!("lat-{i}");

@@ -23,7 +23,7 @@ use super::{Config, Samples};
 pub const FRACTIONS: [f64; 3] = [0.01, 0.10, 0.50];
 
 /// Everything the data-path sections measured.
-#[derive(Default)]
+#[derive(Default, serde::Serialize, serde::Deserialize)]
 pub struct DataResults {
     /// Full push: Cairn library.
     pub full_cairn: Samples,
@@ -194,7 +194,15 @@ pub async fn run_all(cfg: &Config, base: &Path, r: &mut DataResults) -> Result<(
         let t = Instant::now();
         run(Command::new("qemu-img")
             .args([
-                "convert", "-t", "none", "-T", "none", "-f", "qcow2", "-O", "qcow2",
+                "convert",
+                "-t",
+                "none",
+                "-T",
+                "writeback",
+                "-f",
+                "qcow2",
+                "-O",
+                "qcow2",
             ])
             .arg(&newest)
             .arg(&restored))?;

@@ -102,3 +102,8 @@ pub fn facts(work_dir: &Path) -> String {
         first_line("restic", &["version"]),
     )
 }
+
+/// Now, as `YYYY-MM-DD HH:MM UTC`.
+pub fn utc_now() -> String {
+    chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string()
+}

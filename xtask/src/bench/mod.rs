@@ -17,6 +17,7 @@ mod peer;
 mod qemu;
 mod report;
 mod repository;
+mod targets;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -44,7 +45,7 @@ pub struct Config {
 }
 
 /// Repeated measurements of one quantity.
-#[derive(Default, Clone, Debug)]
+#[derive(Default, Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Samples(pub Vec<f64>);
 
 impl Samples {
@@ -92,9 +93,60 @@ pub fn dirty_read_script(work: &Path) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// The sections, in the order a full run measures them.
+pub const SECTIONS: [&str; 6] = ["data", "peer", "control", "repository", "instant", "guest"];
+
+/// The longest the bench waits for the machine to go quiet before a section.
+pub const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(150);
+
+/// The 1-minute load average.
+fn load1() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Waits (up to [`SETTLE_LIMIT`]) until the 1-minute load average is at most
+/// [`targets::QUIET_LOAD`]; returns the seconds waited.
+async fn settle() -> f64 {
+    let t = std::time::Instant::now();
+    while load1().is_some_and(|l| l > targets::QUIET_LOAD) && t.elapsed() < SETTLE_LIMIT {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+    t.elapsed().as_secs_f64()
+}
+
+/// The saved results of the last full run, from which `--render` writes BENCHMARKS.md.
+pub const RESULTS: &str = "docs/BENCHMARKS-RESULTS.json";
+
 /// Entry point of `cargo xtask bench`.
-pub fn run(quick: bool) -> Result<()> {
+pub fn run(quick: bool, allow_noisy: bool, render: Option<PathBuf>) -> Result<()> {
     let root = cairn_e2e::tools::repo_root();
+    if let Some(saved) = render {
+        let results: report::Results = serde_json::from_slice(&std::fs::read(&saved)?)?;
+        let cfg = Config {
+            quick: results.quick,
+            runs: results.runs,
+            disk_size: results.disk_size,
+            checkpoints: 0,
+            objects: 0,
+            vms: 0,
+            idle_secs: 0,
+            work: root.join("target/bench"),
+        };
+        let out = if results.sections.len() == 1 {
+            root.join("target/bench")
+                .join(format!("{}-only.md", results.sections[0]))
+        } else {
+            root.join("BENCHMARKS.md")
+        };
+        std::fs::write(&out, report::render(&cfg, &results))?;
+        eprintln!("bench: wrote {}", out.display());
+        return Ok(());
+    }
     // Release binaries for the cluster and restore: re-run with CAIRN_BIN_DIR set
     // (the environment cannot be changed in-process without `unsafe`).
     if std::env::var_os("CAIRN_BIN_DIR").is_none() {
@@ -148,14 +200,10 @@ pub fn run(quick: bool) -> Result<()> {
     // target/bench/<section>-only.md, leaving BENCHMARKS.md alone
     // (`CAIRN_BENCH_CONTROL_ONLY=1` is the older spelling of `control`).
     let only = match std::env::var("CAIRN_BENCH_ONLY") {
-        Ok(s)
-            if ["data", "peer", "control", "repository", "instant", "guest"]
-                .contains(&s.as_str()) =>
-        {
-            Some(s)
-        }
+        Ok(s) if SECTIONS.contains(&s.as_str()) => Some(s),
         Ok(s) => bail!(
-            "CAIRN_BENCH_ONLY={s}: expected data, peer, control, repository, instant or guest"
+            "CAIRN_BENCH_ONLY={s}: expected one of {}",
+            SECTIONS.join(", ")
         ),
         Err(_) => std::env::var_os("CAIRN_BENCH_CONTROL_ONLY").map(|_| "control".to_string()),
     };
@@ -165,62 +213,81 @@ pub fn run(quick: bool) -> Result<()> {
         .enable_all()
         .build()?;
     let mut results = report::Results {
-        load_at_start: std::fs::read_to_string("/proc/loadavg")
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse().ok()),
+        load_at_start: load1(),
+        allow_noisy,
+        started: machine::utc_now(),
+        command: std::iter::once("cargo xtask bench".to_string())
+            .chain(std::env::args().skip(2))
+            .collect::<Vec<_>>()
+            .join(" "),
+        sections: SECTIONS
+            .iter()
+            .filter(|s| section(s))
+            .map(|s| s.to_string())
+            .collect(),
+        machine: machine::facts(&cfg.work),
+        quick: cfg.quick,
+        runs: cfg.runs,
+        disk_size: cfg.disk_size,
         ..Default::default()
     };
+    if let Some(o) = &only {
+        results.command = format!("CAIRN_BENCH_ONLY={o} {}", results.command);
+    }
     rt.block_on(async {
         eprintln!(
             "bench: preparing a {} MiB random image",
             cfg.disk_size >> 20
         );
         let base = qemu::random_base_image(&cfg.work, cfg.disk_size)?;
-        if section("data")
-            && let Err(e) = data::run_all(&cfg, &base, &mut results.data).await
-        {
-            eprintln!("bench: data path failed: {e:#}");
-            results.errors.push(format!("data path: {e:#}"));
-        }
-        if section("peer")
-            && let Err(e) = peer::run_all(&cfg, &base, &mut results.peer).await
-        {
-            eprintln!("bench: virtnbdbackup failed: {e:#}");
-            results.peer.unavailable = Some(format!("{e:#}"));
-        }
-        if section("control")
-            && let Err(e) = control::run_all(&cfg, &base, &mut results.control).await
-        {
-            eprintln!("bench: cluster part failed: {e:#}");
-            results.errors.push(format!("cluster: {e:#}"));
-        }
-        if section("repository")
-            && let Err(e) = repository::run_all(&cfg, &base, &mut results.repository).await
-        {
-            eprintln!("bench: repository part failed: {e:#}");
-            results.errors.push(format!("repository: {e:#}"));
-        }
-        if section("instant")
-            && let Err(e) = instant::run_all(&cfg, &base, &mut results.instant).await
-        {
-            eprintln!("bench: instant recovery failed: {e:#}");
-            results.errors.push(format!("instant recovery: {e:#}"));
-        }
-        if section("guest")
-            && let Err(e) = guest::run_all(&cfg, &mut results.guest).await
-        {
-            eprintln!("bench: guest section failed: {e:#}");
-            results.errors.push(format!("guest: {e:#}"));
+        for name in SECTIONS.iter().copied().filter(|s| section(s)) {
+            let waited = settle().await;
+            let before = load1();
+            eprintln!("bench: section {name} (load {before:?} after {waited:.0} s of waiting)");
+            let r = &mut results;
+            let outcome = match name {
+                "data" => data::run_all(&cfg, &base, &mut r.data).await,
+                "peer" => peer::run_all(&cfg, &base, &mut r.peer).await,
+                "control" => control::run_all(&cfg, &base, &mut r.control).await,
+                "repository" => repository::run_all(&cfg, &base, &mut r.repository).await,
+                "instant" => instant::run_all(&cfg, &base, &mut r.instant).await,
+                "guest" => guest::run_all(&cfg, &mut r.guest).await,
+                _ => unreachable!("every section is listed"),
+            };
+            if let Err(e) = outcome {
+                eprintln!("bench: section {name} failed: {e:#}");
+                if name == "peer" {
+                    results.peer.unavailable = Some(format!("{e:#}"));
+                } else {
+                    results.errors.push(format!("{name}: {e:#}"));
+                }
+            }
+            results.loads.insert(
+                name.to_string(),
+                report::SectionLoad {
+                    waited,
+                    before,
+                    after: load1(),
+                },
+            );
         }
         anyhow::Ok(())
     })?;
     results.elapsed = started.elapsed().as_secs_f64();
     let text = report::render(&cfg, &results);
+    let json = serde_json::to_vec_pretty(&results)?;
     let out = match &only {
-        Some(o) => cfg.work.join(format!("{o}-only.md")),
-        None => root.join("BENCHMARKS.md"),
+        Some(o) => {
+            std::fs::write(cfg.work.join(format!("{o}-only.json")), &json)?;
+            cfg.work.join(format!("{o}-only.md"))
+        }
+        None => {
+            std::fs::write(root.join(RESULTS), &json)?;
+            root.join("BENCHMARKS.md")
+        }
     };
-    std::fs::write(out, &text)?;
+    std::fs::write(&out, &text)?;
     print!("{text}");
+    eprintln!("bench: wrote {}", out.display());
     Ok(())
 }

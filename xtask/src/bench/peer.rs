@@ -18,7 +18,7 @@ const DOMAIN: &str = "cairn-bench-peer";
 const QDEV: &str = "/machine/peripheral/virtio-disk0/virtio-backend";
 
 /// What the peer measured.
-#[derive(Default)]
+#[derive(Default, serde::Serialize, serde::Deserialize)]
 pub struct PeerResults {
     /// `virtnbdbackup -l full`.
     pub full: Samples,
@@ -59,7 +59,7 @@ fn domain_xml(image: &Path, monitor: &Path) -> String {
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
+      <driver name='qemu' type='qcow2' cache='none'/>
       <source file='{image}'/>
       <target dev='vda' bus='virtio'/>
     </disk>

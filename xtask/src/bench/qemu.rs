@@ -135,7 +135,7 @@ impl BenchVm {
             .arg(format!("unix:{},server=on,wait=off", private.display()))
             .arg("-blockdev")
             .arg(format!(
-                "driver=file,filename={},node-name={DISK}-file",
+                "driver=file,filename={},node-name={DISK}-file,cache.direct=on",
                 image.display()
             ))
             .arg("-blockdev")

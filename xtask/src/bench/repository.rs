@@ -26,7 +26,7 @@ use cairn_repo::{
 };
 
 use super::qemu::{
-    BenchVm, DISK, FMT_NODE, WRITE, bench_qdev, copy_image, dirty_offsets, drop_caches,
+    BenchVm, DISK, FMT_NODE, MIB, WRITE, bench_qdev, copy_image, dirty_offsets, drop_caches,
     guest_write, run,
 };
 use super::{Config, Samples};
@@ -35,7 +35,7 @@ use super::{Config, Samples};
 pub const DIRTY: f64 = 0.01;
 
 /// Everything the repository section measured.
-#[derive(Default)]
+#[derive(Default, serde::Serialize, serde::Deserialize)]
 pub struct RepoResults {
     /// Chunk size of the repositories (the default).
     pub chunk_size: u64,
@@ -84,7 +84,7 @@ pub struct RepoResults {
 }
 
 /// A second VM on a copy of the same base image.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub struct CloneDedup {
     /// Size of its disk.
     pub size: u64,
@@ -558,6 +558,94 @@ async fn restic_run(
     file.sync_all()?;
     let _ = std::fs::remove_dir_all(&repo);
     result
+}
+
+/// Section 7's targets. Speeds against restic use the end-to-end rows of
+/// section 5 (`kubectl apply` → `Succeeded` into the directory repository):
+/// restic's figure is its whole command, so Cairn's must be too.
+pub fn targets(r: &RepoResults, c: &super::control::ControlResults) -> Vec<super::targets::Target> {
+    use super::targets::{at_most, single, speed};
+    let mut t = vec![
+        speed(
+            "repository",
+            "repository full (directory), library path, ≥ 0.8× `nbdcopy` of the same export",
+            &r.full_dir,
+            &r.full_nbdcopy,
+            0.8,
+        ),
+        at_most(
+            "repository",
+            "repository incremental 1 % ≤ 1.5 s (library path, directory)",
+            &r.inc_dir,
+            1.5,
+            1.0,
+            "s",
+        ),
+    ];
+    let over = r
+        .inc_bytes_read
+        .iter()
+        .zip(&r.dirty_chunk_bytes)
+        .map(|(read, due)| read.saturating_sub(*due))
+        .max();
+    t.push(single(
+        "repository",
+        "incremental reads ≤ dirty bytes rounded up to chunks (every run)",
+        over.map_or("–".into(), |b| {
+            format!("{:.1} MiB over, at most", b as f64 / MIB as f64)
+        }),
+        over.map(|b| b == 0),
+    ));
+    t.push(speed(
+        "repository",
+        "repository restore to raw (library path) ≥ 0.8× `qemu-img convert` qcow2 → raw",
+        &r.restore_dir,
+        &r.restore_convert,
+        0.8,
+    ));
+    t.push(speed(
+        "control",
+        "repository incremental 1 %, `kubectl apply` → `Succeeded`, ≥ 5× faster than restic's `backup`",
+        &c.e2e_repo_inc,
+        &r.restic_inc,
+        5.0,
+    ));
+    t.push(speed(
+        "control",
+        "repository full, `kubectl apply` → `Succeeded`, not slower than restic's `backup`",
+        &c.e2e_repo_full,
+        &r.restic_full,
+        1.0,
+    ));
+    let share = r
+        .clone
+        .map(|c| c.added as f64 * 100.0 / c.size.max(1) as f64);
+    t.push(single(
+        "repository",
+        "a clone of the same base adds < 5 % of its size",
+        share.map_or("–".into(), |v| format!("{v:.3} %")),
+        share.map(|v| v < 5.0),
+    ));
+    let stored = Samples(r.inc_stored_s3.iter().map(|&b| b as f64).collect());
+    let per = stored.median().map(|m| m / r.dirty_bytes.max(1) as f64);
+    t.push(single(
+        "repository",
+        "stored bytes per dirty byte ≤ 8 (1 % of 64 KiB writes, S3)",
+        per.map_or("–".into(), |v| format!("{v:.2}")),
+        per.map(|v| v <= 8.0),
+    ));
+    let (n, b) = r
+        .inc_objects_s3
+        .iter()
+        .fold((0u64, 0u64), |(n, b), (x, y)| (n + x, b + y));
+    let avg = (n > 0).then(|| b as f64 / n as f64);
+    t.push(single(
+        "repository",
+        "S3 objects written by the incremental average ≥ 4 MiB",
+        avg.map_or("–".into(), |v| format!("{:.2} MiB", v / MIB as f64)),
+        avg.map(|v| v >= (4 * MIB) as f64),
+    ));
+    t
 }
 
 #[cfg(test)]
