@@ -229,6 +229,7 @@ pub fn run(quick: bool, allow_noisy: bool, render: Option<PathBuf>) -> Result<()
         quick: cfg.quick,
         runs: cfg.runs,
         disk_size: cfg.disk_size,
+        cold_cache: qemu::drop_caches(),
         ..Default::default()
     };
     if let Some(o) = &only {

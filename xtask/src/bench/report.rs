@@ -48,6 +48,8 @@ pub struct Results {
     pub runs: usize,
     /// Disk size in bytes.
     pub disk_size: u64,
+    /// Whether the bench may drop the page cache (root).
+    pub cold_cache: bool,
 }
 
 /// The machine's 1-minute load average around one section.
@@ -148,7 +150,7 @@ pub fn render(cfg: &Config, r: &Results) -> String {
         "- Page cache dropped before each timed step: {}\n\
          - 1-minute load average when the bench started: {}; before and after each section: see *Load* at the end \
          ({} cores; other work moves the figures, min/max show the spread)\n",
-        if d.cold_cache {
+        if r.cold_cache {
             "yes"
         } else {
             "no (not permitted)"
