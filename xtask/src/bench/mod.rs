@@ -4,12 +4,14 @@
 //!
 //! The parts: [`qemu`] (images, guestless QEMUs, simulated guest writes),
 //! [`data`] (data path without a cluster), [`peer`] (libvirt + virtnbdbackup),
-//! [`control`] (local cluster: end-to-end backup, latency, memory),
+//! [`control`] (local cluster: end-to-end backup, latency, memory), [`fleet`]
+//! (local cluster: the agent with hundreds of VMs),
 //! [`repository`] (BackupRepository ingest, restore, dedup; restic), [`report`]
 //! (Markdown). The method is in docs/BENCHMARKS-METHOD.md.
 
 mod control;
 mod data;
+mod fleet;
 mod guest;
 mod instant;
 mod machine;
@@ -140,22 +142,30 @@ pub fn run(quick: bool) -> Result<()> {
         disk_size: if quick { 1 << 30 } else { 4 << 30 },
         checkpoints: if quick { 30 } else { 100 },
         objects: if quick { 2_000 } else { 10_000 },
-        vms: if quick { 20 } else { 100 },
+        vms: if quick { 20 } else { 500 },
         idle_secs: if quick { 10 } else { 30 },
         work: work.canonicalize()?,
     };
-    // `CAIRN_BENCH_ONLY=data|peer|control|repository` re-measures one section, into
+    // `CAIRN_BENCH_ONLY=data|peer|control|repository|instant|guest|fleet` re-measures one section, into
     // target/bench/<section>-only.md, leaving BENCHMARKS.md alone
     // (`CAIRN_BENCH_CONTROL_ONLY=1` is the older spelling of `control`).
     let only = match std::env::var("CAIRN_BENCH_ONLY") {
         Ok(s)
-            if ["data", "peer", "control", "repository", "instant", "guest"]
-                .contains(&s.as_str()) =>
+            if [
+                "data",
+                "peer",
+                "control",
+                "repository",
+                "instant",
+                "guest",
+                "fleet",
+            ]
+            .contains(&s.as_str()) =>
         {
             Some(s)
         }
         Ok(s) => bail!(
-            "CAIRN_BENCH_ONLY={s}: expected data, peer, control, repository, instant or guest"
+            "CAIRN_BENCH_ONLY={s}: expected data, peer, control, repository, instant, guest or fleet"
         ),
         Err(_) => std::env::var_os("CAIRN_BENCH_CONTROL_ONLY").map(|_| "control".to_string()),
     };
@@ -212,10 +222,30 @@ pub fn run(quick: bool) -> Result<()> {
             eprintln!("bench: guest section failed: {e:#}");
             results.errors.push(format!("guest: {e:#}"));
         }
+        if section("fleet")
+            && let Err(e) = fleet::run_all(&cfg, &mut results.fleet).await
+        {
+            eprintln!("bench: fleet section failed: {e:#}");
+            results.errors.push(format!("fleet: {e:#}"));
+        }
         anyhow::Ok(())
     })?;
     results.elapsed = started.elapsed().as_secs_f64();
-    let text = report::render(&cfg, &results);
+    let mut text = report::render(&cfg, &results);
+    if only.as_deref() == Some("fleet") {
+        // Until report.rs places the section: its tables and targets at the end.
+        use std::fmt::Write;
+        let _ = writeln!(
+            text,
+            "\n## Agent at scale\n\n{}",
+            fleet::render(&results.fleet)
+        );
+        let _ = writeln!(text, "| target | measured | met |\n|---|---|---|");
+        for (target, measured, met) in fleet::targets(&results.fleet) {
+            let met = met.map_or("–", |m| if m { "yes" } else { "no" });
+            let _ = writeln!(text, "| {target} | {measured} | {met} |");
+        }
+    }
     let out = match &only {
         Some(o) => cfg.work.join(format!("{o}-only.md")),
         None => root.join("BENCHMARKS.md"),

@@ -24,6 +24,8 @@ pub struct Results {
     pub instant: super::instant::InstantResults,
     /// The real-guest section.
     pub guest: super::guest::GuestResults,
+    /// The agent with many VMs.
+    pub fleet: super::fleet::FleetResults,
     /// Sections that failed, with why.
     pub errors: Vec<String>,
     /// Wall time of the bench.
@@ -347,23 +349,6 @@ pub fn render(cfg: &Config, r: &Results) -> String {
         "| operator RSS after the resync | {:.1} MiB |",
         c.operator_rss_resync_mib
     );
-    let _ = writeln!(
-        o,
-        "| agent RSS with 1 VM | {:.1} MiB |",
-        c.agent_rss_one_mib
-    );
-    let _ = writeln!(
-        o,
-        "| agent RSS with {} VMs | {:.1} MiB |",
-        c.vms, c.agent_rss_mib
-    );
-    let _ = writeln!(
-        o,
-        "| agent CPU while idle with {} VMs, over {} s | {:.2} % of one core |",
-        c.vms,
-        c.idle_window,
-        c.agent_idle_cpu * 100.0
-    );
     let _ = writeln!(o);
 
     // 6. Guest impact: measured with a real guest, section 9.
@@ -467,18 +452,6 @@ pub fn render(cfg: &Config, r: &Results) -> String {
         &format!("full resync ≤ 10 s (here {} objects)", c.objects),
         format!("{:.1} s", c.resync_secs),
         has.then_some(c.resync_secs <= 10.0),
-    );
-    line(
-        &mut o,
-        &format!("agent RSS ≤ 40 MiB with 100 VMs (here {})", c.vms),
-        format!("{:.1} MiB", c.agent_rss_mib),
-        (c.vms > 0).then_some(c.agent_rss_mib <= 40.0),
-    );
-    line(
-        &mut o,
-        "agent idle CPU near zero (≤ 1 % of a core)",
-        format!("{:.2} %", c.agent_idle_cpu * 100.0),
-        (c.vms > 0).then_some(c.agent_idle_cpu <= 0.01),
     );
     repository_targets(&mut o, &r.repository);
     let _ = writeln!(o);
