@@ -181,11 +181,19 @@ pub fn run(quick: bool) -> Result<()> {
         ..Default::default()
     };
     rt.block_on(async {
-        eprintln!(
-            "bench: preparing a {} MiB random image",
-            cfg.disk_size >> 20
-        );
-        let base = qemu::random_base_image(&cfg.work, cfg.disk_size)?;
+        // The guest and fleet sections bring their own images.
+        let base = if ["data", "peer", "control", "repository", "instant"]
+            .into_iter()
+            .any(section)
+        {
+            eprintln!(
+                "bench: preparing a {} MiB random image",
+                cfg.disk_size >> 20
+            );
+            qemu::random_base_image(&cfg.work, cfg.disk_size)?
+        } else {
+            PathBuf::new()
+        };
         if section("data")
             && let Err(e) = data::run_all(&cfg, &base, &mut results.data).await
         {
