@@ -6,7 +6,7 @@
 //! socket gets one reconnecting [`QmpClient`]; when the socket disappears the
 //! session is dropped. Changes are announced as [`DiscoveryEvent`]s.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
@@ -190,7 +190,7 @@ impl Discovery {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let found = scan_socket_dir(&self.inner.options.root);
         let mut sessions = self.inner.sessions.lock().expect("discovery lock");
-        let keys: Vec<(String, String)> = found
+        let keys: BTreeSet<(String, String)> = found
             .iter()
             .map(|v| (v.namespace.clone(), v.name.clone()))
             .collect();

@@ -110,7 +110,9 @@ impl Default for QmpOptions {
             reconnect: true,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
-            event_capacity: 1024,
+            // Each session allocates it up front: 1024 cost ~100 KiB a VM.
+            // Subscribers that lag re-read state, so a short buffer is safe.
+            event_capacity: 64,
         }
     }
 }

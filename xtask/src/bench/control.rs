@@ -1,7 +1,7 @@
 //! Measurements on the local cluster (real etcd + kube-apiserver, the release
 //! operator and agent): a push backup end to end, checkpoint apply → Ready
-//! latency, operator memory and resync time with many checkpoint objects,
-//! agent memory and idle CPU with many VMs.
+//! latency, operator memory and resync time with many checkpoint objects.
+//! The agent with many VMs is [`super::fleet`].
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -17,7 +17,7 @@ use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 use serde::{Deserialize, Serialize};
 
-use super::qemu::{BenchVm, MIB, copy_image, drop_caches, run};
+use super::qemu::{BenchVm, copy_image, drop_caches};
 use super::{Config, Samples};
 
 const NODE: &str = "node-1";
@@ -56,16 +56,6 @@ pub struct ControlResults {
     pub resync_secs: f64,
     /// Operator RSS after the resync (MiB).
     pub operator_rss_resync_mib: f64,
-    /// VMs the agent managed for the memory measurement.
-    pub vms: usize,
-    /// Agent RSS with one VM (MiB).
-    pub agent_rss_one_mib: f64,
-    /// Agent RSS with `vms` VMs (MiB).
-    pub agent_rss_mib: f64,
-    /// Agent CPU seconds per wall second while idle with `vms` VMs.
-    pub agent_idle_cpu: f64,
-    /// Seconds of the idle window.
-    pub idle_window: u64,
 }
 
 /// The stages of one end-to-end backup: what, and when it was reached in
@@ -196,7 +186,7 @@ async fn e2e_backup(
 }
 
 /// PID of the process a `spawn_service` watchdog (`watchdog`) runs, found by parent.
-fn service_pid(watchdog: u32, comm: &str) -> Option<u32> {
+pub(super) fn service_pid(watchdog: u32, comm: &str) -> Option<u32> {
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
             continue;
@@ -232,14 +222,15 @@ pub fn rss_mib(pid: u32) -> Result<f64> {
 }
 
 /// utime + stime of `pid` in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
+pub(super) fn cpu_ticks(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let rest = &stat[stat.rfind(')').context("stat")? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
 }
 
-fn recorded_pid(state: &Path, name: &str) -> Option<u32> {
+/// The pid recorded in the cluster's `pids` file for `name` (the last one).
+pub(super) fn recorded_pid(state: &Path, name: &str) -> Option<u32> {
     std::fs::read_to_string(state.join("pids"))
         .ok()?
         .lines()
@@ -250,7 +241,8 @@ fn recorded_pid(state: &Path, name: &str) -> Option<u32> {
         .next_back()
 }
 
-fn stop_watchdog(pid: u32) {
+/// Stops a `spawn_service` watchdog and the process it runs.
+pub(super) fn stop_watchdog(pid: u32) {
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
@@ -305,7 +297,8 @@ async fn wait_instances(client: &Client, ns: &str, n: usize, limit: Duration) ->
     }
 }
 
-fn kubectl(cluster: &LocalCluster, args: &[&str], stdin: Option<&str>) -> Result<()> {
+/// Runs kubectl against the cluster, with `stdin` as its input.
+pub(super) fn kubectl(cluster: &LocalCluster, args: &[&str], stdin: Option<&str>) -> Result<()> {
     let mut child = std::process::Command::new(&cluster.cp.tools.kubectl)
         .arg(format!("--kubeconfig={}", cluster.cp.kubeconfig.display()))
         .args(args)
@@ -362,12 +355,11 @@ async fn measure(
     let image = vms_dir.join("vm.qcow2");
     copy_image(base, &image)?;
     let qmp = cluster.qmp_dir(NODE);
-    let vm = BenchVm::start_for_agent(&qmp.join(NS).join("vm.sock"), NS, "vm", &image, 64).await?;
+    let vm = BenchVm::start_for_agent(&qmp.join(NS).join("vm.sock"), NS, "vm", &image, 64, false)
+        .await?;
     wait_instances(&client, NS, 1, Duration::from_secs(60)).await?;
     let agent_watchdog = recorded_pid(&cluster.state_dir, &format!("agent-{NODE}"))
         .context("agent pid not recorded")?;
-    let agent = service_pid(agent_watchdog, "cairn-agent").context("agent process")?;
-    r.agent_rss_one_mib = rss_mib(agent)?;
     let backups: Api<VirtualMachineBackup> = Api::namespaced(client.clone(), NS);
     let cps: Api<VirtualMachineCheckpoint> = Api::namespaced(client.clone(), NS);
 
@@ -495,45 +487,6 @@ async fn measure(
         r.checkpoint_latency.push(t.elapsed().as_secs_f64());
     }
 
-    // 5b. Agent memory and idle CPU with many VMs.
-    eprintln!("bench: agent with {} VMs", cfg.vms);
-    r.vms = cfg.vms;
-    let fleet_dir = vms_dir.join("fleet");
-    std::fs::create_dir_all(&fleet_dir)?;
-    let mut starts = Vec::new();
-    for i in 0..cfg.vms.saturating_sub(1) {
-        let img = fleet_dir.join(format!("f{i}.qcow2"));
-        run(std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&img)
-            .arg((64 * MIB).to_string()))?;
-        let sock = qmp.join("fleet").join(format!("f{i}.sock"));
-        starts.push(async move {
-            BenchVm::start_for_agent(&sock, "fleet", &format!("f{i}"), &img, 16).await
-        });
-    }
-    kubectl(cluster, &["create", "namespace", "fleet"], None)?;
-    let fleet: Vec<BenchVm> = futures::stream::iter(starts)
-        .buffer_unordered(8)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_>>()?;
-    wait_instances(&client, "fleet", fleet.len(), Duration::from_secs(300)).await?;
-    // Let the first resyncs settle, then measure.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    r.agent_rss_mib = rss_mib(agent)?;
-    r.idle_window = cfg.idle_secs;
-    let before = cpu_ticks(agent)?;
-    let t = Instant::now();
-    tokio::time::sleep(Duration::from_secs(cfg.idle_secs)).await;
-    let ticks = cpu_ticks(agent)? - before;
-    r.agent_idle_cpu = ticks as f64 / clock_ticks() / t.elapsed().as_secs_f64();
-    r.agent_rss_mib = r.agent_rss_mib.max(rss_mib(agent)?);
-    for v in fleet {
-        v.quit().await?;
-    }
-
     // 5c. Operator with many checkpoint objects: stop the agent so they stay Pending
     // (the operator's work only), create them, wait until all are routed.
     stop_watchdog(agent_watchdog);
@@ -611,7 +564,8 @@ async fn measure(
     Ok(())
 }
 
-fn clock_ticks() -> f64 {
+/// Clock ticks per second (`getconf CLK_TCK`).
+pub(super) fn clock_ticks() -> f64 {
     std::process::Command::new("getconf")
         .arg("CLK_TCK")
         .output()

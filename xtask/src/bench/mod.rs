@@ -4,12 +4,14 @@
 //!
 //! The parts: [`qemu`] (images, guestless QEMUs, simulated guest writes),
 //! [`data`] (data path without a cluster), [`peer`] (libvirt + virtnbdbackup),
-//! [`control`] (local cluster: end-to-end backup, latency, memory),
+//! [`control`] (local cluster: end-to-end backup, latency, memory), [`fleet`]
+//! (local cluster: the agent with hundreds of VMs),
 //! [`repository`] (BackupRepository ingest, restore, dedup; restic), [`report`]
 //! (Markdown). The method is in docs/BENCHMARKS-METHOD.md.
 
 mod control;
 mod data;
+mod fleet;
 mod guest;
 mod instant;
 mod machine;
@@ -94,7 +96,15 @@ pub fn dirty_read_script(work: &Path) -> Result<PathBuf> {
 }
 
 /// The sections, in the order a full run measures them.
-pub const SECTIONS: [&str; 6] = ["data", "peer", "control", "repository", "instant", "guest"];
+pub const SECTIONS: [&str; 7] = [
+    "data",
+    "peer",
+    "control",
+    "repository",
+    "instant",
+    "guest",
+    "fleet",
+];
 
 /// The longest the bench waits for the machine to go quiet before a section.
 pub const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(150);
@@ -192,11 +202,11 @@ pub fn run(quick: bool, allow_noisy: bool, render: Option<PathBuf>) -> Result<()
         disk_size: if quick { 1 << 30 } else { 4 << 30 },
         checkpoints: if quick { 30 } else { 100 },
         objects: if quick { 2_000 } else { 10_000 },
-        vms: if quick { 20 } else { 100 },
+        vms: if quick { 20 } else { 500 },
         idle_secs: if quick { 10 } else { 30 },
         work: work.canonicalize()?,
     };
-    // `CAIRN_BENCH_ONLY=data|peer|control|repository` re-measures one section, into
+    // `CAIRN_BENCH_ONLY=data|peer|control|repository|instant|guest|fleet` re-measures one section, into
     // target/bench/<section>-only.md, leaving BENCHMARKS.md alone
     // (`CAIRN_BENCH_CONTROL_ONLY=1` is the older spelling of `control`).
     let only = match std::env::var("CAIRN_BENCH_ONLY") {
@@ -236,11 +246,19 @@ pub fn run(quick: bool, allow_noisy: bool, render: Option<PathBuf>) -> Result<()
         results.command = format!("CAIRN_BENCH_ONLY={o} {}", results.command);
     }
     rt.block_on(async {
-        eprintln!(
-            "bench: preparing a {} MiB random image",
-            cfg.disk_size >> 20
-        );
-        let base = qemu::random_base_image(&cfg.work, cfg.disk_size)?;
+        // The guest and fleet sections bring their own images.
+        let base = if ["data", "peer", "control", "repository", "instant"]
+            .into_iter()
+            .any(section)
+        {
+            eprintln!(
+                "bench: preparing a {} MiB random image",
+                cfg.disk_size >> 20
+            );
+            qemu::random_base_image(&cfg.work, cfg.disk_size)?
+        } else {
+            PathBuf::new()
+        };
         for name in SECTIONS.iter().copied().filter(|s| section(s)) {
             let waited = settle().await;
             let before = load1();
@@ -253,6 +271,7 @@ pub fn run(quick: bool, allow_noisy: bool, render: Option<PathBuf>) -> Result<()
                 "repository" => repository::run_all(&cfg, &base, &mut r.repository).await,
                 "instant" => instant::run_all(&cfg, &base, &mut r.instant).await,
                 "guest" => guest::run_all(&cfg, &mut r.guest).await,
+                "fleet" => fleet::run_all(&cfg, &mut r.fleet).await,
                 _ => unreachable!("every section is listed"),
             };
             if let Err(e) = outcome {

@@ -85,6 +85,8 @@ pub struct BenchVm {
     pub client: QmpClient,
     /// Session on the private monitor for simulated guest writes.
     pub writer: QmpClient,
+    /// When the main monitor first accepted a connection.
+    pub listening_at: Instant,
     child: Option<Child>,
 }
 
@@ -103,7 +105,7 @@ impl BenchVm {
         image: &Path,
         memory_mib: u32,
     ) -> Result<Self> {
-        Self::launch(socket, namespace, name, image, memory_mib, true).await
+        Self::launch(socket, namespace, name, image, memory_mib, true, false).await
     }
 
     async fn launch(
@@ -113,6 +115,7 @@ impl BenchVm {
         image: &Path,
         memory_mib: u32,
         connect_main: bool,
+        paused: bool,
     ) -> Result<Self> {
         std::fs::create_dir_all(socket.parent().context("socket dir")?)?;
         // Not `*.sock`: an agent watching the directory must not take this monitor.
@@ -129,6 +132,7 @@ impl BenchVm {
                 "none",
             ])
             .args(["-m", &memory_mib.to_string()])
+            .args(paused.then_some("-S"))
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", socket.display()))
             .arg("-qmp")
@@ -158,14 +162,20 @@ impl BenchVm {
             },
             client: QmpClient::spawn("/nonexistent", qmp_options()),
             writer: QmpClient::spawn("/nonexistent", qmp_options()),
+            listening_at: Instant::now(),
             child: Some(child),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         // The files appear at bind(); QEMU accepts only after listen().
         let listening = |p: &Path| std::os::unix::net::UnixStream::connect(p).is_ok();
-        while !(listening(socket) && listening(&private)) {
+        while !listening(socket) {
             ensure!(Instant::now() < deadline, "QEMU did not create its sockets");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        vm.listening_at = Instant::now();
+        while !listening(&private) {
+            ensure!(Instant::now() < deadline, "QEMU did not create its sockets");
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         if connect_main {
             vm.client = QmpClient::connect(socket, qmp_options()).await?;
@@ -175,16 +185,23 @@ impl BenchVm {
     }
 
     /// Starts QEMU with only the private monitor connected: the main socket is
-    /// left for an agent to discover.
+    /// left for an agent to discover. `paused` never starts the CPUs (`-S`): no
+    /// firmware runs, so hundreds of such VMs cost memory only.
     pub async fn start_for_agent(
         socket: &Path,
         namespace: &str,
         name: &str,
         image: &Path,
         memory_mib: u32,
+        paused: bool,
     ) -> Result<Self> {
         // QEMU serves one client per monitor: leave the main one to the agent.
-        Self::launch(socket, namespace, name, image, memory_mib, false).await
+        Self::launch(socket, namespace, name, image, memory_mib, false, paused).await
+    }
+
+    /// The QEMU process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Clean shutdown.

@@ -24,6 +24,8 @@ pub struct Results {
     pub instant: super::instant::InstantResults,
     /// The real-guest section.
     pub guest: super::guest::GuestResults,
+    /// The agent with many VMs.
+    pub fleet: super::fleet::FleetResults,
     /// Sections that failed, with why.
     pub errors: Vec<String>,
     /// Wall time of the bench.
@@ -407,24 +409,35 @@ pub fn render(cfg: &Config, r: &Results) -> String {
         "| operator RSS after the resync | {:.1} MiB |",
         c.operator_rss_resync_mib
     );
-    let _ = writeln!(
-        o,
-        "| agent RSS with 1 VM | {:.1} MiB |",
-        c.agent_rss_one_mib
-    );
-    let _ = writeln!(
-        o,
-        "| agent RSS with {} VMs | {:.1} MiB |",
-        c.vms, c.agent_rss_mib
-    );
-    let _ = writeln!(
-        o,
-        "| agent CPU while idle with {} VMs, over {} s | {:.2} % of one core |",
-        c.vms,
-        c.idle_window,
-        c.agent_idle_cpu * 100.0
-    );
     let _ = writeln!(o);
+
+    for (what, s) in [
+        (
+            "full backup into the `local-dir` BackupRepository, `kubectl apply` → `Succeeded`: min / median / max",
+            &c.e2e_repo_full,
+        ),
+        (
+            "1 % incremental into it, `kubectl apply` → `Succeeded`: min / median / max",
+            &c.e2e_repo_inc,
+        ),
+    ] {
+        let _ = writeln!(
+            o,
+            "| {what} | {} / {} / {} s |",
+            f(s.min(), 1.0, 2),
+            f(s.median(), 1.0, 2),
+            f(s.max(), 1.0, 2)
+        );
+    }
+    let _ = writeln!(o);
+    if r.fleet.vms > 0 {
+        let _ = writeln!(
+            o,
+            "### The agent with {} VMs on one node\n\n{}",
+            r.fleet.vms,
+            super::fleet::render(&r.fleet)
+        );
+    }
 
     // 6. Guest impact: measured with a real guest, section 9.
     let _ = writeln!(

@@ -209,7 +209,10 @@ pub fn all(r: &Results) -> Vec<Target> {
         format!("{:.0} ms", lat.percentile(99.0).unwrap_or(f64::NAN) * 1e3),
         lat.percentile(99.0).map(|v| v <= 1.0),
     ));
-    // TODO(merge): routing and fleet targets.
+    // TODO(merge): routing targets.
+    for (what, measured, met) in super::fleet::targets(&r.fleet) {
+        t.push(single("fleet", &what, measured, met));
+    }
     t.extend(super::repository::targets(&r.repository, c));
     t.extend(super::instant::targets(&r.instant));
     t.extend(super::guest::targets(&r.guest));
