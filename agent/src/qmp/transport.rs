@@ -394,6 +394,10 @@ impl QmpClient {
     }
 }
 
+/// How long a failing connection is retried at `backoff_initial` before the
+/// delay starts doubling.
+const FAST_RETRY_WINDOW: Duration = Duration::from_secs(5);
+
 async fn session_task(
     socket: PathBuf,
     options: QmpOptions,
@@ -403,6 +407,8 @@ async fn session_task(
 ) {
     let mut backoff = options.backoff_initial;
     let mut generation = 0u64;
+    // Since when connecting has failed without a success in between.
+    let mut failing_since: Option<Instant> = None;
     loop {
         if requests.is_closed() {
             break;
@@ -411,6 +417,7 @@ async fn session_task(
             Ok(Ok((reader, writer, version))) => {
                 generation += 1;
                 backoff = options.backoff_initial;
+                failing_since = None;
                 info!(generation, version = %version, "qmp connected");
                 state.send_replace(ConnectionState::Connected {
                     generation,
@@ -438,7 +445,14 @@ async fn session_task(
             }
             sleep(Duration::from_millis(50).min(backoff)).await;
         }
-        backoff = (backoff * 2).min(options.backoff_max);
+        // A socket file exists from QEMU's bind() but accepts only after its
+        // listen(), which a QEMU starting among many others reaches late: the
+        // first seconds retry at the initial pace, so the VM is seen within
+        // one interval of listening; only a longer failure backs off.
+        let since = *failing_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= FAST_RETRY_WINDOW {
+            backoff = (backoff * 2).min(options.backoff_max);
+        }
     }
     state.send_replace(ConnectionState::Closed);
     // Fail whatever is still queued.
