@@ -1,10 +1,10 @@
 //! Measurements on the local cluster (real etcd + kube-apiserver, the release
 //! operator and agent): a push backup end to end, checkpoint apply → Ready
-//! latency, operator memory and resync time with many checkpoint objects,
-//! agent memory and idle CPU with many VMs.
+//! latency, agent memory and idle CPU with many VMs. Operator memory and
+//! resync with many checkpoint objects are measured by [`super::routing`].
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -29,7 +29,10 @@ pub struct ControlResults {
     pub e2e_full: Samples,
     /// Checkpoint create → Ready, seconds.
     pub checkpoint_latency: Samples,
-    /// Operator RSS (MiB) with the checkpoint objects reconciled.
+    /// Operator RSS (MiB) with the checkpoint objects reconciled. This and the
+    /// fields down to `operator_rss_resync_mib` stay 0 here: the routing section
+    /// ([`super::routing::RoutingResults`]) measures them now; kept until the
+    /// report reads them from there.
     pub operator_rss_mib: f64,
     /// Operator RSS before the objects were created (MiB).
     pub operator_rss_empty_mib: f64,
@@ -58,7 +61,7 @@ pub struct ControlResults {
 }
 
 /// PID of the process a `spawn_service` watchdog (`watchdog`) runs, found by parent.
-fn service_pid(watchdog: u32, comm: &str) -> Option<u32> {
+pub(super) fn service_pid(watchdog: u32, comm: &str) -> Option<u32> {
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
             continue;
@@ -101,7 +104,7 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
     Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
 }
 
-fn recorded_pid(state: &Path, name: &str) -> Option<u32> {
+pub(super) fn recorded_pid(state: &Path, name: &str) -> Option<u32> {
     std::fs::read_to_string(state.join("pids"))
         .ok()?
         .lines()
@@ -112,14 +115,14 @@ fn recorded_pid(state: &Path, name: &str) -> Option<u32> {
         .next_back()
 }
 
-fn stop_watchdog(pid: u32) {
+pub(super) fn stop_watchdog(pid: u32) {
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status();
 }
 
 /// `/metrics` of the operator whose log is `log`: (leader, checkpoint reconciles).
-fn operator_metrics(log: &Path) -> Option<(bool, u64)> {
+pub(super) fn operator_metrics(log: &Path) -> Option<(bool, u64)> {
     let text = std::fs::read_to_string(log).ok()?;
     let line = text
         .lines()
@@ -167,7 +170,7 @@ async fn wait_instances(client: &Client, ns: &str, n: usize, limit: Duration) ->
     }
 }
 
-fn kubectl(cluster: &LocalCluster, args: &[&str], stdin: Option<&str>) -> Result<()> {
+pub(super) fn kubectl(cluster: &LocalCluster, args: &[&str], stdin: Option<&str>) -> Result<()> {
     let mut child = std::process::Command::new(&cluster.cp.tools.kubectl)
         .arg(format!("--kubeconfig={}", cluster.cp.kubeconfig.display()))
         .args(args)
@@ -190,7 +193,7 @@ fn kubectl(cluster: &LocalCluster, args: &[&str], stdin: Option<&str>) -> Result
     Ok(())
 }
 
-fn checkpoint_object(name: &str, vm: &str) -> Result<VirtualMachineCheckpoint> {
+pub(super) fn checkpoint_object(name: &str, vm: &str) -> Result<VirtualMachineCheckpoint> {
     Ok(serde_json::from_value(serde_json::json!({
         "apiVersion": "cairn.dev/v1alpha1",
         "kind": "VirtualMachineCheckpoint",
@@ -330,78 +333,6 @@ async fn measure(
         v.quit().await?;
     }
 
-    // 5c. Operator with many checkpoint objects: stop the agent so they stay Pending
-    // (the operator's work only), create them, wait until all are routed.
-    stop_watchdog(agent_watchdog);
-    let op_watchdog = recorded_pid(&cluster.state_dir, "operator-0").context("operator pid")?;
-    let operator = service_pid(op_watchdog, "cairn-operator").context("operator process")?;
-    r.operator_rss_empty_mib = rss_mib(operator)?;
-    r.objects = cfg.objects;
-    eprintln!("bench: {} checkpoint objects", cfg.objects);
-    let t = Instant::now();
-    let creates = (0..cfg.objects).map(|i| {
-        let cps = cps.clone();
-        async move {
-            let o = checkpoint_object(&format!("obj-{i:05}"), "vm")?;
-            cps.create(&PostParams::default(), &o).await?;
-            anyhow::Ok(())
-        }
-    });
-    let results: Vec<Result<()>> = futures::stream::iter(creates)
-        .buffer_unordered(32)
-        .collect()
-        .await;
-    results.into_iter().collect::<Result<()>>()?;
-    r.create_secs = t.elapsed().as_secs_f64();
-    let total = cfg.objects + cfg.checkpoints;
-    let labelled = ListParams::default().labels("cairn.dev/node");
-    loop {
-        let n = cps.list_metadata(&labelled).await?.items.len();
-        if n >= total {
-            break;
-        }
-        ensure!(
-            t.elapsed() < Duration::from_secs(900),
-            "only {n} of {total} checkpoints routed"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    r.route_secs = t.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    r.operator_rss_mib = rss_mib(operator)?;
-
-    // Full resync: a fresh operator process until it reconciled every object.
-    stop_watchdog(op_watchdog);
-    for _ in 0..100 {
-        if !Path::new(&format!("/proc/{operator}")).exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let t = Instant::now();
-    let watchdog = cluster.start_operator("operator-1")?;
-    let log: PathBuf = cluster.state_dir.join("logs/operator-1.log");
-    let mut leader_at = None;
-    loop {
-        if let Some((leader, n)) = operator_metrics(&log) {
-            if leader && leader_at.is_none() {
-                leader_at = Some(t.elapsed().as_secs_f64());
-            }
-            if n as usize >= total {
-                break;
-            }
-        }
-        ensure!(
-            t.elapsed() < Duration::from_secs(600),
-            "resync did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    r.resync_secs = t.elapsed().as_secs_f64();
-    r.resync_leader_secs = leader_at.unwrap_or(r.resync_secs);
-    if let Some(pid) = service_pid(watchdog, "cairn-operator") {
-        r.operator_rss_resync_mib = rss_mib(pid)?;
-    }
     vm.quit().await?;
     let _ = std::fs::remove_dir_all(&vms_dir);
     Ok(())

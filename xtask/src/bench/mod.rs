@@ -5,6 +5,7 @@
 //! The parts: [`qemu`] (images, guestless QEMUs, simulated guest writes),
 //! [`data`] (data path without a cluster), [`peer`] (libvirt + virtnbdbackup),
 //! [`control`] (local cluster: end-to-end backup, latency, memory),
+//! [`routing`] (10,000 checkpoints routed, operator memory and resync),
 //! [`repository`] (BackupRepository ingest, restore, dedup; restic), [`report`]
 //! (Markdown). The method is in docs/BENCHMARKS-METHOD.md.
 
@@ -17,6 +18,7 @@ mod peer;
 mod qemu;
 mod report;
 mod repository;
+mod routing;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -149,13 +151,21 @@ pub fn run(quick: bool) -> Result<()> {
     // (`CAIRN_BENCH_CONTROL_ONLY=1` is the older spelling of `control`).
     let only = match std::env::var("CAIRN_BENCH_ONLY") {
         Ok(s)
-            if ["data", "peer", "control", "repository", "instant", "guest"]
-                .contains(&s.as_str()) =>
+            if [
+                "data",
+                "peer",
+                "control",
+                "routing",
+                "repository",
+                "instant",
+                "guest",
+            ]
+            .contains(&s.as_str()) =>
         {
             Some(s)
         }
         Ok(s) => bail!(
-            "CAIRN_BENCH_ONLY={s}: expected data, peer, control, repository, instant or guest"
+            "CAIRN_BENCH_ONLY={s}: expected data, peer, control, routing, repository, instant or guest"
         ),
         Err(_) => std::env::var_os("CAIRN_BENCH_CONTROL_ONLY").map(|_| "control".to_string()),
     };
@@ -194,6 +204,12 @@ pub fn run(quick: bool) -> Result<()> {
             eprintln!("bench: cluster part failed: {e:#}");
             results.errors.push(format!("cluster: {e:#}"));
         }
+        if section("routing")
+            && let Err(e) = routing::run_all(&cfg, &mut results.routing).await
+        {
+            eprintln!("bench: routing part failed: {e:#}");
+            results.errors.push(format!("routing: {e:#}"));
+        }
         if section("repository")
             && let Err(e) = repository::run_all(&cfg, &base, &mut results.repository).await
         {
@@ -215,7 +231,17 @@ pub fn run(quick: bool) -> Result<()> {
         anyhow::Ok(())
     })?;
     results.elapsed = started.elapsed().as_secs_f64();
-    let text = report::render(&cfg, &results);
+    let mut text = report::render(&cfg, &results);
+    // Until report.rs places the routing section itself: appended here.
+    if section("routing") {
+        text.push_str("\n## Routing many checkpoints\n\n");
+        text.push_str(&routing::render(&results.routing));
+        text.push_str("\n| target | measured | met |\n|---|---|---|\n");
+        for (target, measured, met) in routing::targets(&results.routing) {
+            let met = met.map_or("–", |m| if m { "yes" } else { "no" });
+            text.push_str(&format!("| {target} | {measured} | {met} |\n"));
+        }
+    }
     let out = match &only {
         Some(o) => cfg.work.join(format!("{o}-only.md")),
         None => root.join("BENCHMARKS.md"),

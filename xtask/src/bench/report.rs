@@ -18,6 +18,8 @@ pub struct Results {
     pub peer: PeerResults,
     /// Cluster.
     pub control: ControlResults,
+    /// Routing many checkpoints (render/targets in `super::routing`).
+    pub routing: super::routing::RoutingResults,
     /// BackupRepository and restic.
     pub repository: RepoResults,
     /// Instant recovery.
