@@ -356,9 +356,12 @@ pub fn plan_backup(backup: &VirtualMachineBackup, verdict: &Verdict, now: Timest
                 metadata: routing::routing_metadata(backup, node, vm, BACKUP_FINALIZER),
                 status: changed.then_some(desired),
                 checkpoint: checkpoint_for_backup(backup, node),
+                // Unlike a checkpoint, a backup is an action a person started and
+                // follows in `kubectl describe`; backups come one at a time, not in
+                // bursts of thousands, so each keeps its `Routed` event.
                 event: Some((
                     EventType::Normal,
-                    "Routed",
+                    routing::REASON_ROUTED,
                     format!("routed to node {node} where VM {vm} runs"),
                 )),
                 requeue: None,

@@ -2,12 +2,13 @@
 //!
 //! ```text
 //! reconcile(checkpoint)
-//!   1. resolve   the VM's QemuInstance and the other checkpoints of the VM (caches, no LIST)
+//!   1. resolve   the VM's QemuInstance and the parent (caches and the chain index, no LIST)
 //!   2. deletion  plan_deletion: remove the finalizer once the agent cleaned up, or wait
 //!   3. validate  validate_checkpoint: route to the VM's node, reject, or wait for a node
 //!   4. plan      plan_checkpoint: labels + finalizer, status (phase, nodeName, parent, Accepted)
 //!   5. apply     status by server-side apply, then the routing metadata (labels, finalizer)
-//!   6. report    events (Routed, VirtualMachineNotFound, Deleted) and the next requeue
+//!   6. report    events (Routed after a rejection or a move, VirtualMachineNotFound,
+//!                Deleted; published right after the status write) and the next requeue
 //! ```
 //!
 //! `validate_checkpoint`, `compute_parent` and `plan_checkpoint` are pure and
@@ -18,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_api::{
-    CHECKPOINT_FINALIZER, CheckpointPhase, NODE_LABEL, QemuInstance, VirtualMachineCheckpoint,
+    CHECKPOINT_FINALIZER, CheckpointPhase, NODE_LABEL, VirtualMachineCheckpoint,
     VirtualMachineCheckpointStatus, conditions,
 };
 use k8s_openapi::jiff::Timestamp;
@@ -36,14 +37,6 @@ use crate::routing::{
 
 /// Name of this controller in metrics and logs.
 pub const CONTROLLER: &str = "checkpoint";
-
-/// What the cluster says about a checkpoint's surroundings.
-pub struct Resolved {
-    /// The VM's QemuInstance, if it exists.
-    pub vm: Option<Arc<QemuInstance>>,
-    /// The other checkpoints of the same VM in the same namespace.
-    pub siblings: Vec<Arc<VirtualMachineCheckpoint>>,
-}
 
 /// Decision of [`validate_checkpoint`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,23 +63,6 @@ pub struct Plan {
     pub event: Option<(EventType, &'static str, String)>,
     /// When to look again (besides watch events).
     pub requeue: Option<Duration>,
-}
-
-/// Step 1: the VM and the sibling checkpoints, from the caches.
-pub fn resolve(cp: &VirtualMachineCheckpoint, ctx: &Context, namespace: &str) -> Resolved {
-    let vm_name = &cp.spec.virtual_machine;
-    let vm = routing::find_vm(ctx, namespace, vm_name);
-    let siblings = ctx
-        .checkpoints
-        .state()
-        .into_iter()
-        .filter(|o| {
-            o.spec.virtual_machine == *vm_name
-                && o.namespace().as_deref() == Some(namespace)
-                && o.name_any() != cp.name_any()
-        })
-        .collect();
-    Resolved { vm, siblings }
 }
 
 /// Step 3: where the checkpoint goes, from where its VM runs.
@@ -180,22 +156,12 @@ pub fn plan_checkpoint(
                 || (phase.is_some() && status.and_then(|s| s.phase) != phase)
                 || status.and_then(|s| s.node_name.as_ref()) != desired.node_name.as_ref()
                 || status.and_then(|s| s.parent.as_ref()) != desired.parent.as_ref();
-            let old_node = cp.labels().get(NODE_LABEL).cloned();
-            let event = if !accepted_before {
-                Some((
-                    EventType::Normal,
-                    "Routed",
-                    format!("routed to node {node} where VM {vm} runs"),
-                ))
-            } else if old_node.as_deref().is_some_and(|o| o != node) {
-                Some((
-                    EventType::Normal,
-                    "Routed",
-                    format!("VM {vm} moved to node {node}; routed there"),
-                ))
-            } else {
-                None
-            };
+            let event = routing::routed_event(
+                existing,
+                cp.labels().get(NODE_LABEL).map(String::as_str),
+                node,
+                vm,
+            );
             Plan {
                 metadata: routing::routing_metadata(cp, node, vm, CHECKPOINT_FINALIZER),
                 status: changed.then_some(desired),
@@ -272,7 +238,7 @@ pub async fn reconcile(cp: Arc<VirtualMachineCheckpoint>, ctx: Arc<Context>) -> 
     ctx.health.metrics.reconciled(CONTROLLER);
     let api = ctx.api::<VirtualMachineCheckpoint>(&namespace);
 
-    // 1. resolve (the VM only; siblings are scanned when a parent must be computed)
+    // 1. resolve (the VM only; the parent is looked up when it must be computed)
     let vm = routing::find_vm(&ctx, &namespace, &cp.spec.virtual_machine);
 
     // 2. deletion
@@ -323,7 +289,8 @@ pub async fn reconcile(cp: Arc<VirtualMachineCheckpoint>, ctx: Arc<Context>) -> 
     let verdict = validate_checkpoint(&cp, routing::placement(vm.as_deref()));
 
     // 1b. resolve the parent: an accepted checkpoint keeps its recorded parent while that
-    // is still valid (no older checkpoint can appear later), else the cache is scanned.
+    // is still valid (no older checkpoint can appear later), else the VM's chain index
+    // (crate::siblings) answers what compute_parent would over the whole cache.
     let recorded = cp.status.as_ref().and_then(|s| s.parent.clone());
     let accepted_before = conditions::is_true(
         cp.status
@@ -345,10 +312,7 @@ pub async fn reconcile(cp: Arc<VirtualMachineCheckpoint>, ctx: Arc<Context>) -> 
         {
             recorded.clone()
         }
-        _ => {
-            let resolved = resolve(&cp, &ctx, &namespace);
-            compute_parent(&cp, resolved.siblings.iter().map(Arc::as_ref))
-        }
+        _ => ctx.siblings.parent(&cp),
     };
 
     // 4. plan
@@ -360,13 +324,13 @@ pub async fn reconcile(cp: Arc<VirtualMachineCheckpoint>, ctx: Arc<Context>) -> 
         version = routing::apply_status(&api, &name, cp.resource_version(), status).await?;
         tracing::info!(phase = ?status.phase, node = ?status.node_name, parent = ?status.parent, "status written");
     }
-    if let Some(patch) = &plan.metadata {
-        routing::patch_metadata(&api, cp.as_ref(), patch, version).await?;
-    }
-
-    // 6. report
+    // 6. report, as soon as the status says it: a failed label write below is
+    // retried by a reconcile that no longer sees the change the event tells.
     if let Some((type_, reason, note)) = plan.event {
         routing::publish(&ctx, cp.as_ref(), type_, reason, note).await;
+    }
+    if let Some(patch) = &plan.metadata {
+        routing::patch_metadata(&api, cp.as_ref(), patch, version).await?;
     }
     Ok(plan
         .requeue
@@ -374,12 +338,13 @@ pub async fn reconcile(cp: Arc<VirtualMachineCheckpoint>, ctx: Arc<Context>) -> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use cairn_api::VirtualMachineCheckpointSpec;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-    fn cp(name: &str, vm: &str, created: &str) -> VirtualMachineCheckpoint {
+    /// A checkpoint of `vm` in namespace `ns`, created at `created` (RFC 3339).
+    pub(crate) fn cp(name: &str, vm: &str, created: &str) -> VirtualMachineCheckpoint {
         let mut c = VirtualMachineCheckpoint::new(
             name,
             VirtualMachineCheckpointSpec {
@@ -458,7 +423,8 @@ mod tests {
         assert!(conditions::is_true(&status.conditions, "Accepted"));
         assert!(conditions::is_true(&status.conditions, "Reconciling"));
         assert!(plan.metadata.is_some());
-        assert_eq!(plan.event.as_ref().unwrap().1, "Routed");
+        // The first routing is said by Accepted=True alone: no event per object.
+        assert_eq!(plan.event, None);
 
         // Applied: a second reconcile has nothing to do.
         let mut done = c.clone();
@@ -512,6 +478,8 @@ mod tests {
         assert_eq!(types, ["Accepted", "Reconciling", "Stalled"]);
         assert!(conditions::is_true(&status.conditions, "Reconciling"));
         assert!(!conditions::is_true(&status.conditions, "Stalled"));
+        // After a Warning, a person sees in the events that it was resolved.
+        assert_eq!(plan.event.as_ref().map(|e| e.1), Some("Routed"));
     }
 
     #[test]

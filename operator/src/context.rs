@@ -26,6 +26,8 @@ pub struct Context {
     pub vms: Store<QemuInstance>,
     /// Cache of checkpoints (shared by both controllers).
     pub checkpoints: Store<VirtualMachineCheckpoint>,
+    /// The checkpoints of each VM in chain order, for parents in O(log n).
+    pub siblings: Arc<crate::siblings::SiblingIndex>,
     /// Cache of backups.
     pub backups: Store<VirtualMachineBackup>,
     /// Asks the checkpoint controller to look at a checkpoint again (children of a deleted parent).

@@ -36,6 +36,7 @@ pub mod repository_controller;
 pub mod restore;
 pub mod routing;
 pub mod schedule;
+pub mod siblings;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -287,6 +288,13 @@ pub async fn run_controllers(
     let ns = namespace.as_deref();
     let (vms, vm_events) = cached(api_for::<QemuInstance>(&client, ns));
     let (checkpoints, checkpoint_events) = cached(api_for::<VirtualMachineCheckpoint>(&client, ns));
+    let siblings = Arc::new(siblings::SiblingIndex::default());
+    let index = siblings.clone();
+    let checkpoint_events = checkpoint_events.inspect(move |e| {
+        if let Ok(e) = e {
+            index.observe(e);
+        }
+    });
     let (backups, backup_events) = cached(api_for::<VirtualMachineBackup>(&client, ns));
     let (restores, restore_events) = cached(api_for::<VirtualMachineRestore>(&client, ns));
     // Repositories are cluster-scoped: watched whole, whatever the namespace limit.
@@ -370,6 +378,7 @@ pub async fn run_controllers(
         recorder: Recorder::new(client.clone(), reporter),
         vms: vms.clone(),
         checkpoints: checkpoints.clone(),
+        siblings,
         backups: backups.clone(),
         checkpoint_trigger: cp_tx,
         health: health.clone(),

@@ -149,6 +149,34 @@ pub fn accepted(node: &str, vm: &str) -> NewCondition<'static> {
     }
 }
 
+/// The `Routed` event of a routing, if a person needs one: when the object was
+/// rejected before (the Warning it got is resolved) or its VM moved to another
+/// node. A first routing publishes nothing: `Accepted=True` (reason `Routed`,
+/// message naming the node) says it, and one Event per object doubled the API
+/// writes of a burst of creates.
+pub fn routed_event(
+    existing: &[Condition],
+    old_node: Option<&str>,
+    node: &str,
+    vm: &str,
+) -> Option<(EventType, &'static str, String)> {
+    if rejected_by_operator(existing) {
+        Some((
+            EventType::Normal,
+            REASON_ROUTED,
+            format!("VM {vm} found; routed to node {node} where it runs"),
+        ))
+    } else if old_node.is_some_and(|o| o != node) {
+        Some((
+            EventType::Normal,
+            REASON_ROUTED,
+            format!("VM {vm} moved to node {node}; routed there"),
+        ))
+    } else {
+        None
+    }
+}
+
 /// `Accepted=False` and `Ready=False` for a rejected object.
 pub fn rejected(r: &Rejection) -> Vec<NewCondition<'static>> {
     vec![

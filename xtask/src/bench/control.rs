@@ -1,10 +1,11 @@
 //! Measurements on the local cluster (real etcd + kube-apiserver, the release
 //! operator and agent): a push backup end to end, checkpoint apply → Ready
-//! latency, operator memory and resync time with many checkpoint objects.
-//! The agent with many VMs is [`super::fleet`].
+//! latency and end-to-end backup timelines. The agent with many VMs is
+//! [`super::fleet`]; operator memory and resync with many checkpoint objects
+//! are [`super::routing`].
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -40,22 +41,6 @@ pub struct ControlResults {
     pub e2e_repo_inc: Samples,
     /// Checkpoint create → Ready, seconds.
     pub checkpoint_latency: Samples,
-    /// Operator RSS (MiB) with the checkpoint objects reconciled.
-    pub operator_rss_mib: f64,
-    /// Operator RSS before the objects were created (MiB).
-    pub operator_rss_empty_mib: f64,
-    /// Objects created.
-    pub objects: usize,
-    /// Seconds to create them through the API.
-    pub create_secs: f64,
-    /// Seconds until the operator had labelled (routed) them all.
-    pub route_secs: f64,
-    /// Restart → leader lease held (seconds).
-    pub resync_leader_secs: f64,
-    /// Restart → every object reconciled again (seconds).
-    pub resync_secs: f64,
-    /// Operator RSS after the resync (MiB).
-    pub operator_rss_resync_mib: f64,
 }
 
 /// The stages of one end-to-end backup: what, and when it was reached in
@@ -249,7 +234,7 @@ pub(super) fn stop_watchdog(pid: u32) {
 }
 
 /// `/metrics` of the operator whose log is `log`: (leader, checkpoint reconciles).
-fn operator_metrics(log: &Path) -> Option<(bool, u64)> {
+pub(super) fn operator_metrics(log: &Path) -> Option<(bool, u64)> {
     let text = std::fs::read_to_string(log).ok()?;
     let line = text
         .lines()
@@ -321,7 +306,7 @@ pub(super) fn kubectl(cluster: &LocalCluster, args: &[&str], stdin: Option<&str>
     Ok(())
 }
 
-fn checkpoint_object(name: &str, vm: &str) -> Result<VirtualMachineCheckpoint> {
+pub(super) fn checkpoint_object(name: &str, vm: &str) -> Result<VirtualMachineCheckpoint> {
     Ok(serde_json::from_value(serde_json::json!({
         "apiVersion": "cairn.dev/v1alpha1",
         "kind": "VirtualMachineCheckpoint",
@@ -358,8 +343,6 @@ async fn measure(
     let vm = BenchVm::start_for_agent(&qmp.join(NS).join("vm.sock"), NS, "vm", &image, 64, false)
         .await?;
     wait_instances(&client, NS, 1, Duration::from_secs(60)).await?;
-    let agent_watchdog = recorded_pid(&cluster.state_dir, &format!("agent-{NODE}"))
-        .context("agent pid not recorded")?;
     let backups: Api<VirtualMachineBackup> = Api::namespaced(client.clone(), NS);
     let cps: Api<VirtualMachineCheckpoint> = Api::namespaced(client.clone(), NS);
 
@@ -487,78 +470,6 @@ async fn measure(
         r.checkpoint_latency.push(t.elapsed().as_secs_f64());
     }
 
-    // 5c. Operator with many checkpoint objects: stop the agent so they stay Pending
-    // (the operator's work only), create them, wait until all are routed.
-    stop_watchdog(agent_watchdog);
-    let op_watchdog = recorded_pid(&cluster.state_dir, "operator-0").context("operator pid")?;
-    let operator = service_pid(op_watchdog, "cairn-operator").context("operator process")?;
-    r.operator_rss_empty_mib = rss_mib(operator)?;
-    r.objects = cfg.objects;
-    eprintln!("bench: {} checkpoint objects", cfg.objects);
-    let t = Instant::now();
-    let creates = (0..cfg.objects).map(|i| {
-        let cps = cps.clone();
-        async move {
-            let o = checkpoint_object(&format!("obj-{i:05}"), "vm")?;
-            cps.create(&PostParams::default(), &o).await?;
-            anyhow::Ok(())
-        }
-    });
-    let results: Vec<Result<()>> = futures::stream::iter(creates)
-        .buffer_unordered(32)
-        .collect()
-        .await;
-    results.into_iter().collect::<Result<()>>()?;
-    r.create_secs = t.elapsed().as_secs_f64();
-    let total = cfg.objects + cfg.checkpoints;
-    let labelled = ListParams::default().labels("cairn.dev/node");
-    loop {
-        let n = cps.list_metadata(&labelled).await?.items.len();
-        if n >= total {
-            break;
-        }
-        ensure!(
-            t.elapsed() < Duration::from_secs(900),
-            "only {n} of {total} checkpoints routed"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    r.route_secs = t.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    r.operator_rss_mib = rss_mib(operator)?;
-
-    // Full resync: a fresh operator process until it reconciled every object.
-    stop_watchdog(op_watchdog);
-    for _ in 0..100 {
-        if !Path::new(&format!("/proc/{operator}")).exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let t = Instant::now();
-    let watchdog = cluster.start_operator("operator-1")?;
-    let log: PathBuf = cluster.state_dir.join("logs/operator-1.log");
-    let mut leader_at = None;
-    loop {
-        if let Some((leader, n)) = operator_metrics(&log) {
-            if leader && leader_at.is_none() {
-                leader_at = Some(t.elapsed().as_secs_f64());
-            }
-            if n as usize >= total {
-                break;
-            }
-        }
-        ensure!(
-            t.elapsed() < Duration::from_secs(600),
-            "resync did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    r.resync_secs = t.elapsed().as_secs_f64();
-    r.resync_leader_secs = leader_at.unwrap_or(r.resync_secs);
-    if let Some(pid) = service_pid(watchdog, "cairn-operator") {
-        r.operator_rss_resync_mib = rss_mib(pid)?;
-    }
     vm.quit().await?;
     let _ = std::fs::remove_dir_all(&vms_dir);
     Ok(())

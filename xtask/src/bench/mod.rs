@@ -4,8 +4,9 @@
 //!
 //! The parts: [`qemu`] (images, guestless QEMUs, simulated guest writes),
 //! [`data`] (data path without a cluster), [`peer`] (libvirt + virtnbdbackup),
-//! [`control`] (local cluster: end-to-end backup, latency, memory), [`fleet`]
-//! (local cluster: the agent with hundreds of VMs),
+//! [`control`] (local cluster: end-to-end backup, latency), [`fleet`]
+//! (local cluster: the agent with hundreds of VMs), [`routing`] (10,000
+//! checkpoints routed, operator memory and resync), [`targets`] (verdicts),
 //! [`repository`] (BackupRepository ingest, restore, dedup; restic), [`report`]
 //! (Markdown). The method is in docs/BENCHMARKS-METHOD.md.
 
@@ -19,6 +20,7 @@ mod peer;
 mod qemu;
 mod report;
 mod repository;
+mod routing;
 mod targets;
 
 use std::path::{Path, PathBuf};
@@ -96,10 +98,11 @@ pub fn dirty_read_script(work: &Path) -> Result<PathBuf> {
 }
 
 /// The sections, in the order a full run measures them.
-pub const SECTIONS: [&str; 7] = [
+pub const SECTIONS: [&str; 8] = [
     "data",
     "peer",
     "control",
+    "routing",
     "repository",
     "instant",
     "guest",
@@ -272,6 +275,7 @@ pub fn run(quick: bool, allow_noisy: bool, render: Option<PathBuf>) -> Result<()
                 "instant" => instant::run_all(&cfg, &base, &mut r.instant).await,
                 "guest" => guest::run_all(&cfg, &mut r.guest).await,
                 "fleet" => fleet::run_all(&cfg, &mut r.fleet).await,
+                "routing" => routing::run_all(&cfg, &mut r.routing).await,
                 _ => unreachable!("every section is listed"),
             };
             if let Err(e) = outcome {

@@ -18,6 +18,8 @@ pub struct Results {
     pub peer: PeerResults,
     /// Cluster.
     pub control: ControlResults,
+    /// Routing many checkpoints (render/targets in `super::routing`).
+    pub routing: super::routing::RoutingResults,
     /// BackupRepository and restic.
     pub repository: RepoResults,
     /// Instant recovery.
@@ -373,44 +375,6 @@ pub fn render(cfg: &Config, r: &Results) -> String {
         f(lat.percentile(99.0), 1e3, 0),
         f(lat.max(), 1e3, 0)
     );
-    let _ = writeln!(
-        o,
-        "| operator RSS, idle (before objects) | {:.1} MiB |",
-        c.operator_rss_empty_mib
-    );
-    let _ = writeln!(
-        o,
-        "| creating {} checkpoint objects through the API (32 in flight) | {:.1} s |",
-        c.objects, c.create_secs
-    );
-    let _ = writeln!(
-        o,
-        "| … until the operator routed (labelled) all of them | {:.1} s |",
-        c.route_secs
-    );
-    let _ = writeln!(
-        o,
-        "| operator RSS with {} checkpoint objects reconciled | {:.1} MiB |",
-        c.objects + lat.0.len(),
-        c.operator_rss_mib
-    );
-    let _ = writeln!(
-        o,
-        "| full resync: new operator process → leader lease held | {:.1} s |",
-        c.resync_leader_secs
-    );
-    let _ = writeln!(
-        o,
-        "| full resync: new operator process → every object reconciled again | {:.1} s |",
-        c.resync_secs
-    );
-    let _ = writeln!(
-        o,
-        "| operator RSS after the resync | {:.1} MiB |",
-        c.operator_rss_resync_mib
-    );
-    let _ = writeln!(o);
-
     for (what, s) in [
         (
             "full backup into the `local-dir` BackupRepository, `kubectl apply` → `Succeeded`: min / median / max",
@@ -430,6 +394,14 @@ pub fn render(cfg: &Config, r: &Results) -> String {
         );
     }
     let _ = writeln!(o);
+    if r.routing.objects > 0 {
+        let _ = writeln!(
+            o,
+            "### Routing {} checkpoints\n\n{}",
+            r.routing.objects,
+            super::routing::render(&r.routing)
+        );
+    }
     if r.fleet.vms > 0 {
         let _ = writeln!(
             o,

@@ -209,7 +209,9 @@ pub fn all(r: &Results) -> Vec<Target> {
         format!("{:.0} ms", lat.percentile(99.0).unwrap_or(f64::NAN) * 1e3),
         lat.percentile(99.0).map(|v| v <= 1.0),
     ));
-    // TODO(merge): routing targets.
+    for (what, measured, met) in super::routing::targets(&r.routing) {
+        t.push(single("routing", &what, measured, met));
+    }
     for (what, measured, met) in super::fleet::targets(&r.fleet) {
         t.push(single("fleet", &what, measured, met));
     }
