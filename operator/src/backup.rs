@@ -608,18 +608,19 @@ pub async fn reconcile(backup: Arc<VirtualMachineBackup>, ctx: Arc<Context>) -> 
         version = routing::apply_status(&api, &name, backup.resource_version(), status).await?;
         tracing::info!(phase = ?status.phase, node = ?status.node_name, "status written");
     }
-    if let Some(patch) = &plan.metadata {
-        routing::patch_metadata(&api, backup.as_ref(), patch, version).await?;
-    }
+    let routing_in_flight =
+        routing::write_routing(&ctx, &api, backup.as_ref(), plan.metadata.as_ref(), version)
+            .await?;
 
     // 7. report
     if let Some((type_, reason, note)) = plan.event {
         routing::publish(&ctx, backup.as_ref(), type_, reason, note).await;
     }
-    let requeue = match (plan.requeue, ttl_requeue) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
+    let recheck = routing_in_flight.then_some(routing::RECHECK_ROUTING);
+    let requeue = [plan.requeue, ttl_requeue, recheck]
+        .into_iter()
+        .flatten()
+        .min();
     Ok(requeue.map_or_else(Action::await_change, Action::requeue))
 }
 

@@ -329,12 +329,15 @@ pub async fn reconcile(cp: Arc<VirtualMachineCheckpoint>, ctx: Arc<Context>) -> 
     if let Some((type_, reason, note)) = plan.event {
         routing::publish(&ctx, cp.as_ref(), type_, reason, note).await;
     }
-    if let Some(patch) = &plan.metadata {
-        routing::patch_metadata(&api, cp.as_ref(), patch, version).await?;
-    }
-    Ok(plan
-        .requeue
-        .map_or_else(Action::await_change, Action::requeue))
+    let routing_in_flight =
+        routing::write_routing(&ctx, &api, cp.as_ref(), plan.metadata.as_ref(), version).await?;
+    let requeue = match (plan.requeue, routing_in_flight) {
+        (r, false) => r,
+        (r, true) => Some(r.map_or(routing::RECHECK_ROUTING, |r| {
+            r.min(routing::RECHECK_ROUTING)
+        })),
+    };
+    Ok(requeue.map_or_else(Action::await_change, Action::requeue))
 }
 
 #[cfg(test)]

@@ -38,6 +38,8 @@ pub struct Context {
     pub repositories: crate::repository_controller::RepositorySettings,
     /// Consecutive failures per object, for exponential backoff.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// Routing metadata written whose watch event may not be in the cache yet.
+    pub routing_written: crate::routing::WrittenRouting,
 }
 
 impl Context {

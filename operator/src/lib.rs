@@ -384,6 +384,7 @@ pub async fn run_controllers(
         health: health.clone(),
         repositories,
         failures: Mutex::new(HashMap::new()),
+        routing_written: Default::default(),
     });
 
     let cp_store = checkpoints.clone();

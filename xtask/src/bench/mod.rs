@@ -97,16 +97,17 @@ pub fn dirty_read_script(work: &Path) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// The sections, in the order a full run measures them.
+/// The sections, in the order a full run measures them (issue 14's first:
+/// the end-to-end rows need the data path's references).
 pub const SECTIONS: [&str; 8] = [
     "data",
-    "peer",
     "control",
     "routing",
+    "fleet",
+    "peer",
     "repository",
     "instant",
     "guest",
-    "fleet",
 ];
 
 /// The longest the bench waits for the machine to go quiet before a section.
@@ -134,6 +135,29 @@ async fn settle() -> f64 {
 
 /// The saved results of the last full run, from which `--render` writes BENCHMARKS.md.
 pub const RESULTS: &str = "docs/BENCHMARKS-RESULTS.json";
+
+/// Writes the results JSON and the Markdown of a run (a section's own files
+/// for `CAIRN_BENCH_ONLY`); returns the Markdown's path.
+fn write_results(
+    root: &Path,
+    cfg: &Config,
+    only: Option<&str>,
+    results: &report::Results,
+) -> Result<PathBuf> {
+    let json = serde_json::to_vec_pretty(results)?;
+    let out = match only {
+        Some(o) => {
+            std::fs::write(cfg.work.join(format!("{o}-only.json")), &json)?;
+            cfg.work.join(format!("{o}-only.md"))
+        }
+        None => {
+            std::fs::write(root.join(RESULTS), &json)?;
+            root.join("BENCHMARKS.md")
+        }
+    };
+    std::fs::write(&out, report::render(cfg, results))?;
+    Ok(out)
+}
 
 /// Entry point of `cargo xtask bench`.
 pub fn run(quick: bool, allow_noisy: bool, render: Option<PathBuf>) -> Result<()> {
@@ -294,24 +318,16 @@ pub fn run(quick: bool, allow_noisy: bool, render: Option<PathBuf>) -> Result<()
                     after: load1(),
                 },
             );
+            // After every section: a run cut short still leaves its results.
+            results.elapsed = started.elapsed().as_secs_f64();
+            write_results(&root, &cfg, only.as_deref(), &results)?;
         }
         anyhow::Ok(())
     })?;
     results.elapsed = started.elapsed().as_secs_f64();
-    let text = report::render(&cfg, &results);
-    let json = serde_json::to_vec_pretty(&results)?;
-    let out = match &only {
-        Some(o) => {
-            std::fs::write(cfg.work.join(format!("{o}-only.json")), &json)?;
-            cfg.work.join(format!("{o}-only.md"))
-        }
-        None => {
-            std::fs::write(root.join(RESULTS), &json)?;
-            root.join("BENCHMARKS.md")
-        }
-    };
-    std::fs::write(&out, &text)?;
-    print!("{text}");
+    results.finished = true;
+    let out = write_results(&root, &cfg, only.as_deref(), &results)?;
+    print!("{}", std::fs::read_to_string(&out)?);
     eprintln!("bench: wrote {}", out.display());
     Ok(())
 }

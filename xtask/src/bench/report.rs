@@ -11,6 +11,7 @@ use super::{Config, Samples};
 
 /// Everything one bench run measured.
 #[derive(Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Results {
     /// Data path.
     pub data: DataResults,
@@ -54,6 +55,8 @@ pub struct Results {
     pub disk_size: u64,
     /// Whether the bench may drop the page cache (root).
     pub cold_cache: bool,
+    /// Whether every section ran (false while the run is under way or was cut short).
+    pub finished: bool,
 }
 
 /// The machine's 1-minute load average around one section.
@@ -148,6 +151,13 @@ pub fn render(cfg: &Config, r: &Results) -> String {
         cfg.runs,
         r.sections.join(", "),
     );
+    if !r.finished {
+        let _ = writeln!(
+            o,
+            "**This run did not finish**: it wrote this file after each section, and stopped after {:.0} s; the sections it did not reach say \"not measured\".\n",
+            r.elapsed
+        );
+    }
     let _ = writeln!(o, "## Machine\n\n{}", r.machine);
     let _ = writeln!(
         o,
@@ -170,7 +180,9 @@ pub fn render(cfg: &Config, r: &Results) -> String {
         let _ = writeln!(o);
     }
 
+    let mut parts: Vec<(usize, &[&str])> = Vec::new();
     // 1.
+    parts.push((o.len(), &["data", "peer", "control"]));
     let _ = writeln!(
         o,
         "## 1. Full push backup, {gib:.0} GiB qcow2 of random data\n\n{HEAD}"
@@ -231,6 +243,7 @@ pub fn render(cfg: &Config, r: &Results) -> String {
     ));
 
     // 2.
+    parts.push((o.len(), &["data", "peer", "control"]));
     let _ = writeln!(
         o,
         "## 2. Incremental push backup after random 64 KiB guest writes\n\nEach run: full backup with checkpoint, then 1 %, 10 %, 50 % of the disk dirtied in turn (distinct random 64 KiB clusters through HMP `qemu-io`), an incremental after each. *QEMU's own job* is `blockdev-backup sync: bitmap` over QMP with a bitmap made at the same moment as Cairn's checkpoint. The end-to-end row is section 5's cluster VM: a full backup that creates a checkpoint, the same 1 % of distinct 64 KiB clusters dirtied, then an incremental `VirtualMachineBackup` from that checkpoint; QEMU's own job of the library rows is its reference (same disk size, same number of writes).\n\n{HEAD}"
@@ -286,6 +299,7 @@ pub fn render(cfg: &Config, r: &Results) -> String {
     ));
 
     // 3.
+    parts.push((o.len(), &["data"]));
     let _ = writeln!(
         o,
         "## 3. Pull mode\n\nCairn has no NBD reader of its own yet: reads use `nbdcopy` (whole export → `null:`) and, for the dirty extents, a libnbd (Python) client that queries the `qemu:dirty-bitmap` context and reads only dirty extents, 16 × ≤4 MiB requests in flight (nbdcopy cannot select extents).\n\n{HEAD}"
@@ -339,6 +353,7 @@ pub fn render(cfg: &Config, r: &Results) -> String {
     let _ = writeln!(o);
 
     // 4.
+    parts.push((o.len(), &["data"]));
     let _ = writeln!(
         o,
         "## 4. Restore of full + 3 incrementals (1 %, 10 %, 50 %) to a standalone qcow2\n\n{HEAD}"
@@ -361,6 +376,7 @@ pub fn render(cfg: &Config, r: &Results) -> String {
     let _ = writeln!(o);
 
     // 5.
+    parts.push((o.len(), &["control", "routing", "fleet"]));
     let lat = &c.checkpoint_latency;
     let _ = writeln!(
         o,
@@ -412,18 +428,33 @@ pub fn render(cfg: &Config, r: &Results) -> String {
     }
 
     // 6. Guest impact: measured with a real guest, section 9.
+    parts.push((o.len(), &["data", "guest"]));
     let _ = writeln!(
         o,
         "## 6. Guest impact\n\nMeasured with a real guest writing from inside: section 9 (the earlier rows here drove writes through the QEMU monitor, which shares the main loop with the job; they measured the method more than the guest).\n"
     );
 
     // 7.
+    parts.push((o.len(), &["repository"]));
     repository_section(&mut o, cfg, &r.repository);
 
     // 8.
+    parts.push((o.len(), &["instant", "guest"]));
     o.push_str(&super::instant::render(&r.instant));
     o.push_str(&super::guest::render(&r.guest));
 
+    parts.push((o.len(), &[]));
+    // A run of some sections shows only theirs.
+    let measured =
+        |of: &[&str]| of.is_empty() || of.iter().any(|s| r.sections.iter().any(|x| x == s));
+    let mut kept = o[..parts[0].0].to_string();
+    for w in parts.windows(2) {
+        if measured(w[0].1) {
+            kept.push_str(&o[w[0].0..w[1].0]);
+        }
+    }
+    kept.push_str(&o[parts[parts.len() - 1].0..]);
+    let mut o = kept;
     o.push_str(&super::targets::render(r));
     o.push_str(&loads_table(r));
     o.push_str(&notes(r));

@@ -237,7 +237,10 @@ pub fn render(r: &Results) -> String {
         o,
         "| target | median | second figure | verdict |\n|---|---|---|---|"
     );
-    for t in all(r) {
+    for t in all(r)
+        .into_iter()
+        .filter(|t| r.sections.iter().any(|s| s == t.section) || r.sections.is_empty())
+    {
         let _ = writeln!(
             o,
             "| {} | {} | {} | {} |",
