@@ -318,6 +318,8 @@ pub fn run(quick: bool, allow_noisy: bool, render: Option<PathBuf>) -> Result<()
                     after: load1(),
                 },
             );
+            // Versions of tools a section installed (libvirt, virtnbdbackup, restic).
+            results.machine = machine::facts(&cfg.work);
             // After every section: a run cut short still leaves its results.
             results.elapsed = started.elapsed().as_secs_f64();
             write_results(&root, &cfg, only.as_deref(), &results)?;
