@@ -199,6 +199,14 @@ pub fn plan_checkpoint(
                 requeue: Some(routing::RECHECK_MISSING_VM),
             }
         }
+        // The VM appeared but has no node yet: a rejected checkpoint keeps its
+        // rejection until it is routed, so that routing answers the Warning
+        // with a `Routed` event (clearing it here lost the event when the
+        // QemuInstance's status came a moment after the object).
+        Verdict::WaitForNode if rejected_by_operator(existing) => Plan {
+            requeue: Some(Duration::from_secs(10)),
+            ..Default::default()
+        },
         // Say `Pending` (kstatus InProgress) while waiting, not nothing: a
         // status-less object is Current to kstatus.
         Verdict::WaitForNode => {
@@ -482,6 +490,27 @@ pub(crate) mod tests {
         assert!(conditions::is_true(&status.conditions, "Reconciling"));
         assert!(!conditions::is_true(&status.conditions, "Stalled"));
         // After a Warning, a person sees in the events that it was resolved.
+        assert_eq!(plan.event.as_ref().map(|e| e.1), Some("Routed"));
+    }
+
+    #[test]
+    fn a_rejected_checkpoint_keeps_its_rejection_while_its_vm_has_no_node() {
+        let mut c = cp("a", "vm1", "2026-01-01T00:00:00Z");
+        let r = Rejection::vm_not_found("vm1", "ns");
+        c.status = plan_checkpoint(&c, &Verdict::Reject(r), None, T).status;
+        // The QemuInstance appeared, its node not yet: nothing is written.
+        let plan = plan_checkpoint(&c, &Verdict::WaitForNode, None, T);
+        assert_eq!(plan.status, None);
+        assert_eq!(plan.requeue, Some(Duration::from_secs(10)));
+        // Then routed: the Warning gets its `Routed` answer.
+        let plan = plan_checkpoint(
+            &c,
+            &Verdict::Route {
+                node: "node-1".into(),
+            },
+            None,
+            T,
+        );
         assert_eq!(plan.event.as_ref().map(|e| e.1), Some("Routed"));
     }
 
