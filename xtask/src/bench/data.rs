@@ -15,7 +15,7 @@ use cairn_agent::identity::OperationId;
 use serde_json::json;
 
 use super::qemu::{
-    BenchVm, DISK, FMT_NODE, MIB, bench_qdev, copy_image, direct_backup, dirty, drop_caches, run,
+    BenchVm, FMT_NODE, MIB, bench_qdev, copy_image, direct_backup, dirty, drop_caches, run,
 };
 use super::{Config, Samples};
 
@@ -134,6 +134,10 @@ pub async fn run_all(cfg: &Config, base: &Path, r: &mut DataResults) -> Result<(
         )
         .await?;
         verify_backup_file(&first.manifest_path).await?;
+        // The newest backup of the chain: its manifest (named with the
+        // operation's identity) and its file.
+        let mut newest_manifest = first.manifest_path.clone();
+        let mut newest_file = chain.join(&first.manifest.disks[0].file);
         add_bitmap(&vm, &raw(0)).await?;
         let mut prev_direct = out.join(format!("chain-direct-{run_no}-0.qcow2"));
         run(Command::new("qemu-img")
@@ -167,6 +171,8 @@ pub async fn run_all(cfg: &Config, base: &Path, r: &mut DataResults) -> Result<(
             )
             .await?;
             r.inc_cairn[i].push(t.elapsed().as_secs_f64());
+            newest_manifest = done.manifest_path.clone();
+            newest_file = chain.join(&done.manifest.disks[0].file);
             // Same moment as the new checkpoint: no guest writes in between.
             remove_bitmap(&vm, &raw(i)).await?;
             add_bitmap(&vm, &raw(i + 1)).await?;
@@ -178,8 +184,8 @@ pub async fn run_all(cfg: &Config, base: &Path, r: &mut DataResults) -> Result<(
         remove_bitmap(&vm, &raw(FRACTIONS.len())).await?;
 
         // 4. Restore of full + 3 incrementals.
-        let manifest = chain.join(format!("chain{run_no}-3.manifest.json"));
-        let newest = chain.join(format!("chain{run_no}-3.{DISK}.qcow2"));
+        let manifest = newest_manifest;
+        let newest = newest_file;
         let restored = out.join("restore.qcow2");
         cold(r);
         let t = Instant::now();

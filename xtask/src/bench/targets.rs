@@ -107,7 +107,7 @@ pub fn single(section: &'static str, what: &str, measured: String, met: Option<b
 }
 
 fn fmt(v: Option<f64>, unit: &str) -> String {
-    v.map_or("–".into(), |v| format!("{v:.2}{unit}"))
+    v.map_or("–".into(), |v| format!("{v:.3}{unit}"))
 }
 
 /// The verdict cell: met only when every judged figure meets the target and
