@@ -17,7 +17,7 @@ use tokio::sync::{broadcast, mpsc};
 use tracing::{info, warn};
 
 use crate::inventory::{InventoryError, VmInventory, VmRef, read_inventory};
-use crate::qmp::{QmpClient, QmpOptions};
+use crate::qmp::{ConnectionState, QmpClient, QmpOptions};
 
 /// Discovery settings.
 #[derive(Debug, Clone)]
@@ -253,6 +253,19 @@ impl Discovery {
                 name: name.to_string(),
                 root: self.inner.options.root.clone(),
             })
+    }
+
+    /// Waits until the VM's QMP session is connected (or closed), at most
+    /// one handshake timeout: a QEMU that is still starting keeps nobody
+    /// else waiting.
+    pub async fn connected(&self, namespace: &str, name: &str) {
+        let Ok((_, client)) = self.session(namespace, name) else {
+            return;
+        };
+        let limit = client.options().handshake_timeout;
+        let mut state = client.state();
+        let ready = state.wait_for(|s| !matches!(s, ConnectionState::Connecting));
+        let _ = tokio::time::timeout(limit, ready).await;
     }
 
     /// Reads a VM's inventory through its session.

@@ -5,12 +5,15 @@
 //! Unchanged status is re-sent only every [`HEARTBEAT`], so idle VMs cost the
 //! API server almost nothing.
 //!
-//! Built for hundreds of VMs per node: a VM that appears is published on its
-//! own (not with a pass over every VM), up to [`CONCURRENCY`] VMs are read
-//! and written at once, and a VM already published gets a status write only
-//! (its metadata is applied when it is first published).
+//! Built for hundreds of VMs per node: each VM to publish (one that appeared,
+//! or whose QEMU reported a change) gets a task of its own at once, so a burst
+//! of new VMs is never held behind a pass or behind each other; at most
+//! [`CONCURRENCY`] of them read and write at the same time, one VM is never
+//! published by two tasks at once, and notices that arrive while a VM waits
+//! for its turn fold into that one read. A VM already published gets a status
+//! write only (its metadata is applied when it is first published).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,8 +23,8 @@ use cairn_api::{
 use futures::StreamExt;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
-use tokio::sync::broadcast;
-use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::Semaphore;
+use tokio::sync::broadcast::error::RecvError;
 use tracing::{debug, info, warn};
 
 use super::Context;
@@ -46,104 +49,153 @@ pub struct Published {
     gone: HashMap<(String, String), Instant>,
 }
 
-/// [`Published`] shared by the VMs of one pass (never locked across an await).
-type Shared = Mutex<Published>;
+/// A VM as `(namespace, name)`.
+type VmKey = (String, String);
+
+/// What the publishing tasks share.
+pub struct Shared {
+    /// Never locked across an await.
+    published: Mutex<Published>,
+    /// VMs with a task waiting for its turn: a notice for one of them needs no new task.
+    queued: Mutex<HashSet<VmRef>>,
+    /// One publisher per VM at a time (entries are dropped with the VM).
+    vm_locks: Mutex<HashMap<VmKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// Bounds the VMs read and written at once.
+    permits: Semaphore,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            published: Mutex::default(),
+            queued: Mutex::default(),
+            vm_locks: Mutex::default(),
+            permits: Semaphore::new(CONCURRENCY),
+        }
+    }
+}
+
+impl Shared {
+    /// Marks `vm` as waiting; false when a task for it is already waiting.
+    fn enqueue(&self, vm: &VmRef) -> bool {
+        self.queued.lock().expect("queued lock").insert(vm.clone())
+    }
+
+    /// The lock of the VM `(namespace, name)`.
+    fn vm_lock(&self, key: &VmKey) -> Arc<tokio::sync::Mutex<()>> {
+        self.vm_locks
+            .lock()
+            .expect("vm locks")
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets the per-VM lock of a VM whose socket is gone.
+    fn forget(&self, key: &VmKey) {
+        let mut locks = self.vm_locks.lock().expect("vm locks");
+        if locks.get(key).is_some_and(|l| Arc::strong_count(l) == 1) {
+            locks.remove(key);
+        }
+    }
+}
+
+/// What a discovery or change notice asks of the loop.
+#[derive(Debug, PartialEq)]
+enum Wanted {
+    /// Publish this VM now.
+    Vm(VmRef),
+    /// A VM vanished or notices were lost: a full pass.
+    Pass,
+    /// The sender is gone.
+    Stop,
+    Nothing,
+}
+
+fn from_discovery(ev: Result<DiscoveryEvent, RecvError>) -> Wanted {
+    match ev {
+        Ok(DiscoveryEvent::Appeared(vm)) => Wanted::Vm(vm),
+        Ok(DiscoveryEvent::Disappeared(_)) | Err(RecvError::Lagged(_)) => Wanted::Pass,
+        Err(RecvError::Closed) => Wanted::Stop,
+    }
+}
+
+fn from_change(ev: Result<VmRef, RecvError>) -> Wanted {
+    match ev {
+        Ok(vm) => Wanted::Vm(vm),
+        Err(RecvError::Lagged(_)) => Wanted::Pass,
+        Err(RecvError::Closed) => Wanted::Nothing,
+    }
+}
 
 /// Keeps QemuInstances in step with discovery until the process stops: a
 /// VM is re-read when it appears or its QEMU reports a change (an event, a
 /// reconnect, a command that changes state), every VM on each resync tick.
+/// Passes run one at a time; a pass asked for during one follows it.
 pub async fn run(ctx: Arc<Context>) {
     let mut events = ctx.discovery.subscribe();
     let mut changes = ctx.discovery.subscribe_changes();
     let mut tick = tokio::time::interval(ctx.config.resync_interval);
-    let published = Shared::default();
-    // Let a burst of changes settle into one pass.
-    let settle = || tokio::time::sleep(Duration::from_millis(100));
+    let shared = Arc::new(Shared::default());
+    let mut pass: Option<tokio::task::JoinHandle<()>> = None;
+    let mut pass_due = false;
     loop {
-        tokio::select! {
-            _ = tick.tick() => publish_all(&ctx, &published).await,
-            first = events.recv() => {
-                // Appeared VMs are published on their own, all of a burst at
-                // once; a vanished one needs the pass that marks it stopped.
-                settle().await;
-                match drain_discovery(first, &mut events) {
-                    None => publish_all(&ctx, &published).await,
-                    Some(appeared) => {
-                        ctx.health.vms.set(ctx.discovery.vms().len() as i64);
-                        publish_many(&ctx, &published, appeared).await;
-                    }
+        let wanted = tokio::select! {
+            _ = tick.tick() => Wanted::Pass,
+            ev = events.recv() => from_discovery(ev),
+            ev = changes.recv() => from_change(ev),
+            _ = async { pass.as_mut().expect("guarded").await }, if pass.is_some() => {
+                pass = None;
+                Wanted::Nothing
+            }
+        };
+        match wanted {
+            Wanted::Vm(vm) => {
+                if shared.enqueue(&vm) {
+                    let (ctx, shared) = (ctx.clone(), shared.clone());
+                    tokio::spawn(async move { publish_vm(&ctx, &shared, &vm).await });
                 }
             }
-            first = changes.recv() => {
-                settle().await;
-                match drain_changes(first, &mut changes) {
-                    None => publish_all(&ctx, &published).await,
-                    Some(vms) => publish_many(&ctx, &published, vms).await,
-                }
-            }
+            Wanted::Pass => pass_due = true,
+            Wanted::Stop => return,
+            Wanted::Nothing => {}
+        }
+        if pass_due && pass.is_none() {
+            pass_due = false;
+            let (ctx, shared) = (ctx.clone(), shared.clone());
+            pass = Some(tokio::spawn(
+                async move { publish_all(&ctx, &shared).await },
+            ));
         }
     }
-}
-
-/// The VMs that appeared in a burst of discovery events; `None` when one
-/// vanished or events were lost (a full pass is due).
-fn drain_discovery(
-    first: Result<DiscoveryEvent, RecvError>,
-    events: &mut broadcast::Receiver<DiscoveryEvent>,
-) -> Option<BTreeSet<VmRef>> {
-    let mut appeared = BTreeSet::new();
-    let mut full_pass = false;
-    let mut next = first.map_err(|e| match e {
-        RecvError::Lagged(n) => TryRecvError::Lagged(n),
-        RecvError::Closed => TryRecvError::Closed,
-    });
-    loop {
-        match next {
-            Ok(DiscoveryEvent::Appeared(vm)) => {
-                appeared.insert(vm);
-            }
-            Ok(DiscoveryEvent::Disappeared(_)) | Err(TryRecvError::Lagged(_)) => full_pass = true,
-            Err(_) => break,
-        }
-        next = events.try_recv();
-    }
-    (!full_pass).then_some(appeared)
-}
-
-/// The VMs of a burst of change notices; `None` when notices were lost.
-fn drain_changes(
-    first: Result<VmRef, RecvError>,
-    changes: &mut broadcast::Receiver<VmRef>,
-) -> Option<BTreeSet<VmRef>> {
-    let mut vms = BTreeSet::new();
-    let mut lagged = first.is_err();
-    vms.extend(first.ok());
-    loop {
-        match changes.try_recv() {
-            Ok(vm) => {
-                vms.insert(vm);
-            }
-            Err(TryRecvError::Lagged(_)) => lagged = true,
-            Err(_) => break,
-        }
-    }
-    (!lagged).then_some(vms)
 }
 
 /// Reads and publishes `vms`, [`CONCURRENCY`] at a time.
-async fn publish_many(ctx: &Context, published: &Shared, vms: impl IntoIterator<Item = VmRef>) {
+async fn publish_many(ctx: &Context, shared: &Shared, vms: impl IntoIterator<Item = VmRef>) {
     futures::stream::iter(vms)
         .for_each_concurrent(CONCURRENCY, |vm| async move {
-            publish_vm(ctx, published, &vm).await;
+            shared.enqueue(&vm);
+            publish_vm(ctx, shared, &vm).await;
         })
         .await;
 }
 
-/// Reads one VM's inventory and publishes it when it changed (or the heartbeat is due).
-async fn publish_vm(ctx: &Context, published: &Shared, vm: &VmRef) {
+/// Reads one VM's inventory and publishes it when it changed (or the
+/// heartbeat is due), in its turn: after any publish of the same VM in
+/// flight, within the bound of [`CONCURRENCY`].
+async fn publish_vm(ctx: &Context, shared: &Shared, vm: &VmRef) {
     let key = (vm.namespace.clone(), vm.name.clone());
+    let queued_at = Instant::now();
+    let lock = shared.vm_lock(&key);
+    let _one = lock.lock().await;
+    // A QEMU still starting does not hold a permit others could use.
+    ctx.discovery.connected(&vm.namespace, &vm.name).await;
+    let _permit = shared.permits.acquire().await.expect("never closed");
+    // From here on a new notice needs a new read.
+    shared.queued.lock().expect("queued lock").remove(vm);
+    let read_at = Instant::now();
     let last = {
-        let mut p = published.lock().expect("published lock");
+        let mut p = shared.published.lock().expect("published lock");
         p.gone.remove(&key);
         p.sent.get(&key).cloned()
     };
@@ -166,6 +218,7 @@ async fn publish_vm(ctx: &Context, published: &Shared, vm: &VmRef) {
     }
     let mut full = status.clone();
     full.last_seen = seen;
+    let write_at = Instant::now();
     // Published before: the object exists, its status is all that changes.
     let result = match last {
         Some(_) => match publish_status(ctx, vm, &full).await {
@@ -176,7 +229,15 @@ async fn publish_vm(ctx: &Context, published: &Shared, vm: &VmRef) {
     };
     match result {
         Ok(()) => {
-            let mut p = published.lock().expect("published lock");
+            debug!(
+                vm = %vm,
+                first = last.is_none(),
+                waited_ms = (read_at - queued_at).as_millis() as u64,
+                read_ms = (write_at - read_at).as_millis() as u64,
+                write_ms = write_at.elapsed().as_millis() as u64,
+                "QemuInstance published"
+            );
+            let mut p = shared.published.lock().expect("published lock");
             p.sent.insert(key, (status, Instant::now()));
         }
         Err(e) => warn!(vm = %vm, error = %e, "cannot publish QemuInstance"),
@@ -195,6 +256,17 @@ pub async fn publish_all(ctx: &Context, shared: &Shared) {
         .iter()
         .map(|vm| (vm.namespace.clone(), vm.name.clone()))
         .collect();
+    let stale: Vec<(String, String)> = shared
+        .vm_locks
+        .lock()
+        .expect("vm locks")
+        .keys()
+        .filter(|key| !present.contains(key))
+        .cloned()
+        .collect();
+    for key in &stale {
+        shared.forget(key);
+    }
     publish_many(ctx, shared, vms).await;
     // Remove instances of this node whose socket is gone.
     let all: Api<QemuInstance> = Api::all(ctx.client.clone());
@@ -210,9 +282,16 @@ pub async fn publish_all(ctx: &Context, shared: &Shared) {
                 if present.contains(&key) {
                     continue;
                 }
+                // A VM that came back since the pass began is its own task's:
+                // after that task, or before it, never interleaved with it.
+                let lock = shared.vm_lock(&key);
+                let _one = lock.lock().await;
+                if ctx.discovery.session(&key.0, &key.1).is_ok() {
+                    continue;
+                }
                 let api: Api<QemuInstance> = Api::namespaced(ctx.client.clone(), &ns);
                 let (since, expired, was_published) = {
-                    let mut p = shared.lock().expect("published lock");
+                    let mut p = shared.published.lock().expect("published lock");
                     let since = *p.gone.entry(key.clone()).or_insert_with(Instant::now);
                     let expired = since.elapsed() >= ctx.config.stopped_grace;
                     if expired {
@@ -342,29 +421,55 @@ mod tests {
     }
 
     #[test]
-    fn a_burst_of_appearing_vms_is_published_on_its_own() {
-        let (tx, mut rx) = broadcast::channel(16);
-        for n in ["a", "b", "a"] {
-            tx.send(DiscoveryEvent::Appeared(vm(n))).unwrap();
-        }
-        let first = rx.try_recv().map_err(|_| RecvError::Closed);
-        let vms = drain_discovery(first, &mut rx).expect("no full pass");
-        assert_eq!(vms.into_iter().collect::<Vec<_>>(), [vm("a"), vm("b")]);
+    fn an_appearing_or_changed_vm_is_published_on_its_own() {
+        assert_eq!(
+            from_discovery(Ok(DiscoveryEvent::Appeared(vm("a")))),
+            Wanted::Vm(vm("a"))
+        );
+        assert_eq!(from_change(Ok(vm("b"))), Wanted::Vm(vm("b")));
     }
 
     #[test]
-    fn a_vanished_vm_or_lost_events_need_a_full_pass() {
-        let (tx, mut rx) = broadcast::channel(16);
-        tx.send(DiscoveryEvent::Appeared(vm("a"))).unwrap();
-        tx.send(DiscoveryEvent::Disappeared(vm("b"))).unwrap();
-        let first = rx.try_recv().map_err(|_| RecvError::Closed);
-        assert_eq!(drain_discovery(first, &mut rx), None);
-        assert_eq!(drain_discovery(Err(RecvError::Lagged(3)), &mut rx), None);
-        let (_tx, mut changes) = broadcast::channel::<VmRef>(4);
-        assert_eq!(drain_changes(Err(RecvError::Lagged(1)), &mut changes), None);
+    fn a_vanished_vm_or_lost_notices_need_a_full_pass() {
         assert_eq!(
-            drain_changes(Ok(vm("a")), &mut changes),
-            Some(BTreeSet::from([vm("a")]))
+            from_discovery(Ok(DiscoveryEvent::Disappeared(vm("a")))),
+            Wanted::Pass
         );
+        assert_eq!(from_discovery(Err(RecvError::Lagged(3))), Wanted::Pass);
+        assert_eq!(from_change(Err(RecvError::Lagged(1))), Wanted::Pass);
+        assert_eq!(from_discovery(Err(RecvError::Closed)), Wanted::Stop);
+    }
+
+    #[test]
+    fn notices_for_a_waiting_vm_fold_into_its_read() {
+        let shared = Shared::default();
+        assert!(shared.enqueue(&vm("a")));
+        assert!(!shared.enqueue(&vm("a")), "a second task for a waiting VM");
+        assert!(shared.enqueue(&vm("b")));
+        shared.queued.lock().unwrap().remove(&vm("a"));
+        assert!(
+            shared.enqueue(&vm("a")),
+            "a notice after the read began needs a new read"
+        );
+    }
+
+    #[tokio::test]
+    async fn one_vm_is_never_published_by_two_tasks_at_once() {
+        let shared = Shared::default();
+        let (a, b) = (
+            ("ns".to_string(), "a".to_string()),
+            ("ns".to_string(), "b".to_string()),
+        );
+        let lock = shared.vm_lock(&a);
+        let held = lock.lock().await;
+        assert!(shared.vm_lock(&a).try_lock().is_err());
+        assert!(shared.vm_lock(&b).try_lock().is_ok());
+        // A lock in use survives a pass that no longer sees the VM; a free one goes.
+        shared.forget(&a);
+        assert!(shared.vm_locks.lock().unwrap().contains_key(&a));
+        drop(held);
+        drop(lock);
+        shared.forget(&a);
+        assert!(!shared.vm_locks.lock().unwrap().contains_key(&a));
     }
 }

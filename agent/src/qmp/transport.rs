@@ -394,9 +394,12 @@ impl QmpClient {
     }
 }
 
-/// How long a failing connection is retried at `backoff_initial` before the
-/// delay starts doubling.
+/// How long a failing connection is retried at [`FAST_RETRY_PACE`] before
+/// the delay starts at `backoff_initial` and doubles.
 const FAST_RETRY_WINDOW: Duration = Duration::from_secs(5);
+
+/// The retry delay within [`FAST_RETRY_WINDOW`] (or `backoff_initial`, if shorter).
+const FAST_RETRY_PACE: Duration = Duration::from_millis(20);
 
 async fn session_task(
     socket: PathBuf,
@@ -436,21 +439,27 @@ async fn session_task(
         if !options.reconnect {
             break;
         }
-        // Sleep with backoff, but notice when every handle is gone.
-        let wake = Instant::now() + backoff;
+        // A socket file exists from QEMU's bind() but accepts only after its
+        // listen(), which a QEMU starting among many others reaches late: the
+        // first seconds retry at a fast pace, so the VM is seen within moments
+        // of listening; only a longer failure backs off.
+        let since = *failing_since.get_or_insert_with(Instant::now);
+        let fast = since.elapsed() < FAST_RETRY_WINDOW;
+        let delay = if fast {
+            FAST_RETRY_PACE.min(backoff)
+        } else {
+            backoff
+        };
+        // Sleep, but notice when every handle is gone.
+        let wake = Instant::now() + delay;
         while Instant::now() < wake {
             if requests.is_closed() {
                 state.send_replace(ConnectionState::Closed);
                 return;
             }
-            sleep(Duration::from_millis(50).min(backoff)).await;
+            sleep(Duration::from_millis(50).min(delay)).await;
         }
-        // A socket file exists from QEMU's bind() but accepts only after its
-        // listen(), which a QEMU starting among many others reaches late: the
-        // first seconds retry at the initial pace, so the VM is seen within
-        // one interval of listening; only a longer failure backs off.
-        let since = *failing_since.get_or_insert_with(Instant::now);
-        if since.elapsed() >= FAST_RETRY_WINDOW {
+        if !fast {
             backoff = (backoff * 2).min(options.backoff_max);
         }
     }
