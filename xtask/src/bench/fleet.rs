@@ -55,6 +55,13 @@ pub struct FleetResults {
     pub appear_single: Samples,
     /// The same for VMs started [`BURST`] at once.
     pub appear_burst: Samples,
+    /// Of `appear_burst`: socket accepting → the agent's QMP session connected
+    /// (QEMU finishing its start and greeting).
+    #[serde(default)]
+    pub burst_to_greeting: Samples,
+    /// Of `appear_burst`: session connected → QemuInstance seen.
+    #[serde(default)]
+    pub burst_after_greeting: Samples,
 }
 
 impl FleetResults {
@@ -78,6 +85,11 @@ pub async fn run_all(cfg: &Config, r: &mut FleetResults) -> Result<()> {
     let cluster = LocalCluster::up(&state, 1, Some(std::process::id()))?;
     let vms_dir = cfg.work.join("fleet-vms");
     let result = measure(cfg, &cluster, &vms_dir, r).await;
+    // The agent's log stays for reading where the time went.
+    let _ = std::fs::copy(
+        state.join(format!("logs/agent-{NODE}.log")),
+        cfg.work.join("fleet-agent.log"),
+    );
     LocalCluster::down(&state)?;
     let _ = std::fs::remove_dir_all(&state);
     let _ = std::fs::remove_dir_all(&vms_dir);
@@ -122,27 +134,36 @@ impl InstanceWatch {
         self.seen.lock().expect("seen lock").writes
     }
 
-    /// Waits until every VM has a QemuInstance; adds socket → instance times to `out`.
-    async fn wait(&self, vms: &[BenchVm], out: &mut Samples, limit: Duration) -> Result<()> {
+    /// Waits until every VM has a QemuInstance; adds socket → instance times
+    /// to `out` and returns each VM's (name, accepting, seen).
+    async fn wait(
+        &self,
+        vms: &[BenchVm],
+        out: &mut Samples,
+        limit: Duration,
+    ) -> Result<Vec<(String, Instant, Instant)>> {
         let deadline = Instant::now() + limit;
         loop {
             {
                 let s = self.seen.lock().expect("seen lock");
-                let times: Vec<f64> = vms
+                let seen: Vec<(String, Instant, Instant)> = vms
                     .iter()
                     .filter_map(|v| {
-                        let at = s.first.get(&v.vm.name)?;
-                        Some(at.saturating_duration_since(v.listening_at).as_secs_f64())
+                        let at = *s.first.get(&v.vm.name)?;
+                        Some((v.vm.name.clone(), v.listening_at, at))
                     })
                     .collect();
-                if times.len() == vms.len() {
-                    out.0.extend(times);
-                    return Ok(());
+                if seen.len() == vms.len() {
+                    out.0.extend(
+                        seen.iter()
+                            .map(|(_, l, at)| at.saturating_duration_since(*l).as_secs_f64()),
+                    );
+                    return Ok(seen);
                 }
                 ensure!(
                     Instant::now() < deadline,
                     "only {} of {} QemuInstances appeared",
-                    times.len(),
+                    seen.len(),
                     vms.len()
                 );
             }
@@ -191,6 +212,8 @@ async fn measure(
     }
     let limit = Duration::from_secs(120);
     let mut fleet: Vec<BenchVm> = Vec::with_capacity(cfg.vms);
+    let mut burst_seen = Vec::new();
+    let clock = (Instant::now(), chrono::Utc::now());
     let result = async {
         // One VM, then more one at a time.
         eprintln!("bench: fleet, {SINGLES} VMs one at a time");
@@ -215,9 +238,10 @@ async fn measure(
                 futures::future::try_join_all((from..to).map(|i| start_vm(&qmp, dir, i))).await?;
             let waited = watch.wait(&burst, &mut r.appear_burst, limit).await;
             fleet.extend(burst);
-            waited?;
+            burst_seen.extend(waited?);
         }
         r.vms = fleet.len();
+        split_bursts(cluster, clock, &burst_seen, r);
         // Let the first resyncs settle, then measure.
         tokio::time::sleep(Duration::from_secs(5)).await;
         r.agent_rss_mib = rss_mib(agent)?;
@@ -249,6 +273,50 @@ async fn measure(
         .collect::<Vec<_>>()
         .await;
     result
+}
+
+/// Splits each burst VM's time at the agent's "qmp connected" (its log, on
+/// the same clock): before it, QEMU finishing its start after listen() and
+/// answering the greeting; after it, the agent's reads and writes and the API
+/// server up to the watch.
+fn split_bursts(
+    cluster: &LocalCluster,
+    (instant, wall): (Instant, chrono::DateTime<chrono::Utc>),
+    seen: &[(String, Instant, Instant)],
+    r: &mut FleetResults,
+) {
+    let log = cluster.state_dir.join(format!("logs/agent-{NODE}.log"));
+    let Ok(text) = std::fs::read_to_string(log) else {
+        return;
+    };
+    let mut connected: HashMap<String, f64> = HashMap::new();
+    for line in text.lines().filter(|l| l.contains("qmp connected")) {
+        let Some(name) = line
+            .split(&format!("/{NS}/"))
+            .nth(1)
+            .and_then(|rest| rest.split(".sock").next())
+        else {
+            continue;
+        };
+        let Some(at) = line
+            .split_whitespace()
+            .next()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        else {
+            continue;
+        };
+        let secs = (at.with_timezone(&chrono::Utc) - wall).as_seconds_f64();
+        connected.entry(name.to_string()).or_insert(secs);
+    }
+    for (name, listening, at) in seen {
+        let Some(c) = connected.get(name) else {
+            continue;
+        };
+        let l = listening.duration_since(instant).as_secs_f64();
+        let a = at.duration_since(instant).as_secs_f64();
+        r.burst_to_greeting.0.push((c - l).max(0.0));
+        r.burst_after_greeting.0.push((a - c).max(0.0));
+    }
 }
 
 fn ms(v: Option<f64>) -> String {
@@ -301,6 +369,14 @@ pub fn render(r: &FleetResults) -> String {
         ("one at a time".to_string(), &r.appear_single),
         (format!("{BURST} at once"), &r.appear_burst),
         ("all".to_string(), &r.appear_all()),
+        (
+            format!("{BURST} at once: accepting → agent's QMP session up"),
+            &r.burst_to_greeting,
+        ),
+        (
+            format!("{BURST} at once: session up → QemuInstance seen"),
+            &r.burst_after_greeting,
+        ),
     ] {
         let _ = writeln!(
             o,

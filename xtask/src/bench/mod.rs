@@ -111,7 +111,7 @@ pub const SECTIONS: [&str; 8] = [
 ];
 
 /// The longest the bench waits for the machine to go quiet before a section.
-pub const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(150);
+pub const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(240);
 
 /// The 1-minute load average.
 fn load1() -> Option<f64> {
