@@ -282,6 +282,9 @@ async fn pull_run(
     r: &mut DataResults,
 ) -> Result<()> {
     let _ = policy;
+    // The node's roots exist before the agent runs (its DaemonSet's host paths).
+    std::fs::create_dir_all(out.join("exports"))?;
+    std::fs::create_dir_all(out.join("scratch"))?;
     let pull = PullPolicy {
         export_dir: out.join("exports"),
         socket_group: None,

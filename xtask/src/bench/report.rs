@@ -368,7 +368,7 @@ pub fn render(cfg: &Config, r: &Results) -> String {
     );
     row(
         &mut o,
-        "`qemu-img convert -t none -T none` of the chain",
+        "`qemu-img convert -t none -T writeback` of the chain (the flags of Cairn's own convert)",
         &d.restore_convert,
         Some(size),
         &[],
