@@ -302,7 +302,7 @@ pub fn render(cfg: &Config, r: &Results) -> String {
     parts.push((o.len(), &["data"]));
     let _ = writeln!(
         o,
-        "## 3. Pull mode\n\nCairn has no NBD reader of its own yet: reads use `nbdcopy` (whole export → `null:`) and, for the dirty extents, a libnbd (Python) client that queries the `qemu:dirty-bitmap` context and reads only dirty extents, 16 × ≤4 MiB requests in flight (nbdcopy cannot select extents).\n\n{HEAD}"
+        "## 3. Pull mode\n\nA pull export is read here as a user's tool would read it: `nbdcopy` (whole export → `null:`) and, for the dirty extents, a libnbd (Python) client that queries the `qemu:dirty-bitmap` context and reads only dirty extents, 16 × ≤4 MiB requests in flight (nbdcopy cannot select extents). Cairn's own NBD client (`cairn-nbd`) reads exports for the repository: section 7.\n\n{HEAD}"
     );
     o.pop();
     row(
