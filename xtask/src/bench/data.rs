@@ -346,7 +346,7 @@ async fn pull_run(
     let sock = out.join(format!("qemu-nbd-{run_no}.sock"));
     let t = Instant::now();
     let mut child = Command::new("qemu-nbd")
-        .args(["-r", "-t", "-f", "qcow2", "-x", "disk", "-k"])
+        .args(["-r", "-t", "--cache=none", "-f", "qcow2", "-x", "disk", "-k"])
         .arg(&sock)
         .arg(base)
         .spawn()?;

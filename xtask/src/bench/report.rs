@@ -335,7 +335,7 @@ pub fn render(cfg: &Config, r: &Results) -> String {
     );
     row(
         &mut o,
-        "`nbdcopy` of a plain `qemu-nbd` export of the same image",
+        "`nbdcopy` of a plain `qemu-nbd --cache=none` export of the same image (O_DIRECT, as the VM reads)",
         &d.qemu_nbd_read,
         Some(size),
         &[],
