@@ -59,6 +59,10 @@ pub struct DataResults {
     pub qemu_nbd_read: Samples,
     /// Whether the page cache was dropped before timed steps.
     pub cold_cache: bool,
+    /// Whether `qemu-nbd` read with `--cache=none` (runs before 2026-12-01
+    /// 03:37 UTC read through the page cache).
+    #[serde(default)]
+    pub qemu_nbd_direct: bool,
 }
 
 fn agent_binary() -> PathBuf {
@@ -345,8 +349,18 @@ async fn pull_run(
     cold(r);
     let sock = out.join(format!("qemu-nbd-{run_no}.sock"));
     let t = Instant::now();
+    r.qemu_nbd_direct = true;
     let mut child = Command::new("qemu-nbd")
-        .args(["-r", "-t", "--cache=none", "-f", "qcow2", "-x", "disk", "-k"])
+        .args([
+            "-r",
+            "-t",
+            "--cache=none",
+            "-f",
+            "qcow2",
+            "-x",
+            "disk",
+            "-k",
+        ])
         .arg(&sock)
         .arg(base)
         .spawn()?;

@@ -335,7 +335,11 @@ pub fn render(cfg: &Config, r: &Results) -> String {
     );
     row(
         &mut o,
-        "`nbdcopy` of a plain `qemu-nbd --cache=none` export of the same image (O_DIRECT, as the VM reads)",
+        if d.qemu_nbd_direct {
+            "`nbdcopy` of a plain `qemu-nbd --cache=none` export of the same image (O_DIRECT, as the VM reads)"
+        } else {
+            "`nbdcopy` of a plain `qemu-nbd` export of the same image (through the page cache: not like for like, see the notes)"
+        },
         &d.qemu_nbd_read,
         Some(size),
         &[],
