@@ -91,12 +91,13 @@ impl Shared {
             .clone()
     }
 
-    /// Forgets the per-VM lock of a VM whose socket is gone.
-    fn forget(&self, key: &VmKey) {
-        let mut locks = self.vm_locks.lock().expect("vm locks");
-        if locks.get(key).is_some_and(|l| Arc::strong_count(l) == 1) {
-            locks.remove(key);
-        }
+    /// Forgets the per-VM locks of VMs not in `present` (their socket is
+    /// gone) that no task holds or waits for.
+    fn forget_absent(&self, present: &BTreeSet<VmKey>) {
+        self.vm_locks
+            .lock()
+            .expect("vm locks")
+            .retain(|key, l| present.contains(key) || Arc::strong_count(l) > 1);
     }
 }
 
@@ -252,21 +253,11 @@ fn is_not_found(e: &kube::Error) -> bool {
 pub async fn publish_all(ctx: &Context, shared: &Shared) {
     let vms = ctx.discovery.vms();
     ctx.health.vms.set(vms.len() as i64);
-    let present: BTreeSet<(String, String)> = vms
+    let present: BTreeSet<VmKey> = vms
         .iter()
         .map(|vm| (vm.namespace.clone(), vm.name.clone()))
         .collect();
-    let stale: Vec<(String, String)> = shared
-        .vm_locks
-        .lock()
-        .expect("vm locks")
-        .keys()
-        .filter(|key| !present.contains(key))
-        .cloned()
-        .collect();
-    for key in &stale {
-        shared.forget(key);
-    }
+    shared.forget_absent(&present);
     publish_many(ctx, shared, vms).await;
     // Remove instances of this node whose socket is gone.
     let all: Api<QemuInstance> = Api::all(ctx.client.clone());
@@ -465,11 +456,11 @@ mod tests {
         assert!(shared.vm_lock(&a).try_lock().is_err());
         assert!(shared.vm_lock(&b).try_lock().is_ok());
         // A lock in use survives a pass that no longer sees the VM; a free one goes.
-        shared.forget(&a);
+        shared.forget_absent(&BTreeSet::new());
         assert!(shared.vm_locks.lock().unwrap().contains_key(&a));
         drop(held);
         drop(lock);
-        shared.forget(&a);
+        shared.forget_absent(&BTreeSet::new());
         assert!(!shared.vm_locks.lock().unwrap().contains_key(&a));
     }
 }
