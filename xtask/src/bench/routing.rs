@@ -162,8 +162,9 @@ async fn measure(
 }
 
 /// When the `n`-th checkpoint with a routing label was seen, through a
-/// metadata watch set up before the creates (listing thousands of objects
-/// again and again would load the API server being measured).
+/// watch with that label selector set up before the creates (the server sends
+/// whole objects; only their metadata is decoded). Listing thousands of
+/// objects again and again would load the API server being measured.
 async fn all_labelled(client: kube::Client, n: usize) -> Result<Instant> {
     let api: Api<PartialObjectMeta<VirtualMachineCheckpoint>> = Api::namespaced(client, NS);
     let config = watcher::Config::default().labels(cairn_api::NODE_LABEL);
