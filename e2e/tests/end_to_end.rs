@@ -28,6 +28,26 @@ async fn checkpoint_create_and_delete() -> Result<()> {
         cp.metadata.labels.as_ref().unwrap()["cairn.dev/node"],
         "node-1"
     );
+    // The routing labels and the finalizer are owned by the operator's field manager.
+    let owners: Vec<&str> = cp
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| {
+            m.fields_v1.as_ref().is_some_and(|f| {
+                let meta = &f.0["f:metadata"];
+                !meta["f:labels"]["f:cairn.dev/node"].is_null() || !meta["f:finalizers"].is_null()
+            })
+        })
+        .filter_map(|m| m.manager.as_deref())
+        .collect();
+    assert_eq!(
+        owners,
+        ["cairn-operator"],
+        "{:?}",
+        cp.metadata.managed_fields
+    );
     let status = cp.status.unwrap();
     assert_eq!(status.node_name.as_deref(), Some("node-1"));
     assert_eq!(status.disks.len(), 2, "{:?}", status.disks);

@@ -32,7 +32,7 @@ use cairn_api::{
     VirtualMachineCheckpointSpec, condition_types, conditions,
 };
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
+use kube::api::{DeleteParams, ObjectMeta, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
@@ -675,7 +675,10 @@ async fn create_checkpoint(
     checkpoint: &VirtualMachineCheckpoint,
 ) -> Result<Created> {
     let api = ctx.api::<VirtualMachineCheckpoint>(namespace);
-    match api.create(&PostParams::default(), checkpoint).await {
+    match api
+        .create(&crate::routing::create_params(), checkpoint)
+        .await
+    {
         Ok(_) => Ok(Created::New),
         Err(kube::Error::Api(s)) if s.code == 409 => {
             let current = api

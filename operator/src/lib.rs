@@ -250,6 +250,15 @@ where
     }
 }
 
+/// Reconciles in flight per routing controller (checkpoints, backups). A
+/// reconcile is two API round trips (status, then labels), so under a burst of
+/// creates the operator's share of a saturated API server follows its requests
+/// in flight: at 16 it routed about a third as fast as a client creating 32 at
+/// a time, and 10,000 checkpoints were routed 33–39 s after the last create; at
+/// 64 routing keeps pace with the creates (3 s after the last one). The total
+/// is the API server's: the same ~30,000 writes either way.
+pub const ROUTING_CONCURRENCY: u16 = 64;
+
 /// A cache of `K` and the stream of changed objects that keeps it filled.
 /// `managedFields` are dropped before caching (they are most of an object's
 /// size and the operator never reads them).
@@ -420,7 +429,7 @@ pub async fn run_controllers(
         })
         .flatten();
 
-    let config = kube::runtime::controller::Config::default().concurrency(16);
+    let config = kube::runtime::controller::Config::default().concurrency(ROUTING_CONCURRENCY);
     let checkpoint_controller =
         Controller::for_stream(checkpoint_events.applied_objects(), checkpoints.clone())
             .with_config(config.clone())

@@ -29,7 +29,7 @@ use cairn_api::{
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams, Preconditions};
+use kube::api::{DeleteParams, ObjectMeta, Patch, Preconditions};
 use kube::{Resource, ResourceExt};
 
 use crate::context::Context;
@@ -163,7 +163,7 @@ pub async fn ensure(ctx: &Context, backup: &VirtualMachineBackup) -> Result<Issu
         Some(s) => s,
         None => {
             let fresh = agent_secret(cairn_ns, backup, &uid, &new_key());
-            match own.create(&PostParams::default(), &fresh).await {
+            match own.create(&crate::routing::create_params(), &fresh).await {
                 Ok(s) => s,
                 Err(e) if is_code(&e, 409) => own
                     .get(&agent_name)
@@ -184,7 +184,10 @@ pub async fn ensure(ctx: &Context, backup: &VirtualMachineBackup) -> Result<Issu
     let data = agent.data.clone().unwrap_or_default();
     let secret_name = nbd_tls_secret_name(&backup.name_any());
     let created = match tenant
-        .create(&PostParams::default(), &tenant_secret(backup, &uid, data))
+        .create(
+            &crate::routing::create_params(),
+            &tenant_secret(backup, &uid, data),
+        )
         .await
     {
         Ok(s) => s,
@@ -205,11 +208,15 @@ pub async fn ensure(ctx: &Context, backup: &VirtualMachineBackup) -> Result<Issu
     let patch = serde_json::json!({
         "metadata": { "annotations": { TENANT_SECRET_UID_ANNOTATION: created.uid() } }
     });
-    own.patch(&agent_name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(Error::kube(
-            "recording the tenant's copy of the TLS credentials",
-        ))?;
+    own.patch(
+        &agent_name,
+        &crate::routing::merge_params(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(Error::kube(
+        "recording the tenant's copy of the TLS credentials",
+    ))?;
     tracing::info!(secret = %secret_name, "issued the export's TLS credentials");
     Ok(Issued::Ready)
 }

@@ -11,7 +11,7 @@ use std::fmt::Debug;
 use cairn_api::conditions::{self, LifecycleStatus, NewCondition};
 use cairn_api::{Condition, NODE_LABEL, OPERATOR_MANAGER, QemuInstance, VM_LABEL};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource, ResourceExt};
 use serde::Serialize;
@@ -279,6 +279,24 @@ pub fn plan_deletion(
     }
 }
 
+/// Parameters of the operator's merge patches: the operator's field manager,
+/// so `managedFields` name `cairn-operator` as the owner of the routing labels
+/// and finalizers (without one the API server records `unknown`).
+pub fn merge_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(OPERATOR_MANAGER.into()),
+        ..Default::default()
+    }
+}
+
+/// Parameters of the operator's creates, under its field manager (see [`merge_params`]).
+pub fn create_params() -> PostParams {
+    PostParams {
+        field_manager: Some(OPERATOR_MANAGER.into()),
+        ..Default::default()
+    }
+}
+
 /// Namespace of a namespaced object.
 pub fn namespace_of<K: Resource>(obj: &K) -> Result<String> {
     obj.namespace()
@@ -301,13 +319,9 @@ where
     if let Some(rv) = resource_version {
         patch["metadata"]["resourceVersion"] = json!(rv);
     }
-    api.patch(
-        &obj.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await
-    .map_err(Error::kube(format!("labelling {}", obj.name_any())))?;
+    api.patch(&obj.name_any(), &merge_params(), &Patch::Merge(&patch))
+        .await
+        .map_err(Error::kube(format!("labelling {}", obj.name_any())))?;
     Ok(())
 }
 
@@ -438,11 +452,7 @@ where
         "metadata": {"resourceVersion": obj.resource_version(), "finalizers": remaining}
     });
     match api
-        .patch(
-            &obj.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
+        .patch(&obj.name_any(), &merge_params(), &Patch::Merge(&patch))
         .await
     {
         Ok(_) => Ok(()),

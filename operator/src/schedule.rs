@@ -34,7 +34,7 @@ use cairn_api::{
 use chrono::{DateTime, Utc};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
+use kube::api::{DeleteParams, ObjectMeta, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
@@ -830,7 +830,7 @@ async fn start_run(
         None => "full".to_string(),
     };
     let api = ctx.api::<VirtualMachineBackup>(&schedule.namespace().unwrap_or_default());
-    match api.create(&PostParams::default(), &backup).await {
+    match api.create(&crate::routing::create_params(), &backup).await {
         Ok(_) => {
             tracing::info!(backup = %name, %vm, %kind, "run started");
             routing::publish(
